@@ -1,0 +1,100 @@
+"""The Django admin for every CRM model. Deactivation goes through ``crm.services``."""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.contrib.contenttypes.admin import GenericTabularInline
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from . import services
+from .models import Account, Contact, Deal, DealStage, Lead, RecordShare, User
+
+
+@admin.register(User)
+class UserAdmin(BaseUserAdmin):
+    list_display = ["username", "email", "first_name", "last_name", "role", "is_active", "manager"]
+    list_filter = ["role", "is_active", "is_staff"]
+    fieldsets = (
+        *BaseUserAdmin.fieldsets,
+        ("CRM", {"fields": ("role", "manager", "deactivated_at")}),
+    )
+    readonly_fields = ["deactivated_at"]
+    actions = ["deactivate_users", "reactivate_users"]
+
+    @admin.action(description="Deactivate selected users (keeps their records and mail)")
+    def deactivate_users(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        done = 0
+        for user in queryset:
+            try:
+                services.user_deactivate(actor=request.user, user=user)
+                done += 1
+            except (ValidationError, PermissionError) as exc:
+                self.message_user(request, f"{user}: {exc}", messages.ERROR)
+            except Exception as exc:  # PermissionDenied from the service
+                self.message_user(request, f"{user}: {exc}", messages.ERROR)
+        self.message_user(request, f"{done} user(s) deactivated.")
+
+    @admin.action(description="Reactivate selected users")
+    def reactivate_users(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        for user in queryset:
+            services.user_reactivate(actor=request.user, user=user)
+        self.message_user(request, f"{queryset.count()} user(s) reactivated.")
+
+
+class ShareInline(GenericTabularInline):
+    model = RecordShare
+    ct_field = "content_type"
+    ct_fk_field = "object_id"
+    extra = 0
+    fields = ["user", "access", "shared_by", "created_at"]
+    readonly_fields = ["shared_by", "created_at"]
+
+
+class RecordAdmin(admin.ModelAdmin):
+    inlines = [ShareInline]
+    list_select_related = ["owner"]
+    readonly_fields = ["created_at", "modified_at"]
+    list_filter = ["owner"]
+
+
+@admin.register(Lead)
+class LeadAdmin(RecordAdmin):
+    list_display = ["__str__", "company", "email", "status", "owner", "modified_at"]
+    list_filter = ["status", "owner"]
+    search_fields = ["first_name", "last_name", "email", "secondary_email", "company"]
+
+
+@admin.register(Contact)
+class ContactAdmin(RecordAdmin):
+    list_display = ["__str__", "account", "email", "owner", "modified_at"]
+    search_fields = ["first_name", "last_name", "email", "secondary_email", "account__name"]
+    autocomplete_fields = ["account"]
+
+
+@admin.register(Account)
+class AccountAdmin(RecordAdmin):
+    list_display = ["name", "industry", "phone", "owner", "modified_at"]
+    search_fields = ["name", "website"]
+
+
+@admin.register(Deal)
+class DealAdmin(RecordAdmin):
+    list_display = ["name", "stage", "amount", "contact", "account", "owner", "modified_at"]
+    list_filter = ["stage", "owner"]
+    list_select_related = ["owner", "stage", "contact", "account"]
+    search_fields = ["name", "contact__last_name", "account__name"]
+    autocomplete_fields = ["contact", "account"]
+
+
+@admin.register(DealStage)
+class DealStageAdmin(admin.ModelAdmin):
+    list_display = ["name", "probability", "order", "is_closed"]
+    list_editable = ["probability", "order", "is_closed"]
+
+
+@admin.register(RecordShare)
+class RecordShareAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "access", "shared_by", "created_at"]
+    list_filter = ["access", "content_type"]

@@ -1,0 +1,21 @@
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.routers import DefaultRouter
+
+from . import views
+
+router = DefaultRouter()
+router.register("users", views.UserViewSet, basename="user")
+router.register("stages", views.DealStageViewSet, basename="stage")
+router.register("leads", views.LeadViewSet, basename="lead")
+router.register("contacts", views.ContactViewSet, basename="contact")
+router.register("accounts", views.AccountViewSet, basename="account")
+router.register("deals", views.DealViewSet, basename="deal")
+
+urlpatterns = [
+    path("auth/token/", ObtainAuthToken.as_view(), name="api-token"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,15 @@
+"""CRM models: users, shared records (accounts, leads, contacts) and deals."""
+from .deals import Deal, DealStage
+from .records import Account, Contact, Lead, OwnedRecord, RecordShare
+from .users import User
+
+__all__ = [
+    "Account",
+    "Contact",
+    "Deal",
+    "DealStage",
+    "Lead",
+    "OwnedRecord",
+    "RecordShare",
+    "User",
+]

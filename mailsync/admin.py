@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin
+
+from .models import Mailbox
+
+
+class MailboxAdminForm(forms.ModelForm):
+    """Passwords are write-only: the form never renders the stored secret, and an empty
+    input keeps it."""
+
+    password = forms.CharField(
+        required=False, widget=forms.PasswordInput(render_value=False),
+        help_text="Leave empty to keep the stored password.",
+    )
+    smtp_password = forms.CharField(
+        required=False, widget=forms.PasswordInput(render_value=False),
+        help_text="Leave empty to keep the stored password.",
+    )
+
+    class Meta:
+        model = Mailbox
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.initial.pop("password", None)
+        self.initial.pop("smtp_password", None)
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        for name in ("password", "smtp_password"):
+            if not cleaned.get(name) and self.instance.pk:
+                cleaned[name] = getattr(self.instance, name)
+        return cleaned
+
+
+@admin.register(Mailbox)
+class MailboxAdmin(admin.ModelAdmin):
+    form = MailboxAdminForm
+    list_display = ["email_address", "owner", "protocol", "incoming_host", "is_active"]
+    list_filter = ["protocol", "is_active"]
+    search_fields = ["email_address", "owner__username"]

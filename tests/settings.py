@@ -1,0 +1,21 @@
+"""Test settings: the production settings module with test defaults in the environment.
+
+Tests run on PostgreSQL (as production does); ``DATABASE_URL`` may point elsewhere.
+"""
+import os
+import tempfile
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/mailroom")
+# A fixed key for tests only; tests of rotation set their own keys.
+os.environ.setdefault("MAILROOM_ENCRYPTION_KEYS", "Yw2jv0n8r3xk9mH7x1J0p8oZ0bq2WkZ0bVJX1mQ2aS4=")
+os.environ.setdefault("MAILROOM_DATA_DIR", tempfile.mkdtemp(prefix="mailroom-test-"))
+os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
+
+from crm.settings import *  # noqa: E402, F403
+
+# Hashing with the real PBKDF2 costs ~0.3 s per user; tests create hundreds.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# WhiteNoise warns when STATIC_ROOT is missing; tests serve static files through the finders.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = True
