@@ -202,9 +202,9 @@ SPECTACULAR_SETTINGS = {
 # --- Celery ----------------------------------------------------------------------------------
 # Redis in production (CELERY_BROKER_URL=redis://...). The embedded default is kombu's
 # filesystem transport: a folder of message files, no server, good for one machine.
-CELERY_BROKER_URL = _env("CELERY_BROKER_URL", "filesystem://")
+CELERY_BROKER_URL = _env("CELERY_BROKER_URL", "filesystem://localhost//")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
-if CELERY_BROKER_URL == "filesystem://":
+if CELERY_BROKER_URL.startswith("filesystem://"):  # type: ignore[union-attr]
     _queue_dir = DATA_DIR / "broker"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
