@@ -12,8 +12,10 @@ app = Celery("mailroom")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
-# Periodic jobs. Later issues add the mailbox poll (the safety net behind IMAP IDLE).
+# Periodic jobs.
 app.conf.beat_schedule = {
+    # The safety net behind IMAP IDLE, and the only trigger for servers without IDLE.
+    "mailsync.poll_mailboxes": {"task": "mailsync.poll_mailboxes", "schedule": 5 * 60},
     "crm.clear_expired_sessions": {
         "task": "crm.clear_expired_sessions",
         "schedule": crontab(hour=3, minute=17),

@@ -14,6 +14,7 @@ from django.utils import timezone
 from .exceptions import RecordPermissionDenied, RecordValidationError
 from .models import Account, Contact, Deal, OwnedRecord, RecordShare, User
 from .selectors import record_can_edit, records_visible_to, users_assignable_by
+from .signals import record_saved
 
 R = TypeVar("R", bound=OwnedRecord)
 
@@ -55,7 +56,9 @@ def record_create(*, actor: User, model: type[R], data: dict[str, Any]) -> R:
     owner = data.pop("owner", None) or actor
     _validate_owner(actor, owner)
     _validate_links(actor, data)
-    return _apply(model(owner=owner), data)
+    record = _apply(model(owner=owner), data)
+    record_saved.send(sender=model, record=record, created=True)
+    return record
 
 
 @transaction.atomic
@@ -68,7 +71,9 @@ def record_update(*, actor: User, record: R, data: dict[str, Any]) -> R:
         _validate_owner(actor, owner)
         record.owner = owner
     _validate_links(actor, data)
-    return _apply(record, data)
+    record = _apply(record, data)
+    record_saved.send(sender=type(record), record=record, created=False)
+    return record
 
 
 @transaction.atomic

@@ -164,6 +164,10 @@ MEDIA_ROOT = Path(_env("MAILROOM_MEDIA_ROOT", str(DATA_DIR / "media")))  # type:
 # run `manage.py rotate_encryption_keys`, then drop the old one). Checked by a system check.
 MAILROOM_ENCRYPTION_KEYS = _env_list("MAILROOM_ENCRYPTION_KEYS")
 
+# Mail hosts on loopback/private networks are refused (SSRF) unless this is on (tests and
+# on-premises mail servers).
+MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS = _env_bool("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS", False)
+
 # --- REST API --------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -197,6 +201,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"SecurityEnum": "mailsync.models.Security"},
 }
 
 # --- Celery ----------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""Mailboxes a user connects. The sync engine (cursors, emails, locations) builds on these."""
+"""Mailboxes, their folders and sync cursors, and the emails synced from them.
+
+Idempotency comes from the data: a message location is unique per (folder, UIDVALIDITY, UID),
+an email is unique per (mailbox, fingerprint), and a folder's cursor advances in the same
+transaction as the rows it covers.
+"""
 from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 
 from crm.encryption import EncryptedTextField
 
@@ -19,6 +25,17 @@ class Mailbox(models.Model):
     class Protocol(models.TextChoices):
         IMAP = "imap", "IMAP"
         POP3 = "pop3", "POP3"
+
+    class Sharing(models.TextChoices):
+        PRIVATE = "private", "Private"
+        PUBLIC = "public", "Public"
+
+    class State(models.TextChoices):
+        NEW = "new", "Not synced yet"
+        SYNCING = "syncing", "Sync in progress"
+        COMPLETED = "completed", "Completed"
+        PAUSED = "paused", "Paused (provider limit)"
+        ERROR = "error", "Error"
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailboxes"
@@ -45,9 +62,35 @@ class Mailbox(models.Model):
     smtp_username = models.CharField(max_length=255, blank=True)
     smtp_password = EncryptedTextField(blank=True)
 
+    # Empty list: INBOX and the Sent folder (found by SPECIAL-USE or a common name).
+    folders = models.JSONField(default=list, blank=True)
+    sync_since = models.DateField(null=True, blank=True, help_text="Only sync mail since this day.")
+    sharing = models.CharField(max_length=10, choices=Sharing.choices, default=Sharing.PRIVATE)
+    excluded_domains = models.TextField(
+        blank=True, help_text="Mail from or to these domains (one per line) is never shared."
+    )
+
     is_active = models.BooleanField(
         default=False, help_text="Only one mailbox per user is fetched at a time."
     )
+
+    # Status a user can watch.
+    state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
+    messages_done = models.PositiveIntegerField(default=0)
+    messages_total = models.PositiveIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    sync_started_at = models.DateTimeField(null=True, blank=True)
+    last_sync_at = models.DateTimeField(null=True, blank=True)
+    paused_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    last_error_code = models.CharField(max_length=50, blank=True)
+    # Provider download budget, counted per UTC day.
+    budget_day = models.DateField(null=True, blank=True)
+    budget_bytes_used = models.BigIntegerField(default=0)
+    # Lease used as the sync lock where PostgreSQL advisory locks are unavailable (SQLite).
+    lease_until = models.DateTimeField(null=True, blank=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     modified_at = models.DateTimeField(auto_now=True)
 
@@ -56,9 +99,7 @@ class Mailbox(models.Model):
         constraints = [
             # One active mailbox per user, enforced by the database, not only by a form.
             models.UniqueConstraint(
-                fields=["owner"],
-                condition=models.Q(is_active=True),
-                name="mailbox_one_active_per_owner",
+                fields=["owner"], condition=Q(is_active=True), name="mailbox_one_active_per_owner"
             ),
             models.UniqueConstraint(
                 fields=["owner", "email_address"], name="mailbox_unique_address_per_owner"
@@ -67,3 +108,231 @@ class Mailbox(models.Model):
 
     def __str__(self) -> str:
         return self.email_address
+
+    @property
+    def excluded_domain_set(self) -> set[str]:
+        return {
+            line.strip().lower().lstrip("@")
+            for line in self.excluded_domains.splitlines()
+            if line.strip()
+        }
+
+
+class MailFolder(models.Model):
+    """A server folder being synced and its cursor.
+
+    Invariant: every message with ``uid_low <= UID <= uid_high`` under ``uidvalidity`` is
+    stored. New mail is fetched above ``uid_high``; the initial sync walks newest first,
+    moving ``uid_low`` down until nothing older is left (``backfill_done``).
+    """
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="mail_folders")
+    name = models.CharField(max_length=500)
+    special_use = models.CharField(max_length=20, blank=True)
+    uidvalidity = models.BigIntegerField(null=True, blank=True)
+    uid_high = models.BigIntegerField(default=0)
+    uid_low = models.BigIntegerField(null=True, blank=True)
+    backfill_done = models.BooleanField(default=False)
+    highestmodseq = models.BigIntegerField(null=True, blank=True)
+    # Cheap no-change check: compared against STATUS before any heavier command.
+    last_uidnext = models.BigIntegerField(null=True, blank=True)
+    last_exists = models.BigIntegerField(null=True, blank=True)
+    last_synced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "name"], name="mailfolder_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.mailbox} / {self.name}"
+
+
+class Thread(models.Model):
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="threads")
+    # The root Message-ID (first of References, else In-Reply-To, else the mail's own id).
+    key = models.CharField(max_length=1000)
+    subject = models.CharField(max_length=1000, blank=True)
+    last_date = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "key"], name="thread_unique_key")
+        ]
+
+
+class Email(models.Model):
+    """One message in one mailbox, however many folders it sits in."""
+
+    class Direction(models.TextChoices):
+        RECEIVED = "received", "Received"
+        SENT = "sent", "Sent"
+
+    class Source(models.TextChoices):
+        SYNC = "sync", "Mailbox sync"
+        CRM = "crm", "Sent from the CRM"
+        BCC_DROPBOX = "bcc_dropbox", "BCC Dropbox"
+
+    class ParseState(models.TextChoices):
+        PENDING = "pending", "Pending"
+        PARSED = "parsed", "Parsed"
+        FAILED = "failed", "Failed"
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="emails")
+    # Message-ID + content hash (or a derived key): the same mail in two folders is one row;
+    # two mails that merely share a Message-ID are not merged.
+    fingerprint = models.CharField(max_length=200)
+    message_id = models.CharField(max_length=1000, blank=True, db_index=True)
+    content_hash = models.CharField(max_length=64)
+    in_reply_to = models.CharField(max_length=1000, blank=True)
+    references = models.JSONField(default=list, blank=True)
+    thread = models.ForeignKey(Thread, null=True, on_delete=models.SET_NULL, related_name="emails")
+
+    subject = models.CharField(max_length=1000, blank=True)
+    date = models.DateTimeField(null=True, blank=True, db_index=True)
+    from_name = models.CharField(max_length=500, blank=True)
+    from_address = models.CharField(max_length=500, blank=True)
+    to = models.JSONField(default=list, blank=True)
+    cc = models.JSONField(default=list, blank=True)
+    direction = models.CharField(max_length=10, choices=Direction.choices)
+    source = models.CharField(max_length=20, choices=Source.choices, default=Source.SYNC)
+    size = models.PositiveIntegerField(default=0)
+
+    seen = models.BooleanField(default=False)
+    flagged = models.BooleanField(default=False)
+    # False when a participant's domain is in the mailbox's excluded domains: such mail is
+    # never shown to anyone but the mailbox owner, even from a public mailbox.
+    shareable = models.BooleanField(default=True)
+
+    text = models.TextField(blank=True)
+    html = models.TextField(blank=True)
+    has_attachments = models.BooleanField(default=False)
+    parse_state = models.CharField(
+        max_length=10, choices=ParseState.choices, default=ParseState.PENDING
+    )
+    parse_error = models.TextField(blank=True)
+
+    # A mail deleted on the server leaves the CRM views but stays recoverable until purged.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["mailbox", "fingerprint"], name="email_unique_fingerprint"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["mailbox", "-date"], name="email_mailbox_date"),
+            models.Index(
+                fields=["parse_state"], name="email_parse_pending",
+                condition=Q(parse_state="pending"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.subject or "(no subject)"
+
+
+class EmailSource(models.Model):
+    """The raw RFC 5322 bytes, zstd-compressed: byte-exact backups and re-parsing later."""
+
+    email = models.OneToOneField(Email, on_delete=models.CASCADE, primary_key=True, related_name="source_data")
+    data = models.BinaryField()
+    size = models.PositiveIntegerField()
+
+
+class EmailLocation(models.Model):
+    """Where a message sits on the server: folder, UIDVALIDITY, UID and flags."""
+
+    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="locations")
+    folder = models.ForeignKey(MailFolder, on_delete=models.CASCADE, related_name="locations")
+    uidvalidity = models.BigIntegerField()
+    uid = models.BigIntegerField()
+    flags = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["folder", "uidvalidity", "uid"], name="location_unique_uid"
+            )
+        ]
+
+
+class EmailParticipant(models.Model):
+    """An address on a mail (From, To, Cc...), normalized for matching to records."""
+
+    class Role(models.TextChoices):
+        FROM = "from", "From"
+        TO = "to", "To"
+        CC = "cc", "Cc"
+        BCC = "bcc", "Bcc"
+        REPLY_TO = "reply_to", "Reply-To"
+
+    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="participants")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    name = models.CharField(max_length=500, blank=True)
+    address = models.CharField(max_length=500, db_index=True)  # lower-cased
+
+
+class EmailLink(models.Model):
+    """An email attached to a lead, a contact or a deal (exactly one of them)."""
+
+    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="links")
+    lead = models.ForeignKey("crm.Lead", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
+    contact = models.ForeignKey("crm.Contact", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
+    deal = models.ForeignKey("crm.Deal", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(lead__isnull=False, contact__isnull=True, deal__isnull=True)
+                    | Q(lead__isnull=True, contact__isnull=False, deal__isnull=True)
+                    | Q(lead__isnull=True, contact__isnull=True, deal__isnull=False)
+                ),
+                name="emaillink_exactly_one_record",
+            ),
+            models.UniqueConstraint(fields=["email", "lead"], name="emaillink_unique_lead"),
+            models.UniqueConstraint(fields=["email", "contact"], name="emaillink_unique_contact"),
+            models.UniqueConstraint(fields=["email", "deal"], name="emaillink_unique_deal"),
+        ]
+
+
+class AttachmentBlob(models.Model):
+    """Attachment content stored once by hash, however many mails carry it."""
+
+    sha256 = models.CharField(max_length=64, unique=True)
+    data = models.BinaryField()
+    size = models.PositiveIntegerField()
+
+
+class Attachment(models.Model):
+    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="attachments")
+    blob = models.ForeignKey(AttachmentBlob, on_delete=models.PROTECT, related_name="+")
+    filename = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=255)
+    content_id = models.CharField(max_length=500, blank=True)
+    inline = models.BooleanField(default=False)
+    size = models.PositiveIntegerField()
+
+
+class MessageError(models.Model):
+    """A message that could not be fetched or stored; the user sees it and can retry."""
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="message_errors")
+    folder = models.ForeignKey(MailFolder, null=True, on_delete=models.CASCADE)
+    uidvalidity = models.BigIntegerField(null=True)
+    uid = models.BigIntegerField(null=True)
+    error = models.TextField()
+    raw = models.BinaryField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["folder", "uidvalidity", "uid"], name="messageerror_unique_uid",
+                condition=Q(resolved_at__isnull=True),
+            )
+        ]

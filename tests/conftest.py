@@ -23,3 +23,9 @@ def pytest_configure(config: pytest.Config) -> None:
             f"Tests run on PostgreSQL (DATABASE_URL); got {engine}. "
             "Use scripts/test, which starts PostgreSQL."
         )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests run last: Playwright's sync API keeps an asyncio loop running in the
+    main thread for the rest of the session, where ``asyncio.run`` would then refuse to run."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

@@ -10,6 +10,10 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/mailro
 os.environ.setdefault("MAILROOM_ENCRYPTION_KEYS", "Yw2jv0n8r3xk9mH7x1J0p8oZ0bq2WkZ0bVJX1mQ2aS4=")
 os.environ.setdefault("MAILROOM_DATA_DIR", tempfile.mkdtemp(prefix="mailroom-test-"))
 os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
+# Tests that run a real worker use Redis (started by scripts/test), on a database of its own.
+os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("MAILROOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+# The private Dovecot and SMTP servers of the tests listen on 127.0.0.1.
+os.environ.setdefault("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS", "1")
 
 from crm.settings import *  # noqa: E402, F403
 

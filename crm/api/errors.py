@@ -14,7 +14,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from ..exceptions import EncryptionNotConfigured
+from ..exceptions import EncryptionNotConfigured, ServiceError
 
 
 def _flatten(detail: Any) -> dict[str, list[str]]:
@@ -37,6 +37,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = exceptions.PermissionDenied(str(exc) or None)
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or None)
+    elif isinstance(exc, ServiceError):
+        return Response(
+            {"detail": exc.message, "code": exc.code, "hint": exc.hint, "errors": {}},
+            status=exc.http_status,
+        )
     elif isinstance(exc, EncryptionNotConfigured):
         return Response(
             {"detail": "The server's encryption keys are not configured.", "code": "server_misconfigured", "errors": {}},

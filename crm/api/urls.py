@@ -3,6 +3,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.routers import DefaultRouter
 
+from mailsync.api.views import ROUTES as mail_routes
+
 from . import views
 
 router = DefaultRouter()
@@ -12,6 +14,8 @@ router.register("leads", views.LeadViewSet, basename="lead")
 router.register("contacts", views.ContactViewSet, basename="contact")
 router.register("accounts", views.AccountViewSet, basename="account")
 router.register("deals", views.DealViewSet, basename="deal")
+for prefix, viewset, basename in mail_routes:
+    router.register(prefix, viewset, basename=basename)
 
 urlpatterns = [
     path("auth/token/", ObtainAuthToken.as_view(), name="api-token"),

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import re
+
+from rest_framework import serializers
+
+from ..models import Attachment, Email, Mailbox
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+class MailboxSerializer(serializers.ModelSerializer):
+    """Passwords are write-only: no response ever carries them."""
+
+    password = serializers.CharField(write_only=True, required=False, allow_blank=True,
+                                     style={"input_type": "password"})
+    smtp_password = serializers.CharField(write_only=True, required=False, allow_blank=True,
+                                          style={"input_type": "password"})
+
+    class Meta:
+        model = Mailbox
+        fields = [
+            "id", "display_name", "email_address", "protocol", "provider",
+            "incoming_host", "incoming_port", "incoming_security", "username", "password",
+            "smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password",
+            "folders", "sync_since", "sharing", "excluded_domains", "is_active", "state",
+            "last_sync_at", "last_error", "created_at",
+        ]
+        read_only_fields = ["id", "is_active", "state", "last_sync_at", "last_error", "created_at"]
+
+    def validate_excluded_domains(self, value: str) -> str:
+        bad = [line.strip() for line in value.splitlines()
+               if line.strip() and not _DOMAIN.match(line.strip().lower().lstrip("@"))]
+        if bad:
+            raise serializers.ValidationError(f"Not a domain: {', '.join(bad[:5])} (one domain per line).")
+        return "\n".join(line.strip().lower().lstrip("@") for line in value.splitlines() if line.strip())
+
+    def validate_folders(self, value: object) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise serializers.ValidationError("A list of folder names.")
+        return value
+
+
+class MailboxStatusSerializer(serializers.Serializer):
+    state = serializers.CharField()
+    state_display = serializers.CharField()
+    messages_done = serializers.IntegerField()
+    messages_total = serializers.IntegerField()
+    bytes_done = serializers.IntegerField()
+    bytes_total = serializers.IntegerField()
+    estimated_completion = serializers.DateTimeField(allow_null=True)
+    last_sync_at = serializers.DateTimeField(allow_null=True)
+    paused_until = serializers.DateTimeField(allow_null=True)
+    last_error = serializers.CharField()
+    last_error_code = serializers.CharField()
+    message_errors = serializers.ListField(child=serializers.DictField())
+    emails_unparsed = serializers.IntegerField()
+
+
+class AttachmentSerializer(serializers.ModelSerializer):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Attachment
+        fields = ["id", "filename", "content_type", "size", "inline", "download_url"]
+
+    def get_download_url(self, obj: Attachment) -> str:
+        return f"/api/v1/emails/{obj.email_id}/attachments/{obj.pk}/"
+
+
+class EmailListSerializer(serializers.ModelSerializer):
+    folders = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Email
+        fields = [
+            "id", "mailbox", "message_id", "subject", "date", "from_name", "from_address",
+            "to", "cc", "direction", "source", "seen", "flagged", "has_attachments", "thread",
+            "size", "folders",
+        ]
+
+    def get_folders(self, obj: Email) -> list[str]:
+        return sorted({loc.folder.name for loc in obj.locations.all()})
+
+
+class EmailDetailSerializer(EmailListSerializer):
+    html = serializers.SerializerMethodField()
+    blocked_remote_images = serializers.SerializerMethodField()
+    attachments = AttachmentSerializer(many=True, read_only=True)
+    links = serializers.SerializerMethodField()
+
+    class Meta(EmailListSerializer.Meta):
+        fields = [*EmailListSerializer.Meta.fields, "text", "html", "blocked_remote_images",
+                  "attachments", "in_reply_to", "references", "parse_state", "parse_error", "links"]
+
+    def _sanitized(self, obj: Email):  # noqa: ANN202
+        if not hasattr(obj, "_sanitized"):
+            from ..mime import sanitize_html
+
+            request = self.context.get("request")
+            allow = bool(request and request.query_params.get("images") in {"1", "true"})
+            cid_urls = {
+                a.content_id: f"/api/v1/emails/{obj.pk}/attachments/{a.pk}/?inline=1"
+                for a in obj.attachments.all() if a.content_id
+            }
+            obj._sanitized = sanitize_html(obj.html, allow_remote_images=allow, cid_urls=cid_urls)
+        return obj._sanitized
+
+    def get_html(self, obj: Email) -> str:
+        return self._sanitized(obj).html if obj.html else ""
+
+    def get_blocked_remote_images(self, obj: Email) -> int:
+        return self._sanitized(obj).blocked_remote_images if obj.html else 0
+
+    def get_links(self, obj: Email) -> list[dict[str, int | None]]:
+        return [{"lead": link.lead_id, "contact": link.contact_id, "deal": link.deal_id}
+                for link in obj.links.all()]
+
+
+class EmailUpdateSerializer(serializers.Serializer):
+    seen = serializers.BooleanField(required=False)
+    flagged = serializers.BooleanField(required=False)
+    folder = serializers.CharField(required=False, max_length=500)

@@ -1,0 +1,145 @@
+"""Mailbox and email endpoints. Reads through ``mailsync.selectors``, writes through
+``mailsync.services``."""
+from __future__ import annotations
+
+from django.db.models import Prefetch
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
+from django_filters import rest_framework as filters
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from .. import selectors, services, tasks
+from ..models import Attachment, Email, EmailLink, EmailLocation, Mailbox
+from ..storage import decompress
+from . import serializers as s
+
+
+class MailboxViewSet(viewsets.ModelViewSet):
+    """The caller's mailboxes. Creating one first tests the login: nothing is saved if it
+    fails, and the error says what to fix."""
+
+    serializer_class = s.MailboxSerializer
+    queryset = Mailbox.objects.none()
+
+    def get_queryset(self):  # noqa: ANN201
+        if getattr(self, "swagger_fake_view", False):
+            return Mailbox.objects.none()
+        return selectors.mailboxes_of(self.request.user).order_by("pk")
+
+    def perform_create(self, serializer) -> None:  # noqa: ANN001
+        serializer.instance = services.mailbox_create(
+            actor=self.request.user, data=serializer.validated_data
+        )
+
+    def perform_update(self, serializer) -> None:  # noqa: ANN001
+        serializer.instance = services.mailbox_update(
+            actor=self.request.user, mailbox=serializer.instance, data=serializer.validated_data
+        )
+
+    @extend_schema(request=None, responses=inline_serializer(
+        "MailboxTest", {"ok": serializers.BooleanField(), "folders": serializers.ListField()}))
+    @action(detail=True, methods=["post"])
+    def test(self, request: Request, pk: str | None = None) -> Response:
+        """Log in to the server now; 400 with what to fix if it fails."""
+        folders = services.mailbox_test(mailbox=self.get_object())
+        return Response({"ok": True, "folders": [name for name, _ in folders]})
+
+    @extend_schema(request=None, responses=s.MailboxSerializer)
+    @action(detail=True, methods=["post"])
+    def activate(self, request: Request, pk: str | None = None) -> Response:
+        mailbox = services.mailbox_activate(actor=request.user, mailbox=self.get_object())
+        return Response(s.MailboxSerializer(mailbox).data)
+
+    @extend_schema(request=None, responses={202: s.MailboxStatusSerializer})
+    @action(detail=True, methods=["post"])
+    def sync(self, request: Request, pk: str | None = None) -> Response:
+        """Queue a sync now ("Sync now")."""
+        mailbox = self.get_object()
+        if not mailbox.is_active:
+            return Response({"detail": "Activate this mailbox first: only the active mailbox syncs.",
+                             "code": "inactive", "errors": {}}, status=status.HTTP_409_CONFLICT)
+        tasks.sync_mailbox.delay(mailbox.pk)
+        return Response(selectors.mailbox_status(mailbox=mailbox), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses=s.MailboxStatusSerializer)
+    @action(detail=True, methods=["get"])
+    def status(self, request: Request, pk: str | None = None) -> Response:
+        return Response(s.MailboxStatusSerializer(selectors.mailbox_status(mailbox=self.get_object())).data)
+
+
+class EmailFilter(filters.FilterSet):
+    lead = filters.NumberFilter(field_name="links__lead", distinct=True)
+    contact = filters.NumberFilter(field_name="links__contact", distinct=True)
+    deal = filters.NumberFilter(field_name="links__deal", distinct=True)
+    folder = filters.CharFilter(field_name="locations__folder__name", distinct=True)
+    date_after = filters.IsoDateTimeFilter(field_name="date", lookup_expr="gte")
+    date_before = filters.IsoDateTimeFilter(field_name="date", lookup_expr="lt")
+    unread = filters.BooleanFilter(field_name="seen", exclude=True)
+
+    class Meta:
+        model = Email
+        fields = ["mailbox", "direction", "source", "flagged", "thread"]
+
+
+class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                   viewsets.GenericViewSet):
+    """Synced and sent emails you may see. PATCH and DELETE reach the IMAP server."""
+
+    queryset = Email.objects.none()
+    filterset_class = EmailFilter
+    search_fields = ["subject", "from_address", "from_name"]
+    ordering_fields = ["date"]
+    ordering = ["-date"]
+
+    def get_queryset(self):  # noqa: ANN201
+        if getattr(self, "swagger_fake_view", False):
+            return Email.objects.none()
+        return selectors.emails_visible_to(self.request.user).prefetch_related(
+            Prefetch("locations", EmailLocation.objects.select_related("folder")),
+            "attachments", "links",
+        )
+
+    def get_serializer_class(self):  # noqa: ANN201
+        return s.EmailDetailSerializer if self.action == "retrieve" else s.EmailListSerializer
+
+    @extend_schema(
+        parameters=[OpenApiParameter("images", bool, description="Show remote images (tracking pixels included).")]
+    )
+    def retrieve(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
+        return super().retrieve(request, *args, **kwargs)
+
+    @extend_schema(request=s.EmailUpdateSerializer, responses=s.EmailDetailSerializer)
+    def partial_update(self, request: Request, pk: str | None = None) -> Response:
+        """Mark read/unread, flag or move; done on the mail server, then in the CRM."""
+        email = self.get_object()
+        data = s.EmailUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.email_update(actor=request.user, email=email, **data.validated_data)
+        email = self.get_queryset().get(pk=email.pk)
+        return Response(s.EmailDetailSerializer(email, context={"request": request}).data)
+
+    def perform_destroy(self, instance: Email) -> None:
+        services.email_delete(actor=self.request.user, email=instance)
+
+    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    @action(detail=True, methods=["get"], url_path=r"attachments/(?P<attachment_id>\d+)")
+    def attachment(self, request: Request, pk: str | None = None, attachment_id: str | None = None) -> HttpResponse:
+        """Download an attachment: always as a download, never rendered by the browser."""
+        email = self.get_object()
+        attachment = get_object_or_404(Attachment.objects.select_related("blob"), pk=attachment_id, email=email)
+        response = HttpResponse(decompress(attachment.blob.data), content_type="application/octet-stream")
+        from django.utils.http import content_disposition_header
+
+        response["Content-Disposition"] = content_disposition_header(True, attachment.filename)
+        response["X-Content-Type-Options"] = "nosniff"
+        response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+        return response
+
+
+# Registered by crm/api/urls.py
+ROUTES = [("mailboxes", MailboxViewSet, "mailbox"), ("emails", EmailViewSet, "email")]
+__all__ = ["ROUTES", "EmailLink"]

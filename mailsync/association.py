@@ -1,0 +1,94 @@
+"""Attach emails to leads, contacts and the deals of matched contacts, by address.
+
+Addresses are compared normalized (lower-case). The lookups use the functional indexes on
+LOWER(email) and LOWER(secondary_email) of leads and contacts.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from django.db.models import Q
+from django.db.models.functions import Lower
+
+from crm.models import Contact, Deal, Lead, OwnedRecord
+
+from .models import EmailLink, EmailParticipant
+
+# Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc).
+MATCH_ROLES = ["from", "to", "cc", "reply_to", "bcc"]
+
+
+def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = defaultdict(list)
+    if not addresses:
+        return found
+    rows = (
+        model.objects.annotate(e1=Lower("email"), e2=Lower("secondary_email"))
+        .filter(Q(e1__in=addresses) | Q(e2__in=addresses))
+        .values_list("pk", "e1", "e2")
+    )
+    for pk, e1, e2 in rows:
+        for address in {e1, e2} & addresses:
+            found[address].append(pk)
+    return found
+
+
+def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[str] = ()) -> int:
+    """Link the given emails to every lead and contact one of their addresses belongs to,
+    and to those contacts' deals. Idempotent. Returns the number of new links."""
+    email_ids = list(email_ids)
+    if not email_ids:
+        return 0
+    excluded = {a.lower() for a in exclude_addresses}
+    by_email: dict[int, set[str]] = defaultdict(set)
+    for email_id, address in EmailParticipant.objects.filter(
+        email_id__in=email_ids, role__in=MATCH_ROLES
+    ).values_list("email_id", "address"):
+        if address and address not in excluded:
+            by_email[email_id].add(address)
+    addresses = set().union(*by_email.values()) if by_email else set()
+    leads = _by_address(Lead, addresses)
+    contacts = _by_address(Contact, addresses)
+    deals: dict[int, list[int]] = defaultdict(list)
+    contact_ids = {pk for pks in contacts.values() for pk in pks}
+    for deal_id, contact_id in Deal.objects.filter(contact_id__in=contact_ids).values_list(
+        "pk", "contact_id"
+    ):
+        deals[contact_id].append(deal_id)
+
+    links: list[EmailLink] = []
+    for email_id, email_addresses in by_email.items():
+        lead_ids = {pk for a in email_addresses for pk in leads.get(a, ())}
+        c_ids = {pk for a in email_addresses for pk in contacts.get(a, ())}
+        d_ids = {pk for c in c_ids for pk in deals.get(c, ())}
+        links += [EmailLink(email_id=email_id, lead_id=pk) for pk in lead_ids]
+        links += [EmailLink(email_id=email_id, contact_id=pk) for pk in c_ids]
+        links += [EmailLink(email_id=email_id, deal_id=pk) for pk in d_ids]
+    created = EmailLink.objects.bulk_create(links, ignore_conflicts=True, batch_size=1000)
+    return len(created)
+
+
+def _record_addresses(record: Lead | Contact) -> set[str]:
+    return {a.strip().lower() for a in (record.email, record.secondary_email) if a and a.strip()}
+
+
+def email_associate_record(*, record: OwnedRecord) -> int:
+    """Attach past mail to a lead, contact or deal just created or changed: no re-download,
+    the participants of every synced mail are already stored."""
+    if isinstance(record, Deal):
+        if record.contact_id is None:
+            return 0
+        email_ids = EmailLink.objects.filter(contact_id=record.contact_id).values_list(
+            "email_id", flat=True
+        )
+        links = [EmailLink(email_id=e, deal_id=record.pk) for e in email_ids]
+        return len(EmailLink.objects.bulk_create(links, ignore_conflicts=True, batch_size=1000))
+    if not isinstance(record, (Lead, Contact)):
+        return 0
+    addresses = _record_addresses(record)
+    email_ids = set(
+        EmailParticipant.objects.filter(address__in=addresses, role__in=MATCH_ROLES)
+        .values_list("email_id", flat=True)
+    ) if addresses else set()
+    return emails_associate(email_ids=email_ids)

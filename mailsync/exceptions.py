@@ -1,0 +1,51 @@
+"""Mail errors, split by who can fix them.
+
+``MailUserError`` subclasses are faults the mailbox owner fixes (wrong password, IMAP disabled
+at the provider): no automatic retry, the status says what to do. ``MailTransientError``
+subclasses are worth retrying with backoff (network down, server busy).
+"""
+from __future__ import annotations
+
+from crm.exceptions import ServiceError
+
+
+class MailError(ServiceError):
+    code = "mail_error"
+
+
+class MailUserError(MailError):
+    """The user must change something before a retry can succeed."""
+
+
+class MailTransientError(MailError):
+    """A retry later may succeed."""
+
+    http_status = 502  # the mail server, not the request, is at fault
+
+
+class MailAuthError(MailUserError):
+    code = "auth_failed"
+
+
+class MailTLSError(MailUserError):
+    code = "tls_error"
+
+
+class MailConfigError(MailUserError):
+    code = "config_error"
+
+
+class MailServerUnreachable(MailTransientError):
+    code = "unreachable"
+    http_status = 400  # usually a wrong host or port in what the user entered
+
+
+class MailProtocolError(MailTransientError):
+    code = "protocol_error"
+
+
+class MailboxBusy(MailTransientError):
+    """Another sync of this mailbox holds the lock."""
+
+    code = "busy"
+    http_status = 409

@@ -1,0 +1,308 @@
+"""Full MIME parse: bytes -> text, html and attachments. Iterative, bounded, never raises.
+
+The MIME tree is walked with an explicit stack rather than the stdlib parser, which recurses
+(RecursionError at ~3,000 levels) and parses every part before we could stop it. The stdlib
+still parses Content-Type/Content-Disposition parameters (RFC 2231) for us.
+"""
+from __future__ import annotations
+
+import binascii
+import re
+from dataclasses import dataclass
+from email.message import Message
+
+from mailsync.mime.charsets import decode_bytes
+from mailsync.mime.envelope import Envelope, _coerce_bytes, envelope_from_block, parse_envelope
+from mailsync.mime.filenames import safe_filename
+from mailsync.mime.headers import (
+    HeaderBlock,
+    b64decode_lenient,
+    decode_words,
+    normalize_message_id,
+    split_header_block,
+)
+from mailsync.mime.sanitize import html_to_text
+
+MAX_DEFECTS = 100
+_PART_LIMIT = "part limit reached while splitting a multipart"
+# RFC 2045 §5.1 / RFC 6838 §4.2: type and subtype are restricted names.
+_MEDIA_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$")
+_EMBEDDED_MESSAGE_TYPES = ("message/rfc822", "message/global")  # message/global: RFC 6532 §3.5
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A non-body part of a message."""
+
+    filename: str  # safe for display and Content-Disposition; never empty
+    content_type: str  # lower-case type/subtype as declared, else application/octet-stream
+    content: bytes  # decoded payload
+    content_id: str | None  # without <>
+    inline: bool  # an embedded image: has a Content-ID and is not disposition "attachment"
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    """The result of `parse_message`."""
+
+    envelope: Envelope
+    text: str  # best text/plain body (or text made from the HTML); NUL removed
+    html: str  # best text/html body, unsanitized, NUL removed; '' if none
+    attachments: list[Attachment]
+    defects: list[str]  # the envelope's defects followed by the MIME ones
+
+
+@dataclass
+class _Pending:
+    """A MIME entity waiting on the stack."""
+
+    data: bytes  # headers + body, still transfer-encoded
+    depth: int
+    default_type: str
+    alt_group: int | None  # id of the nearest multipart/alternative ancestor
+    in_related: bool
+    block: HeaderBlock | None = None
+
+
+class _Walk:
+    def __init__(self, max_parts: int, max_depth: int) -> None:
+        self.max_parts = max_parts
+        self.max_depth = max_depth
+        self.defects: list[str] = []
+        self.plain: list[tuple[int | None, str]] = []
+        self.html: list[tuple[int | None, str]] = []
+        self.attachments: list[Attachment] = []
+        self.groups = 0
+        self.charset_hint: str | None = None
+
+    def note(self, defect: str) -> None:
+        if len(self.defects) < MAX_DEFECTS and defect not in self.defects:
+            self.defects.append(defect)
+
+    def run(self, root: _Pending) -> None:
+        stack = [root]
+        seen = 0
+        while stack:
+            item = stack.pop()
+            seen += 1
+            if seen > self.max_parts:
+                self.note(f"more than {self.max_parts} MIME parts; the rest skipped")
+                return
+            try:
+                stack.extend(reversed(self.visit(item, self.max_parts - seen)))
+            except Exception as exc:  # one bad part must not lose the others
+                self.note(f"part {seen} unreadable ({type(exc).__name__})")
+
+    def visit(self, item: _Pending, budget: int) -> list[_Pending]:
+        block = item.block or split_header_block(item.data)
+        if block.charset_hint is None:
+            block.charset_hint = self.charset_hint  # raw 8-bit part headers: see HeaderBlock
+        for defect in block.defects:
+            if item.depth:
+                self.note(f"part: {defect}")
+        body = item.data[block.body_offset:]
+        params = _params(block, item.default_type)
+        ctype = params.get_content_type()
+        if ctype.startswith("multipart/"):
+            if item.depth >= self.max_depth:
+                self.note(f"MIME nesting deeper than {self.max_depth}; not descended")
+                return []
+            boundary = _get(params.get_boundary)
+            children = None
+            if boundary:
+                children, notes = split_multipart(body, boundary, budget)
+                for n in notes:
+                    self.note(f"more than {self.max_parts} MIME parts; the rest skipped"
+                              if n is _PART_LIMIT else n)
+            else:
+                self.note("multipart without boundary parameter (RFC 2046 §5.1.1)")
+            if children is not None:
+                subtype = ctype.split("/", 1)[1]
+                alt = item.alt_group
+                if subtype == "alternative":
+                    self.groups += 1
+                    alt = self.groups
+                # RFC 2046 §5.1.5: in multipart/digest the default type is message/rfc822.
+                default = "message/rfc822" if subtype == "digest" else "text/plain"
+                related = item.in_related or subtype == "related"
+                return [_Pending(c, item.depth + 1, default, alt, related) for c in children]
+            # The boundary is missing or never occurs: like the stdlib, keep the body as text
+            # so nothing the sender wrote is lost.
+            self.add_text("text/plain", body, _get(params.get_content_charset), item.alt_group)
+            return []
+        self.leaf(block, body, params, ctype, item)
+        return []
+
+    def leaf(
+        self, block: HeaderBlock, body: bytes, params: Message, ctype: str, item: _Pending
+    ) -> None:
+        disposition = (block.text("content-disposition") or "").split(";", 1)[0].strip().lower()
+        raw_name = _get(params.get_filename)
+        # RFC 2231 is the standard for non-ASCII parameters, but most clients send RFC 2047
+        # encoded words inside quotes (forbidden by RFC 2047 §5); accept both.
+        filename = decode_words(raw_name) if isinstance(raw_name, str) else None
+        payload = self.transfer_decode(block, body)
+        if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
+            self.add_text(ctype, payload, _get(params.get_content_charset), item.alt_group)
+            return
+        declared = (block.text("content-type") or "").split(";", 1)[0].strip().lower()
+        if not _MEDIA_TYPE_RE.match(declared):
+            declared = ctype if ctype in _EMBEDDED_MESSAGE_TYPES else "application/octet-stream"
+        if not payload and not filename:
+            return  # an empty unnamed part carries nothing to show or download
+        if declared in _EMBEDDED_MESSAGE_TYPES and not filename:
+            subject = parse_envelope(payload).subject
+            filename = (subject[:200] or "message") + ".eml"
+        content_id = normalize_message_id(block.text("content-id"))
+        inline = bool(content_id) and disposition != "attachment" and (
+            disposition == "inline" or item.in_related
+        )
+        self.attachments.append(
+            Attachment(
+                filename=safe_filename(filename, declared),
+                content_type=declared,
+                content=payload,
+                content_id=content_id,
+                inline=inline,
+            )
+        )
+
+    def add_text(self, ctype: str, payload: bytes, charset: str | None, alt: int | None) -> None:
+        text, defect = decode_bytes(payload, charset)
+        if defect:
+            self.note(defect)
+        text = text.replace("\x00", "").replace("\r\n", "\n")
+        if text.strip():
+            (self.html if ctype == "text/html" else self.plain).append((alt, text))
+
+    def transfer_decode(self, block: HeaderBlock, body: bytes) -> bytes:
+        cte = (block.text("content-transfer-encoding") or "").strip().lower()
+        if cte in ("", "7bit", "8bit", "binary"):
+            return body
+        if cte == "base64":
+            return b64decode_lenient(body)
+        if cte == "quoted-printable":
+            return binascii.a2b_qp(body)
+        if cte in ("x-uuencode", "uuencode", "x-uue", "uue"):
+            return _uudecode(body)
+        # RFC 2045 §6.4: an unknown encoding means the data is opaque; keep it as it came.
+        self.note(f"unknown Content-Transfer-Encoding {cte[:40]!r}; kept raw")
+        return body
+
+
+def _params(block: HeaderBlock, default_type: str) -> Message:
+    """A stdlib Message holding only the MIME headers, for its RFC 2045/2231 parameter code."""
+    msg = Message()
+    msg.set_default_type(default_type)
+    for name in ("content-type", "content-disposition"):
+        value = block.text(name)
+        if value is not None:
+            msg[name] = value
+    return msg
+
+
+def _get(getter):  # type: ignore[no-untyped-def]
+    """Call a stdlib parameter getter; they raise on some malformed RFC 2231 values."""
+    try:
+        return getter()
+    except Exception:
+        return None
+
+
+def split_multipart(body: bytes, boundary: str, limit: int) -> tuple[list[bytes] | None, list[str]]:
+    """Split a multipart body on its boundary (RFC 2046 §5.1.1). None if the boundary never occurs.
+
+    Lenient as RFC 2046 asks of readers: trailing white space after a delimiter is ignored, a
+    missing close delimiter ends the last part at the end of the data.
+    """
+    notes: list[str] = []
+    delim = re.compile(
+        rb"^--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*\r?$", re.M
+    )
+    parts: list[bytes] = []
+    start: int | None = None
+    closed = False
+    for m in delim.finditer(body):
+        if start is not None:
+            end = m.start()
+            # The line break before a delimiter belongs to the delimiter (RFC 2046 §5.1.1).
+            if end > start and body[end - 1] == 0x0A:
+                end -= 1
+                if end > start and body[end - 1] == 0x0D:
+                    end -= 1
+            parts.append(body[start:end])
+            if len(parts) >= max(limit, 1):
+                notes.append(_PART_LIMIT)
+                return parts, notes
+        if m.group(1):
+            closed = True
+            break
+        start = m.end() + 1 if body[m.end():m.end() + 1] == b"\n" else m.end()
+    if start is None:
+        return (parts if closed else None), notes
+    if not closed:
+        notes.append("multipart without close delimiter (RFC 2046 §5.1.1)")
+        parts.append(body[start:])
+    return parts, notes
+
+
+def _uudecode(body: bytes) -> bytes:
+    out = bytearray()
+    inside = False
+    for line in body.splitlines():
+        if not inside:
+            inside = line.startswith(b"begin ")
+            continue
+        if line.strip() in (b"end", b"`"):
+            break
+        try:
+            out += binascii.a2b_uu(line)
+        except binascii.Error:
+            # Encoders that miscount the length byte: decode what the length allows.
+            try:
+                nbytes = (((line[0] - 32) & 63) * 4 + 5) // 3
+                out += binascii.a2b_uu(line[:nbytes])
+            except (binascii.Error, IndexError):
+                continue
+    return bytes(out)
+
+
+def _pick(items: list[tuple[int | None, str]]) -> str:
+    """Join body parts in order; within one multipart/alternative only the last of a type counts,
+    as RFC 2046 §5.1.4 puts the preferred (richest) alternative last."""
+    last: dict[int, int] = {}
+    for i, (group, _) in enumerate(items):
+        if group is not None:
+            last[group] = i
+    return "\n".join(t for i, (g, t) in enumerate(items) if g is None or last[g] == i)
+
+
+def parse_message(raw: bytes, *, max_parts: int = 2000, max_depth: int = 50) -> ParsedMessage:
+    """Parse a whole message. Never raises: problems become `defects`."""
+    data = _coerce_bytes(raw)
+    try:
+        block = split_header_block(data)
+        envelope = envelope_from_block(block)
+        walk = _Walk(max_parts, max_depth)
+        walk.charset_hint = block.charset_hint
+        walk.run(_Pending(data, 0, "text/plain", None, False, block=block))
+        html = _pick(walk.html)
+        text = _pick(walk.plain)
+        if not text and html:
+            text = html_to_text(html)
+        return ParsedMessage(
+            envelope=envelope,
+            text=text,
+            html=html,
+            attachments=walk.attachments,
+            defects=envelope.defects + walk.defects,
+        )
+    except Exception as exc:  # last resort: keep the envelope, report the failure
+        envelope = parse_envelope(data)
+        return ParsedMessage(
+            envelope=envelope,
+            text="",
+            html="",
+            attachments=[],
+            defects=envelope.defects + [f"MIME parse failed ({type(exc).__name__})"],
+        )

@@ -1,0 +1,81 @@
+"""What every mail protocol adapter shares: connection settings, plain results, error mapping.
+
+Adapters do pure I/O: no ORM imports, plain dataclasses out.
+"""
+from __future__ import annotations
+
+import imaplib
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..exceptions import MailError, MailProtocolError, MailServerUnreachable, MailTLSError
+
+# Every network call has a timeout; a stalled server never hangs a worker.
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    security: str  # "ssl", "starttls" or "none"
+    username: str
+    password: str
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __repr__(self) -> str:  # never print the password
+        return f"ServerSettings({self.host}:{self.port}, {self.security}, {self.username!r})"
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    name: str
+    uidvalidity: int
+    uidnext: int
+    exists: int
+    highestmodseq: int | None
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    uid: int
+    flags: tuple[str, ...]
+    size: int
+    internal_date: datetime | None
+    raw: bytes
+
+
+def tls_context() -> ssl.SSLContext:
+    """Certificates and host names verified, as a browser would (SSL_CERT_FILE honoured)."""
+    return ssl.create_default_context()
+
+
+def translate_network_error(exc: BaseException, host: str) -> MailError:
+    """Map socket/TLS failures to errors that say in plain words what to fix."""
+    if isinstance(exc, MailError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return MailTLSError(
+            f"The certificate of {host} is not trusted ({exc.verify_message}).",
+            hint="Check the server name; a self-signed certificate is not accepted.",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return MailTLSError(
+            f"TLS with {host} failed ({exc.reason or exc}).",
+            hint="Check the port and the security setting (SSL/TLS or STARTTLS).",
+        )
+    if isinstance(exc, socket.gaierror):
+        return MailServerUnreachable(
+            f"The server {host} was not found.", hint="Check the server name."
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return MailServerUnreachable(
+            f"{host} refused the connection.", hint="Check the port and security setting."
+        )
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return MailServerUnreachable(f"{host} did not answer in time.")
+    if isinstance(exc, (ConnectionError, OSError, EOFError, imaplib.IMAP4.abort)):
+        return MailServerUnreachable(f"The connection to {host} was lost ({exc}).")
+    return MailProtocolError(f"Unexpected reply from {host}: {exc}")

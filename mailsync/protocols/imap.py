@@ -1,0 +1,343 @@
+"""IMAP adapter over IMAPClient: connect, list, status, fetch, change flags, move, delete.
+
+Pure I/O: it knows nothing of the ORM. The engine in ``mailsync.sync`` decides what to fetch.
+"""
+from __future__ import annotations
+
+import imaplib
+import logging
+import socket
+import ssl
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from types import TracebackType
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.imapclient import seq_to_parenstr_upper
+from imapclient.response_parser import parse_fetch_response
+
+from ..exceptions import MailAuthError, MailConfigError, MailProtocolError, MailTLSError
+from .base import (
+    FetchedMessage,
+    FolderStatus,
+    ServerSettings,
+    tls_context,
+    translate_network_error,
+)
+
+log = logging.getLogger(__name__)
+
+# Names used for the Sent folder by servers without SPECIAL-USE (RFC 6154).
+SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "[Gmail]/Sent Mail", "INBOX.Sent")
+TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "[Gmail]/Trash", "INBOX.Trash")
+SPECIAL_FLAGS = {b"\\Sent": "sent", b"\\Trash": "trash", b"\\Junk": "junk", b"\\Drafts": "drafts",
+                 b"\\All": "all", b"\\Archive": "archive", b"\\Flagged": "flagged"}
+# Never synced: deleted mail and spam are not customer conversations.
+NEVER_SYNC = {"trash", "junk"}
+
+_FETCH_ITEMS = [b"UID", b"FLAGS", b"RFC822.SIZE", b"INTERNALDATE", b"BODY.PEEK[]"]
+
+
+def _flags(raw: Iterable[bytes | str]) -> tuple[str, ...]:
+    return tuple(
+        sorted(f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f) for f in raw)
+    )
+
+
+def uid_ranges(uids: Sequence[int]) -> str:
+    """Compress UIDs into an IMAP sequence set: [1,2,3,7] -> '1:3,7'.
+
+    IMAPClient 4.1 rejects "1:*" in fetch() (FIELD-NOTES): we always send explicit sets.
+    """
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    start = prev = None
+    for uid in ordered:
+        if start is None:
+            start = prev = uid
+        elif uid == prev + 1:  # type: ignore[operator]
+            prev = uid
+        else:
+            parts.append(f"{start}:{prev}" if start != prev else str(start))
+            start = prev = uid
+    if start is not None:
+        parts.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(parts)
+
+
+def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[bytes],
+               modifiers: Sequence[str] | None = None) -> dict[int, dict]:
+    """``UID FETCH`` with a compressed UID set ("1:500,700").
+
+    IMAPClient 4.1's ``fetch()`` converts the requested set to ints to filter the reply, so it
+    rejects ranges and would send 5,000 UIDs as 5,000 comma-separated numbers. This is its
+    own body with the set compressed; the reply is filtered to the requested UIDs here.
+    """
+    wanted = set(uids)
+    args = ["UID", "FETCH", uid_ranges(uids).encode("ascii"), seq_to_parenstr_upper(list(items))]
+    if modifiers:
+        args.append(seq_to_parenstr_upper(list(modifiers)))
+    tag = client._imap._command(*args)
+    typ, data = client._imap._command_complete("FETCH", tag)
+    client._checkok("fetch", typ, data)
+    typ, data = client._imap._untagged_response(typ, data, "FETCH")
+    response = parse_fetch_response(data, client.normalise_times, True)
+    # Unsolicited FETCH responses (other messages' flag changes) are dropped.
+    return {uid: values for uid, values in response.items() if uid in wanted}
+
+
+class ImapSession:
+    """One logged-in IMAP connection. Use as a context manager."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.client: IMAPClient | None = None
+        self.capabilities: frozenset[bytes] = frozenset()
+
+    # -- connection ---------------------------------------------------------------------------
+    def __enter__(self) -> ImapSession:
+        self.connect()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        s = self.settings
+        try:
+            if s.security == "ssl":
+                client = IMAPClient(s.host, port=s.port, ssl=True, ssl_context=tls_context(),
+                                    timeout=s.timeout)
+            else:
+                client = IMAPClient(s.host, port=s.port, ssl=False, timeout=s.timeout)
+                if s.security == "starttls":
+                    if b"STARTTLS" not in client.capabilities():
+                        client.shutdown()
+                        # Never fall back to plain text when STARTTLS was asked for.
+                        raise MailTLSError(
+                            f"{s.host} does not offer STARTTLS on port {s.port}.",
+                            hint="Use SSL/TLS (usually port 993) instead.",
+                        )
+                    client.starttls(ssl_context=tls_context())
+            # Aware datetimes for INTERNALDATE (IMAPClient's default converts to naive local).
+            client.normalise_times = False
+            self.client = client
+        except (OSError, ssl.SSLError, IMAPClientError, imaplib.IMAP4.error) as exc:
+            raise translate_network_error(exc, s.host) from exc
+        self.login()
+
+    def login(self) -> None:
+        assert self.client is not None
+        try:
+            self.client.login(self.settings.username, self.settings.password)
+        except LoginError as exc:
+            text = str(exc)
+            self.close()
+            if "PRIVACYREQUIRED" in text or "plaintext" in text.lower():
+                raise MailTLSError(
+                    "The server refuses passwords over an unencrypted connection.",
+                    hint="Choose SSL/TLS or STARTTLS.",
+                ) from exc
+            raise MailAuthError(
+                "The server rejected the username or password.",
+                hint=("If the account uses two-step verification (Gmail, Yahoo, iCloud, "
+                      "Outlook), create an app-specific password and use it here."),
+            ) from exc
+        except (OSError, ssl.SSLError, imaplib.IMAP4.abort) as exc:
+            raise translate_network_error(exc, self.settings.host) from exc
+        try:
+            self.capabilities = frozenset(self.client.capabilities())
+            if self.has("ENABLE") and self.has("CONDSTORE"):
+                self.client.enable("CONDSTORE")
+        except (OSError, imaplib.IMAP4.error, IMAPClientError) as exc:
+            raise translate_network_error(exc, self.settings.host) from exc
+
+    def close(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.logout()
+        except Exception:  # noqa: BLE001  (closing a dead connection must not mask the cause)
+            try:
+                self.client.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        self.client = None
+
+    def has(self, capability: str) -> bool:
+        return capability.encode() in self.capabilities
+
+    def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        """Run one IMAPClient call, mapping failures to our error hierarchy."""
+        try:
+            return fn(*args, **kwargs)
+        except (socket.timeout, TimeoutError, OSError, ssl.SSLError, imaplib.IMAP4.abort) as exc:
+            raise translate_network_error(exc, self.settings.host) from exc
+        except (IMAPClientError, imaplib.IMAP4.error) as exc:
+            raise MailProtocolError(f"The IMAP server refused a command: {exc}") from exc
+
+    # -- folders ------------------------------------------------------------------------------
+    def list_folders(self) -> list[tuple[str, str]]:
+        """(name, special-use) for every selectable folder."""
+        assert self.client is not None
+        folders = []
+        for flags, _delim, name in self._call(self.client.list_folders):
+            if b"\\Noselect" in flags or b"\\NonExistent" in flags:
+                continue
+            special = next((SPECIAL_FLAGS[f] for f in flags if f in SPECIAL_FLAGS), "")
+            if not special and name.upper() == "INBOX":
+                special = "inbox"
+            folders.append((name, special))
+        return folders
+
+    def default_sync_folders(self) -> list[tuple[str, str]]:
+        """INBOX and the Sent folder (SPECIAL-USE, else a common name)."""
+        folders = self.list_folders()
+        chosen = [(name, "inbox") for name, _ in folders if name.upper() == "INBOX"][:1]
+        sent = [f for f in folders if f[1] == "sent"]
+        if not sent:
+            by_name = {name.lower(): name for name, _ in folders}
+            sent = [(by_name[n.lower()], "sent") for n in SENT_NAMES if n.lower() in by_name][:1]
+        return chosen + sent[:1]
+
+    def trash_folder(self) -> str | None:
+        folders = self.list_folders()
+        for name, special in folders:
+            if special == "trash":
+                return name
+        by_name = {name.lower(): name for name, _ in folders}
+        return next((by_name[n.lower()] for n in TRASH_NAMES if n.lower() in by_name), None)
+
+    def status(self, folder: str) -> FolderStatus:
+        """STATUS without selecting: the cheap no-change check."""
+        assert self.client is not None
+        items = [b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"]
+        if self.has("CONDSTORE"):
+            items.append(b"HIGHESTMODSEQ")
+        reply = self._call(self.client.folder_status, folder, items)
+        return FolderStatus(
+            name=folder,
+            uidvalidity=int(reply[b"UIDVALIDITY"]),
+            uidnext=int(reply[b"UIDNEXT"]),
+            exists=int(reply[b"MESSAGES"]),
+            highestmodseq=int(reply[b"HIGHESTMODSEQ"]) if b"HIGHESTMODSEQ" in reply else None,
+        )
+
+    def select(self, folder: str, *, readonly: bool = True) -> FolderStatus:
+        assert self.client is not None
+        reply = self._call(self.client.select_folder, folder, readonly=readonly)
+        modseq = reply.get(b"HIGHESTMODSEQ")
+        return FolderStatus(
+            name=folder,
+            uidvalidity=int(reply[b"UIDVALIDITY"]),
+            uidnext=int(reply.get(b"UIDNEXT", 0)),
+            exists=int(reply.get(b"EXISTS", 0)),
+            highestmodseq=int(modseq) if modseq is not None else None,
+        )
+
+    def create_folder(self, name: str) -> None:
+        assert self.client is not None
+        self._call(self.client.create_folder, name)
+
+    # -- reading ------------------------------------------------------------------------------
+    def search_uids(self, *, since: date | None = None, above: int = 0) -> list[int]:
+        """UIDs in the selected folder, optionally only newer than a day or above a UID."""
+        assert self.client is not None
+        criteria: list = []
+        if above:
+            criteria += ["UID", f"{above + 1}:*"]
+        if since:
+            criteria += ["SINCE", since]
+        uids = self._call(self.client.search, criteria or "ALL")
+        # "UID n:*" always matches the last message even when its UID is below n (RFC 3501
+        # 6.4.8): filter, and never trust UIDNEXT as a cursor.
+        return sorted(uid for uid in uids if uid > above)
+
+    def fetch_messages(self, uids: Sequence[int]) -> list[FetchedMessage]:
+        """Whole messages with BODY.PEEK (fetching never marks mail read)."""
+        assert self.client is not None
+        if not uids:
+            return []
+        reply = self._call(_uid_fetch, self.client, uids, _FETCH_ITEMS)
+        messages = []
+        for uid, data in reply.items():
+            raw = data.get(b"BODY[]")
+            if raw is None:  # expunged between SEARCH and FETCH
+                continue
+            size = int(data.get(b"RFC822.SIZE", len(raw)))
+            if len(raw) != size:
+                # A reset mid-literal must never be stored as a whole message.
+                raise MailProtocolError(
+                    f"Message UID {uid} arrived with {len(raw)} of {size} bytes."
+                )
+            messages.append(
+                FetchedMessage(
+                    uid=int(uid),
+                    flags=_flags(data.get(b"FLAGS", ())),
+                    size=size,
+                    internal_date=data.get(b"INTERNALDATE"),
+                    raw=raw,
+                )
+            )
+        messages.sort(key=lambda m: m.uid)
+        return messages
+
+    def fetch_sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        assert self.client is not None
+        if not uids:
+            return {}
+        reply = self._call(_uid_fetch, self.client, uids, [b"RFC822.SIZE"])
+        return {int(uid): int(data.get(b"RFC822.SIZE", 0)) for uid, data in reply.items()}
+
+    def fetch_flags(
+        self, uids: Sequence[int], *, changed_since: int | None = None
+    ) -> dict[int, tuple[str, ...]]:
+        """Flags of the given UIDs; with CONDSTORE only those changed since a mod-sequence."""
+        assert self.client is not None
+        if not uids:
+            return {}
+        modifiers = [f"CHANGEDSINCE {changed_since}"] if changed_since is not None else None
+        reply = self._call(_uid_fetch, self.client, uids, [b"FLAGS"], modifiers)
+        return {int(uid): _flags(data.get(b"FLAGS", ())) for uid, data in reply.items()}
+
+    # -- changing -----------------------------------------------------------------------------
+    def add_flags(self, uids: Sequence[int], flags: Sequence[str]) -> None:
+        assert self.client is not None
+        self._call(self.client.add_flags, list(uids), list(flags), silent=True)
+
+    def remove_flags(self, uids: Sequence[int], flags: Sequence[str]) -> None:
+        assert self.client is not None
+        self._call(self.client.remove_flags, list(uids), list(flags), silent=True)
+
+    def move(self, uids: Sequence[int], destination: str) -> None:
+        """UID MOVE (RFC 6851), else COPY + \\Deleted + UID EXPUNGE."""
+        assert self.client is not None
+        if self.has("MOVE"):
+            self._call(self.client.move, list(uids), destination)
+            return
+        self._call(self.client.copy, list(uids), destination)
+        self._call(self.client.add_flags, list(uids), [b"\\Deleted"], silent=True)
+        if self.has("UIDPLUS"):
+            self._call(self.client.uid_expunge, list(uids))
+        else:
+            self._call(self.client.expunge)
+
+    def append(self, folder: str, raw: bytes, flags: Sequence[str] = (),
+               when: datetime | None = None) -> None:
+        assert self.client is not None
+        self._call(self.client.append, folder, raw, flags=list(flags), msg_time=when)
+
+    def noop(self) -> None:
+        assert self.client is not None
+        self._call(self.client.noop)
+
+
+def check_login(settings: ServerSettings) -> list[tuple[str, str]]:
+    """Log in and list the folders that would be synced; raises a MailError if it fails."""
+    with ImapSession(settings) as session:
+        folders = session.default_sync_folders()
+    if not folders:
+        raise MailConfigError("The mailbox has no INBOX.", hint="Is this an IMAP account?")
+    return folders

@@ -1,0 +1,74 @@
+"""Read-side queries over mailboxes and emails, with the sharing rules.
+
+- The owner of a mailbox sees all its mail (linked to records or not).
+- Others see mail of *public* mailboxes that is linked to a record they can see, unless a
+  participant belongs to one of the mailbox's excluded domains.
+- Mail of private mailboxes is seen by its owner only. Tombstones (deleted on the server)
+  are in no view.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from crm.models import Contact, Deal, Lead, User
+from crm.selectors import records_visible_to
+
+from .models import Email, EmailLink, Mailbox
+
+
+def mailboxes_of(user: User) -> QuerySet[Mailbox]:
+    return Mailbox.objects.filter(owner=user)
+
+
+def emails_visible_to(user: User) -> QuerySet[Email]:
+    if not user.is_authenticated or not user.is_active:
+        return Email.objects.none()
+    linked_visible = EmailLink.objects.filter(email=OuterRef("pk")).filter(
+        Q(lead__in=records_visible_to(user, Lead.objects.all()))
+        | Q(contact__in=records_visible_to(user, Contact.objects.all()))
+        | Q(deal__in=records_visible_to(user, Deal.objects.all()))
+    )
+    shared = Q(mailbox__sharing=Mailbox.Sharing.PUBLIC, shareable=True) & Exists(linked_visible)
+    return Email.objects.filter(deleted_at__isnull=True).filter(Q(mailbox__owner=user) | shared)
+
+
+def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[Email]:
+    field = {Lead: "lead", Contact: "contact", Deal: "deal"}[type(record)]
+    return emails_visible_to(user).filter(
+        Exists(EmailLink.objects.filter(email=OuterRef("pk"), **{field: record}))
+    )
+
+
+def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
+    """What the status panel and the API show: state, progress, estimate, errors."""
+    from .models import MessageError
+
+    mailbox.refresh_from_db()
+    eta = None
+    if mailbox.state == Mailbox.State.SYNCING and mailbox.sync_started_at and mailbox.bytes_done:
+        elapsed = (timezone.now() - mailbox.sync_started_at).total_seconds()
+        remaining = max(mailbox.bytes_total - mailbox.bytes_done, 0)
+        eta = timezone.now() + timedelta(seconds=elapsed * remaining / mailbox.bytes_done)
+    errors = MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True).order_by("-created_at")
+    return {
+        "state": mailbox.state,
+        "state_display": mailbox.get_state_display(),
+        "messages_done": mailbox.messages_done,
+        "messages_total": mailbox.messages_total,
+        "bytes_done": mailbox.bytes_done,
+        "bytes_total": mailbox.bytes_total,
+        "estimated_completion": eta,
+        "last_sync_at": mailbox.last_sync_at,
+        "paused_until": mailbox.paused_until,
+        "last_error": mailbox.last_error,
+        "last_error_code": mailbox.last_error_code,
+        "message_errors": [
+            {"id": e.pk, "folder": e.folder.name if e.folder else "", "uid": e.uid,
+             "error": e.error, "created_at": e.created_at}
+            for e in errors.select_related("folder")[:100]
+        ],
+        "emails_unparsed": Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).count(),
+    }

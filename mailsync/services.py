@@ -1,0 +1,255 @@
+"""Mailbox and email operations: the one entry point for each state change.
+
+Pages, the API, Celery tasks, the IDLE watcher and management commands call these.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from crm.exceptions import RecordPermissionDenied
+from crm.models import User
+
+from .exceptions import MailConfigError
+from .mime import parse_message
+from .models import Attachment, AttachmentBlob, Email, Mailbox
+from .protocols.imap import check_login
+from .storage import compress, decompress
+from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
+
+log = logging.getLogger(__name__)
+
+# Bodies parsed per call of emails_parse_pending: one transaction each, ~2 ms a message.
+PARSE_BATCH = 200
+
+
+def _check_host(host: str) -> None:
+    """Refuse mail hosts on loopback, private or link-local networks (SSRF): a user must not
+    make our workers connect to services inside our network."""
+    if settings.MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS:
+        return
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ValidationError({"incoming_host": [f"The server {host} was not found."]}) from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise ValidationError(
+                {"incoming_host": [f"{host} is a private or local address; use the provider's public server."]}
+            )
+
+
+def _check_owner(actor: User, mailbox: Mailbox) -> None:
+    if mailbox.owner_id != actor.pk and not actor.is_administrator:
+        raise RecordPermissionDenied("Only the owner of a mailbox may change it.")
+
+
+def _validate(mailbox: Mailbox) -> None:
+    _check_host(mailbox.incoming_host)
+    if mailbox.smtp_host:
+        try:
+            _check_host(mailbox.smtp_host)
+        except ValidationError as exc:
+            raise ValidationError({"smtp_host": exc.message_dict["incoming_host"]}) from exc
+    mailbox.full_clean(exclude=["owner"])
+
+
+@transaction.atomic
+def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool = True) -> Mailbox:
+    """Create a mailbox after a successful login test: nothing is saved half-way.
+
+    The first mailbox of a user becomes the active one.
+    """
+    mailbox = Mailbox(owner=actor, **data)
+    _validate(mailbox)
+    if check_connection:
+        mailbox_test(mailbox=mailbox)
+    mailbox.is_active = not Mailbox.objects.filter(owner=actor, is_active=True).exists()
+    mailbox.save()
+    return mailbox
+
+
+@transaction.atomic
+def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
+                   check_connection: bool = True) -> Mailbox:
+    _check_owner(actor, mailbox)
+    connection_fields = {"incoming_host", "incoming_port", "incoming_security", "username", "password"}
+    for name, value in data.items():
+        if name in {"password", "smtp_password"} and not value:
+            continue  # write-only: empty keeps the stored secret
+        setattr(mailbox, name, value)
+    _validate(mailbox)
+    if check_connection and connection_fields & data.keys():
+        mailbox_test(mailbox=mailbox)
+    if mailbox.state == Mailbox.State.ERROR and connection_fields & data.keys():
+        mailbox.state, mailbox.last_error, mailbox.last_error_code = Mailbox.State.NEW, "", ""
+    mailbox.save()
+    return mailbox
+
+
+def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
+    """Log in to the incoming server; raise a MailError that says what to fix."""
+    if mailbox.protocol != Mailbox.Protocol.IMAP:
+        raise MailConfigError("Only IMAP mailboxes can be tested yet.")
+    return check_login(server_settings(mailbox, timeout=15))
+
+
+@transaction.atomic
+def mailbox_activate(*, actor: User, mailbox: Mailbox) -> Mailbox:
+    """Make this the user's one active mailbox; the others stop syncing."""
+    _check_owner(actor, mailbox)
+    Mailbox.objects.select_for_update().filter(owner=mailbox.owner)  # serialize activations
+    Mailbox.objects.filter(owner=mailbox.owner, is_active=True).exclude(pk=mailbox.pk).update(
+        is_active=False
+    )
+    mailbox.is_active = True
+    mailbox.save(update_fields=["is_active", "modified_at"])
+    return mailbox
+
+
+def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
+    """Sync a mailbox now (the task, "Sync now", the IDLE watcher and beat all come here)."""
+    mailbox = Mailbox.objects.select_related("owner").get(pk=mailbox_id)
+    if not mailbox.is_active or not mailbox.owner.is_active:
+        log.info("mailbox %s: not active, not syncing", mailbox_id)
+        return None
+    if mailbox.state == Mailbox.State.PAUSED and mailbox.paused_until and mailbox.paused_until > timezone.now():
+        log.info("mailbox %s: paused until %s", mailbox_id, mailbox.paused_until)
+        return None
+    if mailbox.protocol != Mailbox.Protocol.IMAP:
+        raise MailConfigError("POP3 sync is not available yet.")
+    report = imap_mailbox_sync(mailbox=mailbox)
+    if report.new:
+        from . import tasks  # noqa: PLC0415  (tasks import services)
+
+        transaction.on_commit(lambda: tasks.parse_emails.delay(mailbox_id))
+    return report
+
+
+def emails_parse_pending(*, mailbox_id: int, limit: int = PARSE_BATCH) -> int:
+    """Parse bodies and attachments of stored mails. A mail that cannot be parsed keeps its
+    raw source and a parse error the user can see; it never stops the others."""
+    ids = list(
+        Email.objects.filter(mailbox_id=mailbox_id, parse_state=Email.ParseState.PENDING)
+        .order_by("-date").values_list("pk", flat=True)[:limit]
+    )
+    for email in Email.objects.filter(pk__in=ids).select_related("source_data"):
+        email_parse(email=email)
+    return len(ids)
+
+
+def email_parse(*, email: Email) -> Email:
+    try:
+        parsed = parse_message(decompress(email.source_data.data))
+    except Exception as exc:  # noqa: BLE001  (any parser failure is recorded, never fatal)
+        Email.objects.filter(pk=email.pk).update(
+            parse_state=Email.ParseState.FAILED, parse_error=f"{type(exc).__name__}: {exc}"[:2000]
+        )
+        return email
+    with transaction.atomic():
+        import hashlib
+
+        for part in parsed.attachments:
+            digest = hashlib.sha256(part.content).hexdigest()
+            blob, _ = AttachmentBlob.objects.get_or_create(
+                sha256=digest, defaults={"data": compress(part.content), "size": len(part.content)}
+            )
+            Attachment.objects.create(
+                email=email, blob=blob, filename=part.filename[:255],
+                content_type=part.content_type[:255], content_id=(part.content_id or "")[:500],
+                inline=part.inline, size=len(part.content),
+            )
+        email.text = parsed.text.replace("\x00", "")
+        email.html = parsed.html.replace("\x00", "")
+        email.has_attachments = any(not a.inline for a in parsed.attachments)
+        email.parse_state = Email.ParseState.PARSED
+        email.parse_error = "; ".join(parsed.defects)[:2000]
+        email.save(update_fields=["text", "html", "has_attachments", "parse_state", "parse_error"])
+    return email
+
+
+# -- two-way actions: what the user does in the CRM happens in the mailbox --------------------
+
+def _locations_by_folder(email: Email) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for location in email.locations.select_related("folder"):
+        if location.folder.uidvalidity == location.uidvalidity:
+            grouped.setdefault(location.folder.name, []).append(location.uid)
+    return grouped
+
+
+def _server_session(mailbox: Mailbox):  # noqa: ANN202
+    from .protocols.imap import ImapSession
+
+    return ImapSession(server_settings(mailbox, timeout=20))
+
+
+def email_update(*, actor: User, email: Email, seen: bool | None = None,
+                 flagged: bool | None = None, folder: str | None = None) -> Email:
+    """Mark read/unread, flag/unflag, or move; done on the IMAP server first, then stored.
+
+    POP3 mail has no server copy to change: only the CRM copy changes.
+    """
+    mailbox = email.mailbox
+    _check_owner(actor, mailbox)
+    changes = {name: value for name, value in (("\\Seen", seen), ("\\Flagged", flagged))
+               if value is not None}
+    is_imap = mailbox.protocol == Mailbox.Protocol.IMAP
+    places = _locations_by_folder(email) if is_imap else {}
+    if places and (changes or folder):
+        with _server_session(mailbox) as session:
+            if folder and folder not in {name for name, _ in session.list_folders()}:
+                raise ValidationError({"folder": [f"There is no folder {folder!r} in this mailbox."]})
+            for name, uids in places.items():
+                session.select(name, readonly=False)
+                add = [flag for flag, on in changes.items() if on]
+                remove = [flag for flag, on in changes.items() if not on]
+                if add:
+                    session.add_flags(uids, add)
+                if remove:
+                    session.remove_flags(uids, remove)
+                if folder and folder != name:
+                    session.move(uids, folder)
+    with transaction.atomic():
+        if seen is not None:
+            email.seen = seen
+        if flagged is not None:
+            email.flagged = flagged
+        email.save(update_fields=["seen", "flagged"])
+        for location in email.locations.all():
+            flags = set(location.flags)
+            for flag, on in changes.items():
+                (flags.add if on else flags.discard)(flag)
+            location.flags = sorted(flags)
+            location.save(update_fields=["flags"])
+        if folder:
+            # The next sync finds the mail in its new folder (if synced) by fingerprint.
+            email.locations.exclude(folder__name=folder).delete()
+    return email
+
+
+def email_delete(*, actor: User, email: Email) -> None:
+    """Delete: to the server's Trash for IMAP; in the CRM a recoverable tombstone."""
+    mailbox = email.mailbox
+    _check_owner(actor, mailbox)
+    places = _locations_by_folder(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
+    if places:
+        with _server_session(mailbox) as session:
+            trash = session.trash_folder()
+            for name, uids in places.items():
+                session.select(name, readonly=False)
+                if trash and name != trash:
+                    session.move(uids, trash)
+                else:
+                    session.add_flags(uids, ["\\Deleted"])
+    with transaction.atomic():
+        email.locations.all().delete()
+        Email.objects.filter(pk=email.pk).update(deleted_at=timezone.now())

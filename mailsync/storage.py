@@ -1,0 +1,26 @@
+"""Compression of raw messages and attachment content (zstd: ~5x faster than zlib at a
+similar ratio, so keeping every byte costs little on the sync's hot path)."""
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+_local = threading.local()
+LEVEL = 3
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_local, "c"):
+        _local.c = zstandard.ZstdCompressor(level=LEVEL)
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.c
+
+
+def compress(data: bytes) -> bytes:
+    return _compressor().compress(data)
+
+
+def decompress(data: bytes | memoryview) -> bytes:
+    _compressor()
+    return _local.d.decompress(bytes(data))

@@ -1,0 +1,322 @@
+"""The IMAP sync engine: lock the mailbox, fetch the delta per folder, ingest idempotently,
+advance the cursor.
+
+Per folder, in order:
+1. STATUS: if UIDVALIDITY, UIDNEXT, MESSAGES and HIGHESTMODSEQ are as last seen, stop here
+   (the no-change resync costs one round trip).
+2. UIDVALIDITY changed: drop the folder's locations and cursor; the refetch re-maps mails to
+   their existing rows by fingerprint (Message-ID + content hash). Nothing is deleted.
+3. New mail above ``uid_high``, oldest first, in batches committed with the cursor.
+4. Initial sync / backfill below ``uid_low``, newest first, resumable.
+5. Flags changed on the server (CONDSTORE ``CHANGEDSINCE``, else all flags).
+6. Expunged on the server: a UID comparison; mails left with no location become tombstones.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
+
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef
+from django.utils import timezone
+
+from ..exceptions import MailError, MailTransientError, MailUserError
+from ..models import Email, EmailLocation, MailFolder, Mailbox
+from ..protocols.base import ServerSettings
+from ..protocols.imap import NEVER_SYNC, ImapSession
+from ..providers import preset_for
+from .ingest import ingest_batch
+from .lock import mailbox_lock
+
+log = logging.getLogger(__name__)
+
+# A FETCH batch holds at most this many messages and about this many bytes: big enough to
+# amortize the round trip and the bulk INSERTs, small enough to bound the worker's memory
+# (a batch is held twice: raw and compressed) and the work lost to a cut connection.
+BATCH_MESSAGES = 250
+BATCH_BYTES = 24 * 1024 * 1024
+# Flags are fetched for this many UIDs per command where CONDSTORE is missing.
+FLAG_BATCH = 5000
+
+
+class BudgetExhausted(Exception):
+    def __init__(self, until: datetime) -> None:
+        super().__init__(f"Paused until {until.isoformat()}")
+        self.until = until
+
+
+@dataclass
+class SyncReport:
+    folders: int = 0
+    new: int = 0
+    located: int = 0
+    failed: int = 0
+    flag_changes: int = 0
+    expunged: int = 0
+    unchanged_folders: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def server_settings(mailbox: Mailbox, *, timeout: float = 30.0) -> ServerSettings:
+    return ServerSettings(
+        host=mailbox.incoming_host, port=mailbox.incoming_port,
+        security=mailbox.incoming_security, username=mailbox.username,
+        password=mailbox.password, timeout=timeout,
+    )
+
+
+def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if batch and (len(batch) >= BATCH_MESSAGES or total + size > BATCH_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(uid)
+        total += size
+    if batch:
+        yield batch
+
+
+class ImapSync:
+    """One run over one mailbox. Create per run; call ``run()``."""
+
+    def __init__(self, mailbox: Mailbox, *, session_factory: Callable[[ServerSettings], ImapSession] = ImapSession,
+                 timeout: float = 30.0) -> None:
+        self.mailbox = mailbox
+        self.session_factory = session_factory
+        self.timeout = timeout
+        self.report = SyncReport()
+        self.budget = preset_for(mailbox.provider).daily_download_bytes
+
+    # -- entry --------------------------------------------------------------------------------
+    def run(self) -> SyncReport:
+        mailbox = self.mailbox
+        with mailbox_lock(mailbox.pk):
+            self._start()
+            try:
+                with self.session_factory(server_settings(mailbox, timeout=self.timeout)) as session:
+                    for folder in self._folders(session):
+                        self._sync_folder(session, folder)
+            except BudgetExhausted as paused:
+                self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
+                          last_error="", last_error_code="")
+                return self.report
+            except MailError as exc:
+                self._set(state=Mailbox.State.ERROR, last_error=str(exc), last_error_code=exc.code)
+                raise
+            except Exception as exc:
+                self._set(state=Mailbox.State.ERROR, last_error=f"Unexpected error: {type(exc).__name__}",
+                          last_error_code="internal")
+                raise
+            self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(), paused_until=None,
+                      last_error="", last_error_code="")
+        return self.report
+
+    def _set(self, **fields: object) -> None:
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self.mailbox, name, value)
+
+    def _start(self) -> None:
+        today = timezone.now().date()
+        fields: dict[str, object] = {
+            "state": Mailbox.State.SYNCING, "sync_started_at": timezone.now(),
+            "messages_done": 0, "messages_total": 0, "bytes_done": 0, "bytes_total": 0,
+        }
+        if self.mailbox.budget_day != today:
+            fields.update(budget_day=today, budget_bytes_used=0)
+        self._set(**fields)
+
+    def _check_budget(self) -> None:
+        if self.budget is None:
+            return
+        used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list("budget_bytes_used", flat=True)[0]
+        if used >= self.budget:
+            tomorrow = timezone.now().date() + timedelta(days=1)
+            raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc))
+
+    def _add_totals(self, messages: int, size: int) -> None:
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(
+            messages_total=F("messages_total") + messages, bytes_total=F("bytes_total") + size
+        )
+
+    # -- folders ------------------------------------------------------------------------------
+    def _folders(self, session: ImapSession) -> list[MailFolder]:
+        if self.mailbox.folders:
+            special = dict(session.list_folders())
+            wanted = [(name, special.get(name, "")) for name in self.mailbox.folders
+                      if name in special and special.get(name, "") not in NEVER_SYNC]
+        else:
+            wanted = session.default_sync_folders()
+        folders = []
+        for name, special_use in wanted:
+            folder, _ = MailFolder.objects.get_or_create(
+                mailbox=self.mailbox, name=name, defaults={"special_use": special_use}
+            )
+            folders.append(folder)
+        self.report.folders = len(folders)
+        return folders
+
+    def _sync_folder(self, session: ImapSession, folder: MailFolder) -> None:
+        status = session.status(folder.name)
+        if (
+            folder.backfill_done
+            and folder.uidvalidity == status.uidvalidity
+            and folder.last_uidnext == status.uidnext
+            and folder.last_exists == status.exists
+            and status.highestmodseq is not None
+            and folder.highestmodseq == status.highestmodseq
+        ):
+            self.report.unchanged_folders += 1
+            return
+        selected = session.select(folder.name, readonly=True)
+        if folder.uidvalidity is not None and folder.uidvalidity != selected.uidvalidity:
+            self._uidvalidity_changed(folder)
+        if folder.uidvalidity is None:
+            folder.uidvalidity = selected.uidvalidity
+            folder.save(update_fields=["uidvalidity"])
+
+        if folder.uid_low is None:
+            self._initial(session, folder)
+        else:
+            self._new_mail(session, folder)
+        if not folder.backfill_done:
+            self._backfill(session, folder)
+        self._flags(session, folder, selected.highestmodseq)
+        self._expunges(session, folder)
+        folder.highestmodseq = selected.highestmodseq
+        # STATUS after our work: what the next run compares against.
+        after = session.status(folder.name)
+        folder.last_uidnext, folder.last_exists = after.uidnext, after.exists
+        if after.highestmodseq is not None and after.highestmodseq != selected.highestmodseq:
+            # Something changed while we worked: leave the mod-sequence where it was so the
+            # next run looks again.
+            folder.last_exists = None
+        folder.last_synced_at = timezone.now()
+        folder.save()
+
+    def _uidvalidity_changed(self, folder: MailFolder) -> None:
+        """RFC 3501 2.3.1.1: all UIDs of the folder are void. Re-map, never delete."""
+        log.warning("mailbox %s folder %s: UIDVALIDITY changed; re-mapping", self.mailbox.pk, folder.pk)
+        with transaction.atomic():
+            EmailLocation.objects.filter(folder=folder).delete()
+            folder.uidvalidity = None
+            folder.uid_high, folder.uid_low, folder.backfill_done = 0, None, False
+            folder.highestmodseq = None
+            folder.save()
+
+    def _search(self, session: ImapSession, *, above: int = 0) -> list[int]:
+        return session.search_uids(since=self.mailbox.sync_since, above=above)
+
+    def _initial(self, session: ImapSession, folder: MailFolder) -> None:
+        uids = self._search(session)
+        top = max(uids, default=0)
+        folder.uid_high, folder.uid_low = top, top + 1
+        folder.save(update_fields=["uid_high", "uid_low"])
+
+    def _new_mail(self, session: ImapSession, folder: MailFolder) -> None:
+        uids = self._search(session, above=folder.uid_high)
+        if not uids:
+            return
+        sizes = session.fetch_sizes(uids)
+        self._add_totals(len(sizes), sum(sizes.values()))
+        for batch in _batches(sorted(sizes), sizes):
+            top = max(batch)
+
+            def advance(f: MailFolder, top: int = top) -> None:
+                f.uid_high = max(f.uid_high, top)
+
+            self._fetch_and_store(session, folder, batch, advance)
+
+    def _backfill(self, session: ImapSession, folder: MailFolder) -> None:
+        uids = [u for u in self._search(session) if u < (folder.uid_low or 0)]
+        sizes = session.fetch_sizes(uids) if uids else {}
+        self._add_totals(len(sizes), sum(sizes.values()))
+        for batch in _batches(sorted(sizes, reverse=True), sizes):
+            low = min(batch)
+
+            def advance(f: MailFolder, low: int = low) -> None:
+                f.uid_low = min(f.uid_low or low, low)
+
+            self._fetch_and_store(session, folder, batch, advance)
+        folder.backfill_done = True
+        folder.save(update_fields=["backfill_done"])
+
+    def _fetch_and_store(self, session: ImapSession, folder: MailFolder, batch: list[int],
+                         advance: Callable[[MailFolder], None]) -> None:
+        self._check_budget()
+        messages = session.fetch_messages(batch)
+        result = ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
+                              messages=messages, advance_cursor=advance)
+        self.report.new += result.stored
+        self.report.located += result.located
+        self.report.failed += result.failed
+
+    # -- server-side changes ------------------------------------------------------------------
+    def _known(self, folder: MailFolder) -> dict[int, tuple[int, list[str]]]:
+        return {
+            uid: (email_id, flags)
+            for uid, email_id, flags in EmailLocation.objects.filter(
+                folder=folder, uidvalidity=folder.uidvalidity
+            ).values_list("uid", "email_id", "flags")
+        }
+
+    def _flags(self, session: ImapSession, folder: MailFolder, modseq: int | None) -> None:
+        known = self._known(folder)
+        if not known:
+            return
+        uids = sorted(known)
+        changed: dict[int, tuple[str, ...]] = {}
+        use_condstore = modseq is not None and folder.highestmodseq is not None
+        for start in range(0, len(uids), FLAG_BATCH):
+            chunk = uids[start:start + FLAG_BATCH]
+            changed.update(session.fetch_flags(
+                chunk, changed_since=folder.highestmodseq if use_condstore else None
+            ))
+        updates = [(uid, flags) for uid, flags in changed.items()
+                   if uid in known and sorted(known[uid][1]) != list(flags)]
+        if not updates:
+            return
+        with transaction.atomic():
+            for uid, flags in updates:
+                EmailLocation.objects.filter(
+                    folder=folder, uidvalidity=folder.uidvalidity, uid=uid
+                ).update(flags=list(flags))
+                Email.objects.filter(pk=known[uid][0]).update(
+                    seen="\\Seen" in flags, flagged="\\Flagged" in flags
+                )
+        self.report.flag_changes += len(updates)
+
+    def _expunges(self, session: ImapSession, folder: MailFolder) -> None:
+        known = self._known(folder)
+        if not known:
+            return
+        on_server = set(session.search_uids())
+        gone = [uid for uid in known if uid not in on_server]
+        if not gone:
+            return
+        email_ids = {known[uid][0] for uid in gone}
+        with transaction.atomic():
+            EmailLocation.objects.filter(
+                folder=folder, uidvalidity=folder.uidvalidity, uid__in=gone
+            ).delete()
+            # Mails left with no place on the server leave the CRM views but are kept
+            # (recoverable) until the retention period ends.
+            Email.objects.filter(pk__in=email_ids, deleted_at__isnull=True).exclude(
+                Exists(EmailLocation.objects.filter(email=OuterRef("pk")))
+            ).update(deleted_at=timezone.now())
+        self.report.expunged += len(gone)
+
+
+def imap_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:
+    """Sync one IMAP mailbox now. Raises MailUserError (no retry), MailTransientError (retry)."""
+    return ImapSync(mailbox, timeout=timeout).run()
+
+
+__all__ = ["BudgetExhausted", "ImapSync", "SyncReport", "imap_mailbox_sync", "MailUserError",
+           "MailTransientError"]

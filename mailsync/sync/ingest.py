@@ -1,0 +1,269 @@
+"""Store a batch of fetched messages idempotently and advance the folder's cursor with them.
+
+Only the header block is parsed here (what association and threading need); bodies and
+attachments are parsed later by ``mailsync.services.emails_parse_pending`` so that full MIME
+parsing, about six times the cost of the fetch, stays off the sync's hot path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ..association import emails_associate
+from ..mime import Address, Envelope, content_hash, derived_message_key, parse_envelope
+from ..models import (
+    Email,
+    EmailLocation,
+    EmailParticipant,
+    EmailSource,
+    MailFolder,
+    Mailbox,
+    MessageError,
+    Thread,
+)
+from ..protocols.base import FetchedMessage
+from ..storage import compress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    message: FetchedMessage
+    envelope: Envelope
+    content_hash: str
+    fingerprint: str
+
+
+def _clean(value: str, limit: int) -> str:
+    # PostgreSQL text rejects NUL bytes.
+    return value.replace("\x00", "")[:limit]
+
+
+def fingerprint(envelope: Envelope, raw: bytes, chash: str) -> str:
+    """Message-ID plus content hash; a derived key for mail without a Message-ID."""
+    if envelope.message_id:
+        basis = f"mid\n{envelope.message_id}\n{chash}"
+    else:
+        basis = f"derived\n{derived_message_key(envelope, raw)}"
+    return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def prepare(message: FetchedMessage) -> Prepared:
+    envelope = parse_envelope(message.raw)
+    chash = content_hash(message.raw)
+    return Prepared(message, envelope, chash, fingerprint(envelope, message.raw, chash))
+
+
+def thread_key(envelope: Envelope, fp: str) -> str:
+    """The root of the conversation: RFC 5322 3.6.4 puts the root first in References."""
+    if envelope.references:
+        return envelope.references[0]
+    if envelope.in_reply_to:
+        return envelope.in_reply_to[0]
+    return envelope.message_id or f"fp:{fp}"
+
+
+def _addresses(addresses: Sequence[Address]) -> list[dict[str, str]]:
+    return [{"name": _clean(a.name, 200), "email": _clean(a.email, 320)} for a in addresses[:200]]
+
+
+def _direction(mailbox: Mailbox, folder: MailFolder, envelope: Envelope) -> str:
+    own = mailbox.email_address.lower()
+    if folder.special_use == "sent" or any(a.key == own for a in envelope.from_):
+        return Email.Direction.SENT
+    return Email.Direction.RECEIVED
+
+
+def shareable(envelope: Envelope, excluded_domains: set[str]) -> bool:
+    if not excluded_domains:
+        return True
+    for address in (*envelope.from_, *envelope.to, *envelope.cc, *envelope.bcc, *envelope.reply_to):
+        domain = address.key.rpartition("@")[2]
+        if domain and any(domain == d or domain.endswith("." + d) for d in excluded_domains):
+            return False
+    return True
+
+
+def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> Email:
+    env, flags = p.envelope, p.message.flags
+    sender = env.from_[0] if env.from_ else None
+    return Email(
+        mailbox=mailbox,
+        fingerprint=p.fingerprint,
+        message_id=_clean(env.message_id or "", 1000),
+        content_hash=p.content_hash,
+        in_reply_to=_clean(env.in_reply_to[0] if env.in_reply_to else "", 1000),
+        references=[_clean(r, 1000) for r in env.references],
+        subject=_clean(env.subject, 1000),
+        date=env.date or p.message.internal_date,
+        from_name=_clean(sender.name, 500) if sender else "",
+        from_address=_clean(sender.email, 500) if sender else "",
+        to=_addresses(env.to),
+        cc=_addresses(env.cc),
+        direction=_direction(mailbox, folder, env),
+        size=p.message.size,
+        seen="\\Seen" in flags,
+        flagged="\\Flagged" in flags,
+        shareable=shareable(env, mailbox.excluded_domain_set),
+    )
+
+
+def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
+    rows = []
+    for role, addresses in (("from", env.from_), ("to", env.to), ("cc", env.cc),
+                            ("bcc", env.bcc), ("reply_to", env.reply_to)):
+        seen: set[str] = set()
+        for address in addresses[:500]:
+            if address.key and address.key not in seen:
+                seen.add(address.key)
+                rows.append(EmailParticipant(
+                    email=email, role=role, name=_clean(address.name, 500),
+                    address=_clean(address.key, 500),
+                ))
+    return rows
+
+
+def _assign_threads(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> None:
+    """Put new mails in their threads, a few queries per batch whatever its size."""
+    keyed = [(email, _clean(thread_key(env, email.fingerprint), 1000)) for email, env in emails]
+    keys = {key for _, key in keyed}
+    Thread.objects.bulk_create(
+        [Thread(mailbox=mailbox, key=k) for k in keys], ignore_conflicts=True
+    )
+    threads = {t.key: t for t in Thread.objects.filter(mailbox=mailbox, key__in=keys)}
+    members: dict[int, list[int]] = {}
+    latest: dict[int, Email] = {}
+    for email, key in keyed:
+        thread = threads[key]
+        email.thread = thread
+        members.setdefault(thread.pk, []).append(email.pk)
+        best = latest.get(thread.pk)
+        if email.date and (best is None or best.date is None or email.date > best.date):
+            latest[thread.pk] = email
+    for thread_pk, email_pks in members.items():
+        Email.objects.filter(pk__in=email_pks).update(thread_id=thread_pk)
+    # Healing: replies that arrived before their parent started a thread keyed by the
+    # parent's id; the parent knows the real root, so those replies join it.
+    healing = {email.message_id: email.thread for email, key in keyed
+               if email.message_id and key != email.message_id}
+    for orphan in Thread.objects.filter(mailbox=mailbox, key__in=healing.keys()):
+        root = healing[orphan.key]
+        Email.objects.filter(thread=orphan).update(thread=root)
+        orphan.delete()
+    by_pk = {t.pk: t for t in threads.values()}
+    for thread_pk, email in latest.items():
+        thread = by_pk[thread_pk]
+        if thread.last_date is None or email.date > thread.last_date:
+            Thread.objects.filter(pk=thread_pk).update(last_date=email.date, subject=email.subject)
+
+
+@dataclass
+class BatchResult:
+    stored: int = 0      # new Email rows
+    located: int = 0     # new locations (a known mail found in another place)
+    failed: int = 0
+    bytes: int = 0
+
+
+def ingest_batch(
+    *,
+    mailbox: Mailbox,
+    folder: MailFolder,
+    uidvalidity: int,
+    messages: Sequence[FetchedMessage],
+    advance_cursor: Callable[[MailFolder], None],
+) -> BatchResult:
+    """Store ``messages`` and, in the same transaction, advance the cursor.
+
+    If the batch cannot be stored as a whole, messages are stored one by one and those that
+    still fail are kept as raw bytes in ``MessageError`` (the sync goes on without them).
+    """
+    prepared = [prepare(m) for m in messages]
+    try:
+        with transaction.atomic():
+            result = _store(mailbox, folder, uidvalidity, prepared)
+            _finish(mailbox, folder, advance_cursor, result)
+            return result
+    except (IntegrityError, ValueError) as exc:
+        log.warning("mailbox %s: batch failed (%s); storing one by one", mailbox.pk, type(exc).__name__)
+    result = BatchResult()
+    for p in prepared:
+        try:
+            with transaction.atomic():
+                one = _store(mailbox, folder, uidvalidity, [p])
+            result.stored += one.stored
+            result.located += one.located
+            result.bytes += one.bytes
+        except (IntegrityError, ValueError) as exc:
+            result.failed += 1
+            result.bytes += p.message.size
+            MessageError.objects.update_or_create(
+                folder=folder, uidvalidity=uidvalidity, uid=p.message.uid, resolved_at=None,
+                defaults={"mailbox": mailbox, "error": f"Could not store this message: {exc}"[:2000],
+                          "raw": compress(p.message.raw)},
+            )
+    with transaction.atomic():
+        _finish(mailbox, folder, advance_cursor, result)
+    return result
+
+
+def _finish(mailbox: Mailbox, folder: MailFolder, advance_cursor: Callable[[MailFolder], None],
+            result: BatchResult) -> None:
+    advance_cursor(folder)
+    folder.save()
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        messages_done=F("messages_done") + result.stored + result.located + result.failed,
+        bytes_done=F("bytes_done") + result.bytes,
+        budget_bytes_used=F("budget_bytes_used") + result.bytes,
+    )
+
+
+def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
+           prepared: Sequence[Prepared]) -> BatchResult:
+    result = BatchResult(bytes=sum(p.message.size for p in prepared))
+    existing = dict(
+        Email.objects.filter(mailbox=mailbox, fingerprint__in={p.fingerprint for p in prepared})
+        .values_list("fingerprint", "pk")
+    )
+    new: dict[str, tuple[Email, Prepared]] = {}
+    for p in prepared:
+        if p.fingerprint not in existing and p.fingerprint not in new:
+            new[p.fingerprint] = (_new_email(mailbox, folder, p), p)
+    created = Email.objects.bulk_create([e for e, _ in new.values()], batch_size=500)
+    result.stored = len(created)
+    ids = {**existing, **{e.fingerprint: e.pk for e in created}}
+
+    EmailSource.objects.bulk_create(
+        [EmailSource(email=e, data=compress(p.message.raw), size=len(p.message.raw))
+         for e, p in new.values()],
+        batch_size=200,
+    )
+    EmailParticipant.objects.bulk_create(
+        [row for e, p in new.values() for row in _participants(e, p.envelope)], batch_size=2000
+    )
+    locations = EmailLocation.objects.bulk_create(
+        [EmailLocation(email_id=ids[p.fingerprint], folder=folder, uidvalidity=uidvalidity,
+                       uid=p.message.uid, flags=list(p.message.flags)) for p in prepared],
+        ignore_conflicts=True, batch_size=1000,
+    )
+    result.located = max(0, len(prepared) - result.stored)
+    # A known mail seen again somewhere (moved on the server) is no longer deleted.
+    if existing:
+        Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
+    del locations
+    if new:
+        _assign_threads(mailbox, [(e, p.envelope) for e, p in new.values()])
+        emails_associate(email_ids=[e.pk for e, _ in new.values()],
+                         exclude_addresses=[mailbox.email_address])
+    MessageError.objects.filter(
+        folder=folder, uidvalidity=uidvalidity, uid__in=[p.message.uid for p in prepared],
+        resolved_at__isnull=True,
+    ).update(resolved_at=timezone.now())
+    return result

@@ -1,0 +1,52 @@
+"""Celery tasks of mail sync: thin, they take ids and call one service."""
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from django.utils import timezone
+
+from . import services
+from .exceptions import MailTransientError, MailUserError
+from .models import Mailbox
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(
+    name="mailsync.sync_mailbox", bind=True, acks_late=True,
+    autoretry_for=(MailTransientError,), retry_backoff=30, retry_backoff_max=900,
+    retry_jitter=True, max_retries=8,
+)
+def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
+    try:
+        services.mailbox_sync(mailbox_id=mailbox_id)
+    except MailUserError as exc:
+        # Wrong password and the like: the status says what to fix; retrying would only
+        # lock the account at the provider.
+        log.info("mailbox %s: %s (not retried)", mailbox_id, exc.code)
+    except Mailbox.DoesNotExist:
+        log.info("mailbox %s: deleted before its sync ran", mailbox_id)
+
+
+@shared_task(name="mailsync.parse_emails", acks_late=True)
+def parse_emails(mailbox_id: int) -> None:
+    # One batch per task run, then chain: a long backlog never holds one worker for hours.
+    if services.emails_parse_pending(mailbox_id=mailbox_id) >= services.PARSE_BATCH:
+        parse_emails.delay(mailbox_id)
+
+
+@shared_task(name="mailsync.poll_mailboxes")
+def poll_mailboxes() -> int:
+    """The safety net behind IDLE: queue a sync of every active mailbox not paused or failed
+    on a user error."""
+    now = timezone.now()
+    ids = list(
+        Mailbox.objects.filter(is_active=True, owner__is_active=True)
+        .exclude(state=Mailbox.State.PAUSED, paused_until__gt=now)
+        .exclude(state=Mailbox.State.ERROR, last_error_code__in=["auth_failed", "tls_error", "config_error"])
+        .values_list("pk", flat=True)
+    )
+    for mailbox_id in ids:
+        sync_mailbox.delay(mailbox_id)
+    return len(ids)

@@ -1,0 +1,69 @@
+"""Helpers for mail tests: messages built like real clients build them, and a mailbox in
+the CRM pointed at a fresh user of the private Dovecot."""
+from __future__ import annotations
+
+import itertools
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from mailsync.models import Mailbox
+from tests.factories import MailboxFactory, UserFactory
+
+_counter = itertools.count(1)
+
+
+def make_message(
+    *,
+    sender: str = "Customer <customer@client.example>",
+    to: str = "sales@example.test",
+    subject: str | None = None,
+    body: str = "Hello, we would like a quote.",
+    message_id: str | None = None,
+    in_reply_to: str | None = None,
+    references: str | None = None,
+    attachment: tuple[str, bytes, str] | None = None,
+    date: datetime | None = None,
+    html: str | None = None,
+) -> bytes:
+    n = next(_counter)
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject or f"Message {n}"
+    msg["Date"] = format_datetime(date or datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=n))
+    msg["Message-ID"] = message_id or make_msgid(idstring=str(n), domain="client.example")
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+    if references:
+        msg["References"] = references
+    msg.set_content(body)
+    if html:
+        msg.add_alternative(html, subtype="html")
+    if attachment:
+        name, data, ctype = attachment
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+@pytest.fixture
+def mail_user(dovecot):
+    return dovecot.add_user()
+
+
+@pytest.fixture
+def imap_mailbox(dovecot, mail_user) -> Mailbox:
+    """An active IMAP mailbox over verified TLS (IMAPS) on the private Dovecot."""
+    return MailboxFactory(
+        owner=UserFactory(),
+        email_address=mail_user.email,
+        incoming_host=dovecot.host,
+        incoming_port=dovecot.imaps_port,
+        incoming_security="ssl",
+        username=mail_user.username,
+        password=mail_user.password,
+        is_active=True,
+    )

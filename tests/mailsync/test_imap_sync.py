@@ -1,0 +1,285 @@
+"""The IMAP sync engine against the private Dovecot: initial and incremental sync, server-side
+changes, UIDVALIDITY, faults, locking, association and threading."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from crm import services as crm_services
+from crm.models import Contact, Lead
+from mailsync import services
+from mailsync.exceptions import MailAuthError, MailboxBusy, MailServerUnreachable
+from mailsync.models import Email, EmailLink, EmailLocation, Mailbox
+from mailsync.sync.imap import ImapSync
+from tests.factories import ContactFactory, DealFactory
+from tests.mailsync.conftest import make_message
+
+pytestmark = pytest.mark.django_db
+
+
+def sync(mailbox: Mailbox, **kwargs):
+    mailbox.refresh_from_db()
+    return ImapSync(mailbox, timeout=10, **kwargs).run()
+
+
+def crm_view(mailbox: Mailbox, folder: str = "INBOX") -> dict[int, set[str]]:
+    return {
+        uid: set(flags) - {"\\Recent"}
+        for uid, flags in EmailLocation.objects.filter(
+            folder__mailbox=mailbox, folder__name=folder
+        ).values_list("uid", "flags")
+    }
+
+
+def server_view(dovecot, user, folder: str = "INBOX") -> dict[int, set[str]]:
+    state = dovecot.folder_state(user, folder)
+    return {uid: set(flags) - {"\\Recent"} for uid, flags in state.messages}
+
+
+def test_initial_sync_stores_every_message_once_without_marking_read(dovecot, mail_user, imap_mailbox):
+    for i in range(30):
+        dovecot.deliver(mail_user, make_message(subject=f"Quote {i}"))
+    dovecot.append(mail_user, "Sent", make_message(sender=f"Me <{mail_user.email}>",
+                                                   to="customer@client.example", subject="Our offer"))
+
+    report = sync(imap_mailbox)
+
+    assert report.new == 31
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 31
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+    # BODY.PEEK: syncing never marks mail read on the server
+    assert all("\\Seen" not in flags for flags in server_view(dovecot, mail_user).values())
+    sent = Email.objects.get(mailbox=imap_mailbox, subject="Our offer")
+    assert sent.direction == "sent"
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "completed"
+    assert imap_mailbox.messages_done == imap_mailbox.messages_total == 31
+    assert imap_mailbox.bytes_done == imap_mailbox.bytes_total > 0
+
+
+def test_second_run_without_changes_does_nothing(dovecot, mail_user, imap_mailbox):
+    dovecot.deliver(mail_user, make_message())
+    sync(imap_mailbox)
+    report = sync(imap_mailbox)
+    assert report.new == 0
+    assert report.unchanged_folders == report.folders == 2
+
+
+def test_incremental_new_mail_flags_and_expunge_from_server(dovecot, mail_user, imap_mailbox):
+    for i in range(5):
+        dovecot.deliver(mail_user, make_message(subject=f"First {i}"))
+    sync(imap_mailbox)
+    uids = dovecot.folder_state(mail_user).uids
+
+    dovecot.deliver(mail_user, make_message(subject="Late arrival"))
+    dovecot.set_flags(mail_user, "INBOX", uids[0], ["\\Seen", "\\Flagged"])
+    dovecot.expunge(mail_user, "INBOX", uids[1])
+    report = sync(imap_mailbox)
+
+    assert report.new == 1 and report.flag_changes == 1 and report.expunged == 1
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+    first = Email.objects.get(locations__uid=uids[0], mailbox=imap_mailbox)
+    assert first.seen and first.flagged
+    # Deleted on the server: out of the CRM views but kept as a tombstone
+    gone = Email.objects.get(subject="First 1", mailbox=imap_mailbox)
+    assert gone.deleted_at is not None
+    assert Email.objects.filter(mailbox=imap_mailbox, deleted_at__isnull=True).count() == 5
+
+
+def test_move_on_server_keeps_one_email_with_its_new_location(dovecot, mail_user, imap_mailbox):
+    dovecot.deliver(mail_user, make_message(subject="Will move"))
+    sync(imap_mailbox)
+    email = Email.objects.get(mailbox=imap_mailbox)
+    # The user files the message into Sent (a synced folder) in their mail client
+    raw = dovecot.imap_login(mail_user)
+    raw.select("INBOX")
+    raw.uid("MOVE", "1", "Sent")
+    raw.logout()
+
+    sync(imap_mailbox)
+
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 1
+    email.refresh_from_db()
+    assert email.deleted_at is None
+    assert [loc.folder.name for loc in email.locations.all()] == ["Sent"]
+
+
+def test_uidvalidity_change_remaps_without_duplicates(dovecot, mail_user, imap_mailbox):
+    for i in range(6):
+        dovecot.deliver(mail_user, make_message(subject=f"Keep {i}"))
+    sync(imap_mailbox)
+    before = set(Email.objects.filter(mailbox=imap_mailbox).values_list("pk", "subject"))
+
+    dovecot.reset_uidvalidity(mail_user, "INBOX")
+    sync(imap_mailbox)
+
+    after = set(Email.objects.filter(mailbox=imap_mailbox).values_list("pk", "subject"))
+    assert after == before  # same rows, nothing duplicated or deleted
+    assert not Email.objects.filter(mailbox=imap_mailbox, deleted_at__isnull=False).exists()
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+
+
+def test_connection_cut_mid_fetch_then_rerun_loses_and_duplicates_nothing(
+    dovecot, mail_user, imap_mailbox, fault_proxy
+):
+    big = b"x" * 200_000
+    for i in range(12):
+        dovecot.deliver(mail_user, make_message(subject=f"Big {i}",
+                                                attachment=("specs.bin", big, "application/octet-stream")))
+    proxy = fault_proxy(dovecot.host, dovecot.imaps_port)
+    imap_mailbox.incoming_port = proxy.port
+    imap_mailbox.save()
+    # Let login and the first batches through, then cut in the middle of a FETCH literal.
+    proxy.cut_after(1_500_000, direction="down")
+    from mailsync import sync as sync_package  # noqa: F401
+    import mailsync.sync.imap as engine
+
+    old = engine.BATCH_MESSAGES
+    engine.BATCH_MESSAGES = 3
+    try:
+        with pytest.raises(MailServerUnreachable):
+            sync(imap_mailbox)
+        stored_after_cut = Email.objects.filter(mailbox=imap_mailbox).count()
+        assert 0 < stored_after_cut < 12
+        imap_mailbox.refresh_from_db()
+        assert imap_mailbox.state == "error"
+
+        proxy.reset()
+        sync(imap_mailbox)
+    finally:
+        engine.BATCH_MESSAGES = old
+
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 12
+    assert sorted(Email.objects.filter(mailbox=imap_mailbox).values_list("subject", flat=True)) == sorted(
+        f"Big {i}" for i in range(12)
+    )
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+    # Every stored source is whole
+    from mailsync.storage import decompress
+
+    for email in Email.objects.filter(mailbox=imap_mailbox).select_related("source_data"):
+        assert len(decompress(email.source_data.data)) == email.size
+
+
+def test_wrong_password_is_a_clear_error_without_retry(dovecot, mail_user, imap_mailbox):
+    imap_mailbox.password = "wrong"
+    imap_mailbox.save()
+    with pytest.raises(MailAuthError):
+        sync(imap_mailbox)
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "error"
+    assert imap_mailbox.last_error_code == "auth_failed"
+    assert "app-specific password" in imap_mailbox.last_error
+
+    # The task swallows a user error (no retry storm) and polling skips the mailbox
+    from mailsync import tasks
+
+    tasks.sync_mailbox.delay(imap_mailbox.pk)
+    assert tasks.poll_mailboxes() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_one_sync_per_mailbox_at_a_time(dovecot, mail_user, imap_mailbox):
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message())
+    results: list[object] = []
+    started = threading.Event()
+
+    from mailsync.sync import lock
+
+    def hold_lock():
+        with lock.mailbox_lock(imap_mailbox.pk):
+            started.set()
+            release.wait(10)
+        connection.close()
+
+    release = threading.Event()
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    started.wait(10)
+    try:
+        with pytest.raises(MailboxBusy):
+            sync(imap_mailbox)
+    finally:
+        release.set()
+        holder.join(10)
+    results.append(sync(imap_mailbox))
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 3
+
+
+def test_mail_attaches_to_contacts_leads_and_the_contacts_deals(dovecot, mail_user, imap_mailbox):
+    contact = ContactFactory(email="Buyer@Client.example")
+    deal = DealFactory(contact=contact, owner=contact.owner)
+    dovecot.deliver(mail_user, make_message(sender="Buyer <buyer@client.example>", subject="Order"))
+    dovecot.deliver(mail_user, make_message(sender="Nobody <nobody@else.example>", subject="Spam"))
+    sync(imap_mailbox)
+
+    order = Email.objects.get(subject="Order")
+    assert set(EmailLink.objects.filter(email=order).values_list("contact", "deal")) == {
+        (contact.pk, None), (None, deal.pk)
+    }
+    # Unmatched mail is kept, linked to nothing
+    assert not EmailLink.objects.filter(email__subject="Spam").exists()
+
+    # A lead created later gets its past mail at once, without re-download
+    lead = crm_services.record_create(
+        actor=imap_mailbox.owner, model=Lead, data={"last_name": "Nobody", "email": "NOBODY@else.example"}
+    )
+    assert EmailLink.objects.filter(lead=lead, email__subject="Spam").exists()
+
+
+def test_threads_heal_when_reply_arrives_before_parent(dovecot, mail_user, imap_mailbox):
+    root = make_message(subject="Project", message_id="<root@client.example>")
+    parent = make_message(subject="Re: Project", message_id="<parent@client.example>",
+                          in_reply_to="<root@client.example>", references="<root@client.example>")
+    # A client that only sets In-Reply-To (no References)
+    child = make_message(subject="Re: Re: Project", message_id="<child@client.example>",
+                         in_reply_to="<parent@client.example>")
+    dovecot.deliver(mail_user, root)
+    dovecot.deliver(mail_user, child)
+    sync(imap_mailbox)
+    dovecot.deliver(mail_user, parent)
+    sync(imap_mailbox)
+
+    threads = set(Email.objects.filter(mailbox=imap_mailbox).values_list("thread", flat=True))
+    assert len(threads) == 1
+
+
+def test_budget_exhausted_pauses_until_tomorrow(dovecot, mail_user, imap_mailbox):
+    for i in range(4):
+        dovecot.deliver(mail_user, make_message())
+    imap_mailbox.provider = "gmail"
+    imap_mailbox.save()
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(
+        budget_bytes_used=int(2.5 * 1024**3), budget_day=__import__("django.utils.timezone").utils.timezone.now().date()
+    )
+    sync(imap_mailbox)
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "paused"
+    assert imap_mailbox.paused_until is not None
+    assert not Email.objects.filter(mailbox=imap_mailbox).exists()
+    # Paused mailboxes are skipped until the time passes
+    assert services.mailbox_sync(mailbox_id=imap_mailbox.pk) is None
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+
+
+def test_every_corpus_message_syncs_without_stopping_the_run(dovecot, mail_user, imap_mailbox):
+    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in {".eml", ".msg"})
+    assert len(files) > 70
+    for path in files:
+        dovecot.append(mail_user, "INBOX", path.read_bytes())
+    expected = len(dovecot.folder_state(mail_user).uids)
+
+    report = sync(imap_mailbox)
+    assert report.failed == 0
+    assert EmailLocation.objects.filter(folder__mailbox=imap_mailbox, folder__name="INBOX").count() == expected
+    # Bodies parse later, off the hot path; none of them may break that either
+    while services.emails_parse_pending(mailbox_id=imap_mailbox.pk):
+        pass
+    states = set(Email.objects.filter(mailbox=imap_mailbox).values_list("parse_state", flat=True))
+    assert states == {"parsed"}
