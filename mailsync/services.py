@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from crm.exceptions import RecordPermissionDenied
@@ -19,7 +20,16 @@ from crm.models import User
 
 from .exceptions import MailConfigError
 from .mime import parse_message
-from .models import Attachment, AttachmentBlob, Email, Mailbox
+from .models import (
+    Attachment,
+    AttachmentBlob,
+    Email,
+    EmailLocation,
+    EmailParticipant,
+    MailFolder,
+    Mailbox,
+)
+from .protocols.base import CopiedMessages
 from .protocols.imap import check_login
 from .storage import compress, decompress
 from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
@@ -60,6 +70,12 @@ def _validate(mailbox: Mailbox) -> None:
         except ValidationError as exc:
             raise ValidationError({"smtp_host": exc.message_dict["incoming_host"]}) from exc
     mailbox.full_clean(exclude=["owner"])
+    # full_clean skips constraints on the excluded owner: without this, adding the same
+    # mailbox twice hit mailbox_unique_address_per_owner as an IntegrityError (a 500).
+    if Mailbox.objects.filter(
+        owner_id=mailbox.owner_id, email_address__iexact=mailbox.email_address
+    ).exclude(pk=mailbox.pk).exists():
+        raise ValidationError({"email_address": ["You have already added this mailbox."]})
 
 
 @transaction.atomic
@@ -82,6 +98,7 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                    check_connection: bool = True) -> Mailbox:
     _check_owner(actor, mailbox)
     connection_fields = {"incoming_host", "incoming_port", "incoming_security", "username", "password"}
+    excluded_before = mailbox.excluded_domain_set
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
             continue  # write-only: empty keeps the stored secret
@@ -92,7 +109,23 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     if mailbox.state == Mailbox.State.ERROR and connection_fields & data.keys():
         mailbox.state, mailbox.last_error, mailbox.last_error_code = Mailbox.State.NEW, "", ""
     mailbox.save()
+    if mailbox.excluded_domain_set != excluded_before:
+        _emails_reshare(mailbox=mailbox)
     return mailbox
+
+
+def _emails_reshare(*, mailbox: Mailbox) -> None:
+    """Recompute ``Email.shareable`` after the excluded domains changed, so mail already
+    synced follows the new list (the rule of ``sync.ingest.shareable``: a participant's
+    domain is an excluded domain or a subdomain of one)."""
+    excluded = Q(pk__in=[])
+    for domain in mailbox.excluded_domain_set:
+        excluded |= Q(address__endswith=f"@{domain}") | Q(address__endswith=f".{domain}")
+    # Participant addresses are stored lower-cased, as are excluded domains.
+    hit = Exists(EmailParticipant.objects.filter(excluded, email=OuterRef("pk")))
+    emails = Email.objects.filter(mailbox=mailbox)
+    emails.filter(hit).exclude(shareable=False).update(shareable=False)
+    emails.exclude(hit).exclude(shareable=True).update(shareable=True)
 
 
 def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
@@ -106,7 +139,11 @@ def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
 def mailbox_activate(*, actor: User, mailbox: Mailbox) -> Mailbox:
     """Make this the user's one active mailbox; the others stop syncing."""
     _check_owner(actor, mailbox)
-    Mailbox.objects.select_for_update().filter(owner=mailbox.owner)  # serialize activations
+    # Serialize activations of one owner. The queryset must be evaluated to take the locks
+    # (a bare select_for_update() locks nothing): without them, a concurrent activation's
+    # UPDATE missed the mailbox just activated and the save hit mailbox_one_active_per_owner.
+    list(Mailbox.objects.select_for_update().filter(owner=mailbox.owner).order_by("pk")
+         .values_list("pk", flat=True))
     Mailbox.objects.filter(owner=mailbox.owner, is_active=True).exclude(pk=mailbox.pk).update(
         is_active=False
     )
@@ -171,7 +208,7 @@ def email_parse(*, email: Email) -> Email:
         email.html = parsed.html.replace("\x00", "")
         email.has_attachments = any(not a.inline for a in parsed.attachments)
         email.parse_state = Email.ParseState.PARSED
-        email.parse_error = "; ".join(parsed.defects)[:2000]
+        email.parse_error = ""
         email.save(update_fields=["text", "html", "has_attachments", "parse_state", "parse_error"])
     return email
 
@@ -204,10 +241,15 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                if value is not None}
     is_imap = mailbox.protocol == Mailbox.Protocol.IMAP
     places = _locations_by_folder(email) if is_imap else {}
+    moves: list[tuple[str, CopiedMessages]] = []
+    target_special_use = ""
     if places and (changes or folder):
         with _server_session(mailbox) as session:
-            if folder and folder not in {name for name, _ in session.list_folders()}:
-                raise ValidationError({"folder": [f"There is no folder {folder!r} in this mailbox."]})
+            if folder:
+                server_folders = dict(session.list_folders())
+                if folder not in server_folders:
+                    raise ValidationError({"folder": [f"There is no folder {folder!r} in this mailbox."]})
+                target_special_use = server_folders[folder]
             for name, uids in places.items():
                 session.select(name, readonly=False)
                 add = [flag for flag, on in changes.items() if on]
@@ -217,7 +259,9 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                 if remove:
                     session.remove_flags(uids, remove)
                 if folder and folder != name:
-                    session.move(uids, folder)
+                    copied = session.move(uids, folder)
+                    if copied is not None:
+                        moves.append((name, copied))
     with transaction.atomic():
         if seen is not None:
             email.seen = seen
@@ -231,9 +275,32 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             location.flags = sorted(flags)
             location.save(update_fields=["flags"])
         if folder:
-            # The next sync finds the mail in its new folder (if synced) by fingerprint.
+            _record_moves(email=email, folder=folder, special_use=target_special_use, moves=moves)
             email.locations.exclude(folder__name=folder).delete()
     return email
+
+
+def _record_moves(*, email: Email, folder: str, special_use: str,
+                  moves: list[tuple[str, CopiedMessages]]) -> None:
+    """Store where a moved mail now is, from the server's COPYUID: without it, a mail moved
+    to a folder that is not synced had no location left, and later changes (flags, move,
+    delete) silently never reached the server. Servers without UIDPLUS: the next sync of
+    a synced target finds the mail by fingerprint."""
+    if not moves:
+        return
+    target, _ = MailFolder.objects.get_or_create(
+        mailbox=email.mailbox, name=folder,
+        defaults={"special_use": special_use, "uidvalidity": moves[0][1].uidvalidity},
+    )
+    flags = {(loc.folder.name, loc.uid): loc.flags
+             for loc in email.locations.select_related("folder")}
+    EmailLocation.objects.bulk_create(
+        [EmailLocation(email=email, folder=target, uidvalidity=copied.uidvalidity, uid=new_uid,
+                       flags=flags.get((source, old_uid), []))
+         for source, copied in moves if copied.uidvalidity == target.uidvalidity
+         for old_uid, new_uid in copied.uids.items()],
+        ignore_conflicts=True,
+    )
 
 
 def email_delete(*, actor: User, email: Email) -> None:

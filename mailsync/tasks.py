@@ -7,7 +7,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from . import services
-from .exceptions import MailTransientError, MailUserError
+from .exceptions import MailboxBusy, MailTransientError, MailUserError
 from .models import Mailbox
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
     try:
         services.mailbox_sync(mailbox_id=mailbox_id)
+    except MailboxBusy as exc:
+        # A sync is running; it may have passed the point where this change shows, so run
+        # again right after it rather than after the transient-error backoff.
+        raise self.retry(exc=exc, countdown=2, max_retries=60) from exc
     except MailUserError as exc:
         # Wrong password and the like: the status says what to fix; retrying would only
         # lock the account at the provider.

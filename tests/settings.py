@@ -23,3 +23,8 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # WhiteNoise warns when STATIC_ROOT is missing; tests serve static files through the finders.
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
+
+# Threads of the live server and of watchers open their own connections: close them at the
+# end of each request so that flushing the database between transactional tests never
+# waits on (or deadlocks with) a connection left open.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405

@@ -27,20 +27,20 @@ _LIST_ID_RE = re.compile(r"<([^<>]+)>")
 class Envelope:
     """What association and threading need from a message's header block."""
 
-    message_id: str | None
-    in_reply_to: list[str]
-    references: list[str]
-    subject: str
-    date: datetime | None
-    from_: list[Address]
+    message_id: str | None  # 'abc@host': no <>, no white space; None if absent or garbage
+    in_reply_to: list[str]  # normalized ids, at most 10
+    references: list[str]  # normalized ids, order kept, deduplicated, root + latest 99
+    subject: str  # RFC 2047-decoded, one line, no NUL/CR/LF, at most 1,000 chars
+    date: datetime | None  # aware UTC; None if missing or impossible
+    from_: list[Address]  # an Address may have email '' (name only) or key '' (not plausible)
     sender: list[Address]
     reply_to: list[Address]
-    to: list[Address]
+    to: list[Address]  # at most 1,000 per header
     cc: list[Address]
     bcc: list[Address]
-    list_id: str | None
-    auto_submitted: bool
-    defects: list[str]
+    list_id: str | None  # RFC 2919 id without <>
+    auto_submitted: bool  # Auto-Submitted not "no", multipart/report, Return-Path <>, X-Autoreply
+    defects: list[str]  # what was odd, without personal data (safe to log)
 
 
 def _empty_envelope(defects: list[str]) -> Envelope:

@@ -17,6 +17,7 @@ from mailsync.mime.charsets import decode_bytes, mostly_utf8, scrub
 
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: far above any real header block (long References included)
 MAX_ADDRESSES = 1_000  # per header; a 20,000-address To costs seconds in getaddresses
+MAX_ADDRESS_CHARS = 64 * 1024  # 1,000 real addresses with names fit; getaddresses is ~1 µs/char
 MAX_SUBJECT_CHARS = 1_000
 MAX_ID_CHARS = 995  # RFC 5322 §2.1.1: a line is at most 998 chars, so is a msg-id with its <>
 MAX_REFERENCES = 100
@@ -232,6 +233,7 @@ def decode_unstructured(value: str, max_chars: int = MAX_SUBJECT_CHARS) -> str:
 # --- addresses -------------------------------------------------------------------------------
 
 _ADDR_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|<[^<>]*>?|,|[^",(<]+', re.S)
+_BARE_ADDR_RE = re.compile(r'<([^<>\s]+@[^<>\s]+)>|([^\s<>(),;:"]+@[^\s<>(),;:"]+)')
 _PLAUSIBLE_LOCAL_RE = re.compile(r'^[^\s@<>()\[\],;:\\"]+$|^"[^"\s]+"$')
 _LABEL = r"[^\s@<>()\[\],;:\\\"./]+"
 _PLAUSIBLE_DOMAIN_RE = re.compile(rf"^(?:{_LABEL}\.)*{_LABEL}$|^\[[^\]\s]+\]$")
@@ -275,11 +277,17 @@ def parse_addresses(values: list[str], cap: int = MAX_ADDRESSES) -> tuple[list[A
     if joined.count(",") >= cap:
         joined = _cut_address_list(joined, cap)
         defects.append(f"address list cut at {cap} addresses")
+    if len(joined) > MAX_ADDRESS_CHARS:
+        cut = joined.rfind(",", 0, MAX_ADDRESS_CHARS)
+        joined = joined[: cut if cut > 0 else MAX_ADDRESS_CHARS]
+        defects.append(f"address list cut at {MAX_ADDRESS_CHARS} characters")
     try:
         pairs = getaddresses([joined])
-    except Exception:  # the stdlib parser has had IndexError bugs on odd input
-        defects.append("address list unparseable")
-        return [], defects
+    except Exception:
+        # The stdlib parser recurses on nested comments and groups ("((((", "a:a:a:") and has
+        # had IndexError bugs: fall back to picking out anything shaped like an addr-spec.
+        defects.append("address list unparseable; addresses picked out")
+        pairs = [("", m.group(1) or m.group(2)) for m in _BARE_ADDR_RE.finditer(joined)]
     out: list[Address] = []
     for name, addr in pairs:
         if not name and not addr:

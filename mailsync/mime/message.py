@@ -150,9 +150,11 @@ class _Walk:
             declared = ctype if ctype in _EMBEDDED_MESSAGE_TYPES else "application/octet-stream"
         if not payload and not filename:
             return  # an empty unnamed part carries nothing to show or download
-        if declared in _EMBEDDED_MESSAGE_TYPES and not filename:
-            subject = parse_envelope(payload).subject
-            filename = (subject[:200] or "message") + ".eml"
+        if declared in _EMBEDDED_MESSAGE_TYPES:
+            # A forwarded message downloads as .eml, named after its Subject if not named.
+            filename = filename or parse_envelope(payload).subject[:200] or "message"
+            if not filename.lower().endswith(".eml"):
+                filename += ".eml"
         content_id = normalize_message_id(block.text("content-id"))
         inline = bool(content_id) and disposition != "attachment" and (
             disposition == "inline" or item.in_related
@@ -191,7 +193,11 @@ class _Walk:
 
 
 def _params(block: HeaderBlock, default_type: str) -> Message:
-    """A stdlib Message holding only the MIME headers, for its RFC 2045/2231 parameter code."""
+    """A stdlib Message holding only the MIME headers, for its RFC 2045/2231 parameter code.
+
+    Its get_content_type() applies RFC 2045 §5.2: a missing or syntactically invalid
+    Content-Type means text/plain (or the multipart/digest default, RFC 2046 §5.1.5).
+    """
     msg = Message()
     msg.set_default_type(default_type)
     for name in ("content-type", "content-disposition"):

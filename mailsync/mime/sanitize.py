@@ -14,6 +14,8 @@ from urllib.parse import unquote
 
 import nh3
 
+from mailsync.mime.charsets import scrub
+
 _HEADINGS = {f"h{i}" for i in range(1, 7)}
 ALLOWED_TAGS = frozenset(
     {
@@ -85,6 +87,52 @@ _INLINE_IMAGE_RE = re.compile(
 )
 _CSS_URL_RE = re.compile(r"url\(\s*(['\"]?)([^'\"()\s]*)\1\s*\)", re.I)
 _CSS_DANGER_RE = re.compile(r"\\|/\*|expression|@import|image-set|-moz-binding|behavior", re.I)
+
+
+# html5ever (under nh3) is quadratic in the depth of open elements: 100,000 nested <div>s take
+# ~17 s, as do unmatched end tags under deep nesting. Browsers cap the depth too (Blink's
+# parser stops nesting at 512), so tags beyond that depth are removed before parsing.
+MAX_NESTING = 512
+_VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "image", "input",
+                        "keygen", "link", "meta", "param", "source", "track", "wbr"})
+# Closed implicitly by their next sibling (HTML "optional end tags"), so they never pile up.
+_IMPLIED_END_TAGS = frozenset({"p", "li", "dt", "dd", "td", "th", "tr", "tbody", "thead",
+                               "tfoot", "option", "optgroup", "rb", "rt", "rp", "rtc",
+                               "colgroup", "caption"})
+_TAG_SCAN_RE = re.compile(r"<(/?)([a-zA-Z][^\s/<>]*)[^<>]*>?")
+
+
+def limit_nesting(html: str, limit: int = MAX_NESTING) -> str:
+    """Drop start tags nested deeper than `limit` and unmatched end tags (pre-sanitizing)."""
+    if html.count("<") - html.count("</") <= limit:
+        return html  # fewer start tags than the limit: nothing can be that deep
+    stack: list[str] = []
+    open_count: dict[str, int] = {}
+    pieces: list[str] = []
+    last = 0
+    for m in _TAG_SCAN_RE.finditer(html):
+        name = m.group(2).lower()
+        if name in _VOID_TAGS or name in _IMPLIED_END_TAGS:
+            continue
+        if m.group(1):
+            if open_count.get(name):
+                while stack:  # an end tag closes everything opened after its start tag
+                    top = stack.pop()
+                    open_count[top] -= 1
+                    if top == name:
+                        break
+                continue
+            # An unmatched end tag is ignored by HTML parsing anyway; drop it.
+        elif len(stack) < limit:
+            stack.append(name)
+            open_count[name] = open_count.get(name, 0) + 1
+            continue
+        pieces.append(html[last:m.start()])
+        last = m.end()
+    if not pieces:
+        return html
+    pieces.append(html[last:])
+    return "".join(pieces)
 
 
 @dataclass(frozen=True)
@@ -190,7 +238,7 @@ def sanitize_html(
     are rewritten through `cid_urls` (Content-ID without <> -> our download URL) or dropped."""
     attr_filter = _Filter(allow_remote_images, cid_urls)
     cleaned = nh3.clean(
-        html or "",
+        limit_nesting(scrub(html or "").replace("\x00", "")),  # nh3 raises on lone surrogates
         tags=set(ALLOWED_TAGS),
         clean_content_tags=set(REMOVED_WITH_CONTENT),
         attributes={k: set(v) for k, v in ALLOWED_ATTRIBUTES.items()},
@@ -219,7 +267,7 @@ def html_to_text(html: str) -> str:
     """Plain text from HTML for mail without a text/plain part (not for display as HTML)."""
     try:
         stripped = nh3.clean(
-            html,
+            limit_nesting(scrub(html)),
             tags=set(_BREAK_TAGS),
             clean_content_tags=set(REMOVED_WITH_CONTENT),
             attributes={},

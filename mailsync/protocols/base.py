@@ -47,6 +47,14 @@ class FetchedMessage:
     raw: bytes
 
 
+@dataclass(frozen=True)
+class CopiedMessages:
+    """Where copied or moved messages landed (RFC 4315 COPYUID): source UID -> new UID."""
+
+    uidvalidity: int
+    uids: dict[int, int]
+
+
 def tls_context() -> ssl.SSLContext:
     """Certificates and host names verified, as a browser would (SSL_CERT_FILE honoured)."""
     return ssl.create_default_context()

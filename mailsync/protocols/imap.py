@@ -19,6 +19,7 @@ from imapclient.response_parser import parse_fetch_response
 
 from ..exceptions import MailAuthError, MailConfigError, MailProtocolError, MailTLSError
 from .base import (
+    CopiedMessages,
     FetchedMessage,
     FolderStatus,
     ServerSettings,
@@ -64,6 +65,16 @@ def uid_ranges(uids: Sequence[int]) -> str:
     if start is not None:
         parts.append(f"{start}:{prev}" if start != prev else str(start))
     return ",".join(parts)
+
+
+def _expand_uid_set(text: str) -> list[int]:
+    """'3:5,9' -> [3, 4, 5, 9], in the order given (COPYUID pairs UIDs by position)."""
+    uids: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition(":")
+        start, end = int(low), int(high or low)
+        uids.extend(range(start, end + 1) if start <= end else range(start, end - 1, -1))
+    return uids
 
 
 def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[bytes],
@@ -311,18 +322,40 @@ class ImapSession:
         assert self.client is not None
         self._call(self.client.remove_flags, list(uids), list(flags), silent=True)
 
-    def move(self, uids: Sequence[int], destination: str) -> None:
-        """UID MOVE (RFC 6851), else COPY + \\Deleted + UID EXPUNGE."""
+    def move(self, uids: Sequence[int], destination: str) -> CopiedMessages | None:
+        """UID MOVE (RFC 6851), else COPY + \\Deleted + UID EXPUNGE.
+
+        Returns the new UIDs when the server reports them (UIDPLUS COPYUID), else None.
+        """
         assert self.client is not None
+        # imaplib files response codes by name and keeps them across commands: drop stale ones.
+        self.client._imap.untagged_responses.pop("COPYUID", None)
         if self.has("MOVE"):
             self._call(self.client.move, list(uids), destination)
-            return
+            return self._copyuid()
         self._call(self.client.copy, list(uids), destination)
+        copied = self._copyuid()
         self._call(self.client.add_flags, list(uids), [b"\\Deleted"], silent=True)
         if self.has("UIDPLUS"):
             self._call(self.client.uid_expunge, list(uids))
         else:
             self._call(self.client.expunge)
+        return copied
+
+    def _copyuid(self) -> CopiedMessages | None:
+        """Parse "[COPYUID <uidvalidity> <source set> <destination set>]" (RFC 4315 3)."""
+        assert self.client is not None
+        codes = self.client._imap.untagged_responses.pop("COPYUID", None)
+        if not codes:
+            return None
+        try:
+            text = codes[-1].decode("ascii") if isinstance(codes[-1], bytes) else str(codes[-1])
+            uidvalidity, source, dest = text.split()[:3]
+            pairs = dict(zip(_expand_uid_set(source), _expand_uid_set(dest), strict=True))
+            return CopiedMessages(uidvalidity=int(uidvalidity), uids=pairs)
+        except (ValueError, UnicodeDecodeError):
+            log.info("unparseable COPYUID response code")
+            return None
 
     def append(self, folder: str, raw: bytes, flags: Sequence[str] = (),
                when: datetime | None = None) -> None:

@@ -15,6 +15,7 @@ from mailsync.exceptions import MailAuthError, MailboxBusy, MailServerUnreachabl
 from mailsync.models import Email, EmailLink, EmailLocation, Mailbox
 from mailsync.sync.imap import ImapSync
 from tests.factories import ContactFactory, DealFactory
+from tests.corpus import corpus_files
 from tests.mailsync.conftest import make_message
 
 pytestmark = pytest.mark.django_db
@@ -265,11 +266,8 @@ def test_budget_exhausted_pauses_until_tomorrow(dovecot, mail_user, imap_mailbox
     assert services.mailbox_sync(mailbox_id=imap_mailbox.pk) is None
 
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-
-
 def test_every_corpus_message_syncs_without_stopping_the_run(dovecot, mail_user, imap_mailbox):
-    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in {".eml", ".msg"})
+    files = corpus_files()
     assert len(files) > 70
     for path in files:
         dovecot.append(mail_user, "INBOX", path.read_bytes())

@@ -52,6 +52,9 @@ def page(browser, live_server):  # noqa: ANN001, ANN201
     context.set_default_timeout(10_000)
     tab = context.new_page()
     yield tab
+    # Let the last navigation finish before the database is flushed behind the live server.
+    tab.wait_for_load_state("networkidle")
+    tab.goto("about:blank")
     context.close()
 
 

@@ -22,19 +22,15 @@ from mailsync.mime import (
     sanitize_html,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CORPUS = Path(os.environ.get("MAILROOM_CORPUS_DIR") or REPO_ROOT.parent / "shared" / "corpus")
-FILES = sorted(
-    p for p in CORPUS.rglob("*") if p.is_file() and p.suffix.lower() in (".eml", ".msg")
-) if CORPUS.is_dir() else []
+from tests.corpus import CORPUS, corpus_files
 
-pytestmark = pytest.mark.skipif(not FILES, reason=f"no mail corpus at {CORPUS}")
+FILES = corpus_files() if CORPUS.is_dir() else []
 
 
 def _read(relative: str) -> bytes:
     path = CORPUS / relative
     if not path.is_file():
-        pytest.skip(f"{relative} not in the corpus")
+        pytest.fail(f"{relative} is not in the corpus at {CORPUS}")
     return path.read_bytes()
 
 
@@ -117,3 +113,8 @@ def test_whole_corpus_timing() -> None:
         f"parse_message {message_s / len(raws) * 1000:.3f} ms/msg"
     )
     assert envelope_s + message_s < 30
+
+
+def test_corpus_is_present():
+    # Without it the parametrized tests above would run on nothing.
+    assert len(corpus_files()) > 70

@@ -126,6 +126,19 @@ def test_weird_address_headers_do_not_raise() -> None:
     assert all(isinstance(a, Address) for a in env.to + env.cc + env.bcc + env.reply_to)
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["(" * 50_000 + "a@b.example", "a:" * 50_000 + "a@b.example", "<" * 100_000, "a@b " * 100_000],
+)
+def test_pathological_address_headers_are_bounded(value: str) -> None:
+    # getaddresses alone recurses to RecursionError on the first two and is slow on the rest.
+    started = time.perf_counter()
+    env = parse_envelope(_msg(f"To: {value}", "Cc: ok@example.com"))
+    assert time.perf_counter() - started < 5
+    assert len(env.to) <= 1000
+    assert [a.email for a in env.cc] == ["ok@example.com"]
+
+
 def test_twenty_thousand_recipients_are_bounded_and_fast() -> None:
     to = ", ".join(f'"User {i}" <user{i}@example.com>' for i in range(20_000))
     raw = _msg("From: a@example.com", f"To: {to}", "Message-ID: <x@y>")

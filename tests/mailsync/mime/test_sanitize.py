@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
 from mailsync.mime import SanitizedHtml, html_to_text, sanitize_html
+from mailsync.mime.sanitize import limit_nesting
 
 
 def _clean(html: str, **kwargs: object) -> str:
@@ -164,6 +166,32 @@ def test_small_inline_data_images_are_kept() -> None:
 def test_blocked_count_ignores_non_remote() -> None:
     result = sanitize_html('<img src="cid:x"><img src="data:image/gif;base64,R0lGOD=">')
     assert result.blocked_remote_images == 0
+
+
+@pytest.mark.parametrize(
+    "html",
+    ["<div>" * 100_000 + "deep", "<blockquote>" * 50_000, "<b>x</i>" * 50_000,
+     "<div>" * 400 + "<section></x></div>" * 50_000],
+)
+def test_deep_nesting_is_bounded(html: str) -> None:
+    # html5ever is quadratic in nesting depth: 100,000 <div>s alone take ~17 s.
+    started = time.perf_counter()
+    out = sanitize_html(html).html
+    text = html_to_text(html)
+    assert time.perf_counter() - started < 5
+    assert out.count("<div>") <= 512 and out.count("<blockquote>") <= 512
+    assert "deep" in text or "x" in text or text == ""
+
+
+def test_normal_nesting_is_untouched() -> None:
+    html = "<div>" * 300 + "<p>x</p>" + "</div>" * 300 + "<img src=x>" * 600
+    assert limit_nesting(html) == html
+
+
+def test_odd_strings_do_not_raise() -> None:
+    assert sanitize_html("a\ud800b\x00c").html == "a\ufffdbc"
+    assert html_to_text("x\udfff") == "x\ufffd"
+    assert sanitize_html("").html == ""
 
 
 def test_html_to_text() -> None:

@@ -1,0 +1,187 @@
+"""IMAP IDLE push (RFC 2177): one long-lived connection per active IMAP mailbox that turns
+"something changed" into an incremental sync within a second or two.
+
+The watcher never stores mail itself: it calls ``on_change(mailbox_id)`` (by default, queue
+the mailbox's sync task), so push, "Sync now" and the beat poll share one code path.
+Several watcher processes split the mailboxes by ``mailbox_id % shards``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.db import close_old_connections
+
+from .exceptions import MailError, MailUserError
+from .models import Mailbox
+from .protocols.base import ServerSettings
+from .protocols.imap import ImapSession
+
+log = logging.getLogger(__name__)
+
+# RFC 2177: servers may drop an IDLE after 30 minutes; re-issue well before.
+REIDLE_AFTER = 25 * 60
+# How often idle_check wakes to look at the stop flag and the re-IDLE clock.
+CHECK_INTERVAL = 1.0
+BACKOFF_START, BACKOFF_MAX = 2.0, 300.0
+# Responses during IDLE that mean the folder changed (new mail, expunge, flag change).
+CHANGE_RESPONSES = {b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"}
+
+OnChange = Callable[[int], None]
+
+
+def queue_sync(mailbox_id: int) -> None:
+    from .tasks import sync_mailbox
+
+    sync_mailbox.delay(mailbox_id)
+
+
+def _changed(responses: list[tuple]) -> bool:
+    return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
+
+
+class MailboxWatcher(threading.Thread):
+    """Holds one IDLE connection for one mailbox, reconnecting with backoff."""
+
+    def __init__(self, mailbox_id: int, settings: ServerSettings, on_change: OnChange, *,
+                 folder: str = "INBOX", reidle_after: float = REIDLE_AFTER,
+                 check_interval: float = CHECK_INTERVAL) -> None:
+        super().__init__(name=f"idle-{mailbox_id}", daemon=True)
+        self.mailbox_id = mailbox_id
+        self.settings = settings
+        self.on_change = on_change
+        self.folder = folder
+        self.reidle_after = reidle_after
+        self.check_interval = check_interval
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.failed: MailError | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        backoff = BACKOFF_START
+        while not self.stopping.is_set():
+            try:
+                self._watch()
+                backoff = BACKOFF_START
+            except MailUserError as exc:
+                # Wrong password and the like: the sync status already tells the user;
+                # the supervisor restarts us when the mailbox settings change.
+                log.info("mailbox %s: IDLE stopped: %s", self.mailbox_id, exc.code)
+                self.failed = exc
+                return
+            except (MailError, OSError) as exc:
+                log.info("mailbox %s: IDLE connection lost (%s); retry in %.0f s",
+                         self.mailbox_id, type(exc).__name__, backoff)
+            except Exception:  # noqa: BLE001  (a watcher thread must never die silently)
+                log.exception("mailbox %s: IDLE watcher error", self.mailbox_id)
+            self.connected.clear()
+            if self.stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _notify(self) -> None:
+        try:
+            self.on_change(self.mailbox_id)
+        except Exception:  # noqa: BLE001
+            log.exception("mailbox %s: could not queue a sync", self.mailbox_id)
+
+    def _watch(self) -> None:
+        with ImapSession(self.settings) as session:
+            if not session.has("IDLE"):
+                log.info("mailbox %s: server has no IDLE; beat polling covers it", self.mailbox_id)
+                self.stopping.wait()
+                return
+            session.select(self.folder, readonly=True)
+            client = session.client
+            assert client is not None
+            self.connected.set()
+            # Whatever happened while we were not connected.
+            self._notify()
+            while not self.stopping.is_set():
+                # Changes made while we were not idling (queueing a sync) are only reported
+                # in reply to a command: NOOP brings our view of the folder up to date.
+                _text, responses = session._call(client.noop)
+                if _changed(responses):
+                    self._notify()
+                    continue
+                session._call(client.idle)
+                started = time.monotonic()
+                changed = False
+                while (not changed and not self.stopping.is_set()
+                       and time.monotonic() - started < self.reidle_after):
+                    responses = session._call(client.idle_check, timeout=self.check_interval)
+                    changed = _changed(responses)
+                _text, responses = session._call(client.idle_done)
+                if changed or _changed(responses):
+                    self._notify()
+
+
+@dataclass(frozen=True)
+class _Target:
+    mailbox_id: int
+    version: str  # changes when the connection settings change
+
+
+class IdleSupervisor:
+    """Keeps one watcher per active IMAP mailbox of this shard, refreshing the set."""
+
+    def __init__(self, *, shard: int = 0, shards: int = 1, on_change: OnChange = queue_sync,
+                 refresh_interval: float = 30.0, **watcher_options: float) -> None:
+        self.shard, self.shards = shard, shards
+        self.on_change = on_change
+        self.refresh_interval = refresh_interval
+        self.watcher_options = watcher_options
+        self.watchers: dict[_Target, MailboxWatcher] = {}
+        self.stopping = threading.Event()
+
+    def targets(self) -> dict[_Target, ServerSettings]:
+        from .sync.imap import server_settings
+
+        close_old_connections()
+        mailboxes = Mailbox.objects.filter(
+            protocol=Mailbox.Protocol.IMAP, is_active=True, owner__is_active=True
+        )
+        result = {}
+        for mailbox in mailboxes:
+            if mailbox.pk % self.shards != self.shard:
+                continue
+            version = f"{mailbox.incoming_host}:{mailbox.incoming_port}:{mailbox.incoming_security}:" \
+                      f"{mailbox.username}:{hash(mailbox.password)}"
+            result[_Target(mailbox.pk, version)] = server_settings(mailbox, timeout=60)
+        return result
+
+    def refresh(self) -> None:
+        wanted = self.targets()
+        for target in list(self.watchers):
+            if target not in wanted:
+                self.watchers.pop(target).stop()
+        for target, settings in wanted.items():
+            if target not in self.watchers:
+                watcher = MailboxWatcher(target.mailbox_id, settings, self.on_change,
+                                         **self.watcher_options)
+                self.watchers[target] = watcher
+                watcher.start()
+
+    def run(self) -> None:
+        log.info("IDLE watcher shard %s/%s started", self.shard, self.shards)
+        while not self.stopping.is_set():
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001  (database hiccup: try again next round)
+                log.exception("IDLE watcher: refresh failed")
+            self.stopping.wait(self.refresh_interval)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for watcher in self.watchers.values():
+            watcher.stop()
+        for watcher in self.watchers.values():
+            watcher.join(timeout=5)
+        self.watchers.clear()
