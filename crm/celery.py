@@ -16,6 +16,9 @@ app.autodiscover_tasks()
 app.conf.beat_schedule = {
     # The safety net behind IMAP IDLE, and the only trigger for servers without IDLE.
     "mailsync.poll_mailboxes": {"task": "mailsync.poll_mailboxes", "schedule": 5 * 60},
+    "mailsync.purge_tombstones": {
+        "task": "mailsync.purge_tombstones", "schedule": crontab(hour=4, minute=7),
+    },
     "crm.clear_expired_sessions": {
         "task": "crm.clear_expired_sessions",
         "schedule": crontab(hour=3, minute=17),

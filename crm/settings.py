@@ -168,6 +168,9 @@ MAILROOM_ENCRYPTION_KEYS = _env_list("MAILROOM_ENCRYPTION_KEYS")
 # on-premises mail servers).
 MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS = _env_bool("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS", False)
 
+# Mail deleted on the server stays recoverable in the CRM this many days.
+MAILROOM_TOMBSTONE_DAYS = int(_env("MAILROOM_TOMBSTONE_DAYS", "30"))  # type: ignore[arg-type]
+
 # --- REST API --------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

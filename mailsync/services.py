@@ -5,6 +5,7 @@ Pages, the API, Celery tasks, the IDLE watcher and management commands call thes
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 import logging
 import socket
 from typing import Any
@@ -194,6 +195,11 @@ def email_parse(*, email: Email) -> Email:
     with transaction.atomic():
         import hashlib
 
+        # Two parse tasks (one queued by each sync) can pick the same pending mail: only the
+        # first stores it, or the mail lists every attachment twice.
+        if not list(Email.objects.select_for_update().filter(
+                pk=email.pk, parse_state=Email.ParseState.PENDING).values_list("pk", flat=True)):
+            return email
         for part in parsed.attachments:
             digest = hashlib.sha256(part.content).hexdigest()
             blob, _ = AttachmentBlob.objects.get_or_create(
@@ -320,3 +326,28 @@ def email_delete(*, actor: User, email: Email) -> None:
     with transaction.atomic():
         email.locations.all().delete()
         Email.objects.filter(pk=email.pk).update(deleted_at=timezone.now())
+
+
+def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:
+    """Retry what failed: messages that could not be stored (fetched again from the server)
+    and mails whose body could not be parsed (parsed again from the stored source)."""
+    from .models import MessageError
+    from .sync.imap import retry_message_errors
+
+    _check_owner(actor, mailbox)
+    refetched = 0
+    if MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True).exists():
+        refetched = retry_message_errors(mailbox=mailbox)
+    reparsed = Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).update(
+        parse_state=Email.ParseState.PENDING, parse_error=""
+    )
+    while emails_parse_pending(mailbox_id=mailbox.pk):
+        pass
+    return {"refetched": refetched, "reparsed": reparsed}
+
+
+def emails_purge_tombstones(*, older_than_days: int) -> int:
+    """Delete for good the mails deleted on the server more than N days ago."""
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    deleted, _ = Email.objects.filter(deleted_at__lt=cutoff).delete()
+    return deleted

@@ -54,3 +54,10 @@ def poll_mailboxes() -> int:
     for mailbox_id in ids:
         sync_mailbox.delay(mailbox_id)
     return len(ids)
+
+
+@shared_task(name="mailsync.purge_tombstones")
+def purge_tombstones() -> int:
+    from django.conf import settings
+
+    return services.emails_purge_tombstones(older_than_days=settings.MAILROOM_TOMBSTONE_DAYS)

@@ -2,10 +2,15 @@
 
 Tests run on PostgreSQL (as production does); ``DATABASE_URL`` may point elsewhere.
 """
+import hashlib
 import os
 import tempfile
+from pathlib import Path
 
-os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/mailroom")
+# One database name per checkout: two clones (a developer's and a CI run) on one machine
+# must not create and drop each other's test database.
+_checkout = hashlib.sha1(str(Path(__file__).resolve().parents[1]).encode()).hexdigest()[:8]
+os.environ.setdefault("DATABASE_URL", f"postgres://postgres@127.0.0.1:5432/mailroom_{_checkout}")
 # A fixed key for tests only; tests of rotation set their own keys.
 os.environ.setdefault("MAILROOM_ENCRYPTION_KEYS", "Yw2jv0n8r3xk9mH7x1J0p8oZ0bq2WkZ0bVJX1mQ2aS4=")
 os.environ.setdefault("MAILROOM_DATA_DIR", tempfile.mkdtemp(prefix="mailroom-test-"))

@@ -65,6 +65,13 @@ class MailboxViewSet(viewsets.ModelViewSet):
         tasks.sync_mailbox.delay(mailbox.pk)
         return Response(selectors.mailbox_status(mailbox=mailbox), status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(request=None, responses=inline_serializer(
+        "MailboxRetry", {"refetched": serializers.IntegerField(), "reparsed": serializers.IntegerField()}))
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        """Retry the messages that failed to import and the bodies that failed to parse."""
+        return Response(services.mailbox_retry_failed(actor=request.user, mailbox=self.get_object()))
+
     @extend_schema(responses=s.MailboxStatusSerializer)
     @action(detail=True, methods=["get"])
     def status(self, request: Request, pk: str | None = None) -> Response:

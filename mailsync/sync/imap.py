@@ -14,8 +14,10 @@ Per folder, in order:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+import time as time_module
 from datetime import datetime, time, timedelta
 from datetime import timezone as dt_timezone
 
@@ -36,8 +38,10 @@ log = logging.getLogger(__name__)
 # A FETCH batch holds at most this many messages and about this many bytes: big enough to
 # amortize the round trip and the bulk INSERTs, small enough to bound the worker's memory
 # (a batch is held twice: raw and compressed) and the work lost to a cut connection.
-BATCH_MESSAGES = 250
+BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
 BATCH_BYTES = 24 * 1024 * 1024
+# Tests that kill a worker mid-sync slow each commit down to aim the kill between two.
+_TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # Flags are fetched for this many UIDs per command where CONDSTORE is missing.
 FLAG_BATCH = 5000
 
@@ -253,6 +257,8 @@ class ImapSync:
         messages = session.fetch_messages(batch)
         result = ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
                               messages=messages, advance_cursor=advance)
+        if _TEST_STORE_DELAY:
+            time_module.sleep(_TEST_STORE_DELAY)
         self.report.new += result.stored
         self.report.located += result.located
         self.report.failed += result.failed
@@ -320,3 +326,32 @@ def imap_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:
 
 __all__ = ["BudgetExhausted", "ImapSync", "SyncReport", "imap_mailbox_sync", "MailUserError",
            "MailTransientError"]
+
+
+def retry_message_errors(*, mailbox: Mailbox) -> int:
+    """Fetch again the messages recorded in MessageError and store them (idempotent)."""
+    from ..models import MessageError
+
+    stored = 0
+    errors = MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True).select_related("folder")
+    by_folder: dict[int, list[MessageError]] = {}
+    for error in errors:
+        if error.folder_id and error.uid:
+            by_folder.setdefault(error.folder_id, []).append(error)
+    if not by_folder:
+        return 0
+    with mailbox_lock(mailbox.pk), ImapSession(server_settings(mailbox)) as session:
+        for folder_errors in by_folder.values():
+            folder = folder_errors[0].folder
+            selected = session.select(folder.name, readonly=True)
+            current = [e for e in folder_errors if e.uidvalidity == selected.uidvalidity]
+            messages = session.fetch_messages([e.uid for e in current])
+            result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
+                                  messages=messages, advance_cursor=lambda f: None)
+            stored += result.stored + result.located
+            # Gone from the server since: nothing left to retry.
+            fetched = {m.uid for m in messages}
+            MessageError.objects.filter(pk__in=[e.pk for e in current if e.uid not in fetched]).update(
+                resolved_at=timezone.now()
+            )
+    return stored

@@ -254,6 +254,20 @@ def test_attachments_download_as_files_with_their_exact_bytes(api, scene):
     assert api.get(pdf["download_url"]).status_code == 404
 
 
+def test_a_mail_parsed_by_two_workers_lists_its_attachments_once(api, scene):
+    # Given a second parse task that picked the same pending mail (two syncs in a row each
+    # queue one) and gets to it after the first one stored the body
+    quote = scene.email("Quote request")
+    quote.parse_state = Email.ParseState.PENDING  # what the second worker loaded earlier
+
+    services.email_parse(email=quote)
+
+    api.force_authenticate(scene.owner)
+    attachments = api.get(f"/api/v1/emails/{quote.pk}/").json()["attachments"]
+    assert sorted(a["filename"] for a in attachments if not a["inline"]) == ["Quote 2026.pdf"]
+    assert len(attachments) == 2
+
+
 # -- changes reach the mail server ------------------------------------------------------------
 
 def test_mark_read_and_unread_changes_the_server_flag_and_the_crm(api, scene):
@@ -309,6 +323,20 @@ def test_move_to_another_folder_moves_it_on_the_server(api, scene):
     api.patch(f"/api/v1/emails/{quote.pk}/", {"flagged": True}, format="json")
     [(_, flags)] = scene.dovecot.folder_state(scene.server_user, "Customers").messages
     assert "\\Flagged" in flags
+
+
+def test_move_into_a_synced_folder_keeps_one_email_after_the_next_sync(api, scene):
+    api.force_authenticate(scene.owner)
+    quote = scene.email("Quote request")
+
+    moved = api.patch(f"/api/v1/emails/{quote.pk}/", {"folder": "Sent"}, format="json")
+    sync(scene.mailbox)
+
+    assert moved.json()["folders"] == ["Sent"]
+    assert scene.dovecot.folder_state(scene.server_user, "Sent").count == 2
+    assert Email.objects.filter(mailbox=scene.mailbox, subject="Quote request").count() == 1
+    assert api.get(f"/api/v1/emails/{quote.pk}/").json()["folders"] == ["Sent"]
+    assert quote.locations.count() == 1
 
 
 def test_move_to_a_folder_that_does_not_exist_is_400_and_moves_nothing(api, scene):

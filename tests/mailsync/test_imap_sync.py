@@ -281,3 +281,96 @@ def test_every_corpus_message_syncs_without_stopping_the_run(dovecot, mail_user,
         pass
     states = set(Email.objects.filter(mailbox=imap_mailbox).values_list("parse_state", flat=True))
     assert states == {"parsed"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_killed_mid_batch_then_rerun_matches_the_server(dovecot, mail_user, imap_mailbox):
+    """A real worker process is SIGKILLed in the middle of the initial sync; the rerun ends
+    with exactly the server's messages, each once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(40):
+        dovecot.deliver(mail_user, make_message(subject=f"Kill {i}", body="x" * 20_000))
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}",
+           # Small batches and a slow store so the kill lands between two commits.
+           "MAILROOM_TEST_BATCH_MESSAGES": "4", "MAILROOM_TEST_STORE_DELAY": "0.15"}
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "sync_mailbox", str(imap_mailbox.pk)],
+        cwd=Path(__file__).resolve().parents[2], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while Email.objects.filter(mailbox=imap_mailbox).count() < 8:
+            assert worker.poll() is None, worker.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker stored nothing"
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.wait(10)
+    partial = Email.objects.filter(mailbox=imap_mailbox).count()
+    assert 8 <= partial < 40
+
+    sync(imap_mailbox)  # the rerun: PostgreSQL released the dead worker's lock
+
+    subjects = list(Email.objects.filter(mailbox=imap_mailbox).values_list("subject", flat=True))
+    assert sorted(subjects) == sorted(f"Kill {i}" for i in range(40))
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+
+
+def test_failed_message_is_kept_with_an_error_and_retried(dovecot, mail_user, imap_mailbox, monkeypatch):
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message(subject=f"Retry {i}"))
+    from mailsync.sync import ingest
+
+    real_store = ingest._store
+
+    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared):
+        if any(p.envelope.subject == "Retry 1" for p in prepared):
+            raise ValueError("simulated storage failure")
+        return real_store(mailbox, folder, uidvalidity, prepared)
+
+    monkeypatch.setattr(ingest, "_store", store_failing_on_retry_1)
+    report = sync(imap_mailbox)
+    assert report.failed == 1
+    assert set(Email.objects.values_list("subject", flat=True)) == {"Retry 0", "Retry 2"}
+    status = __import__("mailsync.selectors", fromlist=["x"]).mailbox_status(mailbox=imap_mailbox)
+    assert len(status["message_errors"]) == 1 and "simulated" in status["message_errors"][0]["error"]
+
+    monkeypatch.setattr(ingest, "_store", real_store)
+    result = services.mailbox_retry_failed(actor=imap_mailbox.owner, mailbox=imap_mailbox)
+    assert result["refetched"] == 1
+    assert set(Email.objects.values_list("subject", flat=True)) == {"Retry 0", "Retry 1", "Retry 2"}
+    status = __import__("mailsync.selectors", fromlist=["x"]).mailbox_status(mailbox=imap_mailbox)
+    assert status["message_errors"] == []
+
+
+def test_sync_since_skips_older_mail_and_trash_is_never_synced(dovecot, mail_user, imap_mailbox):
+    from datetime import date, datetime, timezone
+
+    dovecot.append(mail_user, "INBOX", make_message(subject="Old"), internal_date=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    dovecot.append(mail_user, "INBOX", make_message(subject="New"), internal_date=datetime(2026, 6, 1, tzinfo=timezone.utc))
+    dovecot.append(mail_user, "Trash", make_message(subject="Binned"))
+    imap_mailbox.sync_since = date(2025, 1, 1)
+    imap_mailbox.save()
+    sync(imap_mailbox)
+    assert set(Email.objects.filter(mailbox=imap_mailbox).values_list("subject", flat=True)) == {"New"}
+
+
+def test_tombstones_are_purged_after_the_retention_period(dovecot, mail_user, imap_mailbox):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    dovecot.deliver(mail_user, make_message(subject="Old tombstone"))
+    dovecot.deliver(mail_user, make_message(subject="Fresh tombstone"))
+    sync(imap_mailbox)
+    Email.objects.filter(subject="Old tombstone").update(deleted_at=timezone.now() - timedelta(days=31))
+    Email.objects.filter(subject="Fresh tombstone").update(deleted_at=timezone.now() - timedelta(days=1))
+    assert services.emails_purge_tombstones(older_than_days=30) >= 1
+    assert set(Email.objects.values_list("subject", flat=True)) == {"Fresh tombstone"}
