@@ -540,7 +540,7 @@ def mbsync_run(server, user, ca, workdir: Path, expected: int) -> Throughput:  #
     config = workdir / "mbsyncrc"
     config.write_text(textwrap.dedent(f"""\
         IMAPAccount bench
-        Host {server.host}
+        Host localhost
         Port {server.imaps_port}
         User {user.username}
         Pass {user.password}

@@ -63,6 +63,13 @@ def _check_owner(actor: User, mailbox: Mailbox) -> None:
         raise RecordPermissionDenied("Only the owner of a mailbox may change it.")
 
 
+def _check_mail_owner(actor: User, mailbox: Mailbox) -> None:
+    """Actions on the mail itself reach the owner's real mailbox: the owner only, not even
+    an administrator (who may see settings, not act inside someone's mailbox)."""
+    if mailbox.owner_id != actor.pk:
+        raise RecordPermissionDenied("Only the owner of this mailbox may change its mail.")
+
+
 def _validate(mailbox: Mailbox) -> None:
     _check_host(mailbox.incoming_host)
     if mailbox.smtp_host:
@@ -242,7 +249,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
     POP3 mail has no server copy to change: only the CRM copy changes.
     """
     mailbox = email.mailbox
-    _check_owner(actor, mailbox)
+    _check_mail_owner(actor, mailbox)
     changes = {name: value for name, value in (("\\Seen", seen), ("\\Flagged", flagged))
                if value is not None}
     is_imap = mailbox.protocol == Mailbox.Protocol.IMAP
@@ -312,7 +319,7 @@ def _record_moves(*, email: Email, folder: str, special_use: str,
 def email_delete(*, actor: User, email: Email) -> None:
     """Delete: to the server's Trash for IMAP; in the CRM a recoverable tombstone."""
     mailbox = email.mailbox
-    _check_owner(actor, mailbox)
+    _check_mail_owner(actor, mailbox)
     places = _locations_by_folder(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
     if places:
         with _server_session(mailbox) as session:
@@ -322,7 +329,9 @@ def email_delete(*, actor: User, email: Email) -> None:
                 if trash and name != trash:
                     session.move(uids, trash)
                 else:
-                    session.add_flags(uids, ["\\Deleted"])
+                    # No Trash (or already in it): delete for good, or a later UIDVALIDITY
+                    # re-map would bring the mail back.
+                    session.expunge(uids)
     with transaction.atomic():
         email.locations.all().delete()
         Email.objects.filter(pk=email.pk).update(deleted_at=timezone.now())

@@ -357,6 +357,15 @@ class ImapSession:
             log.info("unparseable COPYUID response code")
             return None
 
+    def expunge(self, uids: Sequence[int]) -> None:
+        """\\Deleted + UID EXPUNGE (RFC 4315) of just these UIDs, else a plain EXPUNGE."""
+        assert self.client is not None
+        self._call(self.client.add_flags, list(uids), [b"\\Deleted"], silent=True)
+        if self.has("UIDPLUS"):
+            self._call(self.client.uid_expunge, list(uids))
+        else:
+            self._call(self.client.expunge)
+
     def append(self, folder: str, raw: bytes, flags: Sequence[str] = (),
                when: datetime | None = None) -> None:
         assert self.client is not None
