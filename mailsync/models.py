@@ -73,6 +73,14 @@ class Mailbox(models.Model):
     is_active = models.BooleanField(
         default=False, help_text="Only one mailbox per user is fetched at a time."
     )
+    # POP3 options: remove mail from the server once it is safely stored (what POP3 users
+    # expect), or leave a copy, optionally for N days.
+    pop3_delete_after_download = models.BooleanField(default=True)
+    pop3_keep_days = models.PositiveIntegerField(
+        null=True, blank=True, help_text="With a copy left on the server: remove it after N days."
+    )
+    # Larger messages are kept as headers only, with a notice (never dropped silently).
+    max_message_bytes = models.PositiveBigIntegerField(default=50 * 1024 * 1024)
 
     # Status a user can watch.
     state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
@@ -148,6 +156,45 @@ class MailFolder(models.Model):
         return f"{self.mailbox} / {self.name}"
 
 
+class MailboxAlias(models.Model):
+    """An extra "from" address of a mailbox, offered when sending."""
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="aliases")
+    address = models.EmailField()
+    display_name = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "address"], name="alias_unique_address")
+        ]
+
+    def __str__(self) -> str:
+        return self.address
+
+
+class Pop3Message(models.Model):
+    """A message seen on a POP3 server, by UIDL (or a header hash where UIDL is missing or
+    not unique). Recorded in the same transaction as the stored email, before any DELE."""
+
+    class KeyKind(models.TextChoices):
+        UIDL = "uidl", "UIDL"
+        HASH = "hash", "Header hash"
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="pop3_messages")
+    key = models.CharField(max_length=255)
+    key_kind = models.CharField(max_length=10, choices=KeyKind.choices, default=KeyKind.UIDL)
+    email = models.ForeignKey("Email", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    size = models.PositiveBigIntegerField(default=0)
+    downloaded_at = models.DateTimeField(auto_now_add=True)
+    deleted_from_server_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "key"], name="pop3message_unique_key")
+        ]
+
+
 class Thread(models.Model):
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="threads")
     # The root Message-ID (first of References, else In-Reply-To, else the mail's own id).
@@ -211,6 +258,21 @@ class Email(models.Model):
         max_length=10, choices=ParseState.choices, default=ParseState.PENDING
     )
     parse_error = models.TextField(blank=True)
+
+    # Mail sent from the CRM: stored at once with state "sending", then "sent" or "failed".
+    class SendState(models.TextChoices):
+        NONE = "", "Not sent from the CRM"
+        SENDING = "sending", "Sending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed"
+
+    send_state = models.CharField(max_length=10, choices=SendState.choices, default="", blank=True)
+    send_error = models.TextField(blank=True)
+    sent_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Headers too large to keep whole (over the mailbox's size limit): a notice for the user.
+    truncated = models.BooleanField(default=False)
 
     # A mail deleted on the server leaves the CRM views but stays recoverable until purged.
     deleted_at = models.DateTimeField(null=True, blank=True)

@@ -1,5 +1,6 @@
 """CRM models: users, shared records (accounts, leads, contacts) and deals."""
 from .deals import Deal, DealStage
+from .organization import OrganizationEmail
 from .records import Account, Contact, Lead, OwnedRecord, RecordShare
 from .users import User
 
@@ -9,6 +10,7 @@ __all__ = [
     "Deal",
     "DealStage",
     "Lead",
+    "OrganizationEmail",
     "OwnedRecord",
     "RecordShare",
     "User",
