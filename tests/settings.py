@@ -7,10 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
-# One database name per checkout: two clones (a developer's and a CI run) on one machine
-# must not create and drop each other's test database.
+# One database per test run (checkout and process): two runs on one machine (a developer's,
+# a helper's, a CI clone's) must not create and drop each other's test database.
 _checkout = hashlib.sha1(str(Path(__file__).resolve().parents[1]).encode()).hexdigest()[:8]
-os.environ.setdefault("DATABASE_URL", f"postgres://postgres@127.0.0.1:5432/mailroom_{_checkout}")
+os.environ.setdefault(
+    "DATABASE_URL", f"postgres://postgres@127.0.0.1:5432/mailroom_{_checkout}_{os.getpid()}"
+)
 # A fixed key for tests only; tests of rotation set their own keys.
 os.environ.setdefault("MAILROOM_ENCRYPTION_KEYS", "Yw2jv0n8r3xk9mH7x1J0p8oZ0bq2WkZ0bVJX1mQ2aS4=")
 os.environ.setdefault("MAILROOM_DATA_DIR", tempfile.mkdtemp(prefix="mailroom-test-"))

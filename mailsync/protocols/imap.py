@@ -98,6 +98,25 @@ def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[bytes],
     return {uid: values for uid, values in response.items() if uid in wanted}
 
 
+def parse_uid_set(text: str, *, limit: int = 10_000_000) -> set[int]:
+    """'41,43:45' -> {41, 43, 44, 45}; bounded so a hostile server cannot exhaust memory."""
+    uids: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition(":")
+        try:
+            a, b = int(low), int(high or low)
+        except ValueError:
+            continue
+        a, b = min(a, b), max(a, b)
+        if b - a > limit or len(uids) > limit:
+            raise MailProtocolError("The server reported an implausibly large set of UIDs.")
+        uids.update(range(a, b + 1))
+    return uids
+
+
 class ImapSession:
     """One logged-in IMAP connection. Use as a context manager."""
 
@@ -105,6 +124,7 @@ class ImapSession:
         self.settings = settings
         self.client: IMAPClient | None = None
         self.capabilities: frozenset[bytes] = frozenset()
+        self.qresync = False
 
     # -- connection ---------------------------------------------------------------------------
     def __enter__(self) -> ImapSession:
@@ -160,7 +180,10 @@ class ImapSession:
             raise translate_network_error(exc, self.settings.host) from exc
         try:
             self.capabilities = frozenset(self.client.capabilities())
-            if self.has("ENABLE") and self.has("CONDSTORE"):
+            if self.has("ENABLE") and self.has("QRESYNC"):
+                # QRESYNC (RFC 7162) implies CONDSTORE and reports expunges as VANISHED.
+                self.qresync = b"QRESYNC" in self.client.enable("QRESYNC")
+            elif self.has("ENABLE") and self.has("CONDSTORE"):
                 self.client.enable("CONDSTORE")
         except (OSError, imaplib.IMAP4.error, IMAPClientError) as exc:
             raise translate_network_error(exc, self.settings.host) from exc
@@ -301,6 +324,24 @@ class ImapSession:
             return {}
         reply = self._call(_uid_fetch, self.client, uids, [b"RFC822.SIZE"])
         return {int(uid): int(data.get(b"RFC822.SIZE", 0)) for uid, data in reply.items()}
+
+    def fetch_changes(
+        self, uids: Sequence[int], *, changed_since: int
+    ) -> tuple[dict[int, tuple[str, ...]], set[int]]:
+        """QRESYNC: flags changed since a mod-sequence and the UIDs expunged since, in one
+        command (``UID FETCH set (FLAGS) (CHANGEDSINCE n VANISHED)``, RFC 7162 3.2.6)."""
+        assert self.client is not None and self.qresync
+        if not uids:
+            return {}, set()
+        self.client._imap.untagged_responses.pop("VANISHED", None)
+        reply = self._call(_uid_fetch, self.client, uids, [b"FLAGS"],
+                           [f"CHANGEDSINCE {changed_since}", "VANISHED"])
+        vanished: set[int] = set()
+        for line in self.client._imap.untagged_responses.pop("VANISHED", []):
+            text = line.decode("ascii", "replace") if isinstance(line, bytes) else str(line)
+            vanished |= parse_uid_set(text.replace("(EARLIER)", "").strip())
+        flags = {int(uid): _flags(data.get(b"FLAGS", ())) for uid, data in reply.items()}
+        return flags, vanished & set(uids)
 
     def fetch_flags(
         self, uids: Sequence[int], *, changed_since: int | None = None

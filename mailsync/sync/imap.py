@@ -191,8 +191,11 @@ class ImapSync:
             self._new_mail(session, folder)
         if not folder.backfill_done:
             self._backfill(session, folder)
-        self._flags(session, folder, selected.highestmodseq)
-        self._expunges(session, folder)
+        if session.qresync and folder.highestmodseq is not None and selected.highestmodseq is not None:
+            self._changes_qresync(session, folder)
+        else:
+            self._flags(session, folder, selected.highestmodseq)
+            self._expunges(session, folder)
         folder.highestmodseq = selected.highestmodseq
         # STATUS after our work: what the next run compares against.
         after = session.status(folder.name)
@@ -284,6 +287,10 @@ class ImapSync:
             changed.update(session.fetch_flags(
                 chunk, changed_since=folder.highestmodseq if use_condstore else None
             ))
+        self._apply_flags(folder, known, changed)
+
+    def _apply_flags(self, folder: MailFolder, known: dict[int, tuple[int, list[str]]],
+                     changed: dict[int, tuple[str, ...]]) -> None:
         updates = [(uid, flags) for uid, flags in changed.items()
                    if uid in known and sorted(known[uid][1]) != list(flags)]
         if not updates:
@@ -298,12 +305,29 @@ class ImapSync:
                 )
         self.report.flag_changes += len(updates)
 
+    def _changes_qresync(self, session: ImapSession, folder: MailFolder) -> None:
+        """Flag changes and expunges since the last run in one command per chunk."""
+        known = self._known(folder)
+        uids = sorted(known)
+        changed: dict[int, tuple[str, ...]] = {}
+        vanished: set[int] = set()
+        for start in range(0, len(uids), FLAG_BATCH):
+            flags, gone = session.fetch_changes(uids[start:start + FLAG_BATCH],
+                                                changed_since=folder.highestmodseq or 0)
+            changed.update(flags)
+            vanished |= gone
+        self._apply_flags(folder, known, {u: f for u, f in changed.items() if u not in vanished})
+        self._apply_expunges(folder, known, sorted(vanished))
+
     def _expunges(self, session: ImapSession, folder: MailFolder) -> None:
         known = self._known(folder)
         if not known:
             return
         on_server = set(session.search_uids())
-        gone = [uid for uid in known if uid not in on_server]
+        self._apply_expunges(folder, known, [uid for uid in known if uid not in on_server])
+
+    def _apply_expunges(self, folder: MailFolder, known: dict[int, tuple[int, list[str]]],
+                        gone: list[int]) -> None:
         if not gone:
             return
         email_ids = {known[uid][0] for uid in gone}

@@ -374,3 +374,32 @@ def test_tombstones_are_purged_after_the_retention_period(dovecot, mail_user, im
     Email.objects.filter(subject="Fresh tombstone").update(deleted_at=timezone.now() - timedelta(days=1))
     assert services.emails_purge_tombstones(older_than_days=30) >= 1
     assert set(Email.objects.values_list("subject", flat=True)) == {"Fresh tombstone"}
+
+
+def test_qresync_reports_expunges_and_flags_without_a_uid_comparison(dovecot, mail_user, imap_mailbox,
+                                                                     monkeypatch):
+    for i in range(4):
+        dovecot.deliver(mail_user, make_message(subject=f"Q {i}"))
+    sync(imap_mailbox)
+    uids = dovecot.folder_state(mail_user).uids
+    dovecot.expunge(mail_user, "INBOX", uids[2])
+    dovecot.set_flags(mail_user, "INBOX", uids[0], ["\\Answered"])
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("QRESYNC servers need no UID comparison")
+
+    monkeypatch.setattr(ImapSync, "_expunges", no_search)
+    report = sync(imap_mailbox)
+
+    assert report.expunged == 1 and report.flag_changes == 1
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+
+
+def test_uid_sets_parse_and_stay_bounded():
+    from mailsync.exceptions import MailProtocolError
+    from mailsync.protocols.imap import parse_uid_set, uid_ranges
+
+    assert parse_uid_set("41,43:45, 50") == {41, 43, 44, 45, 50}
+    assert uid_ranges([7, 1, 2, 3, 9, 8]) == "1:3,7:9"
+    with pytest.raises(MailProtocolError):
+        parse_uid_set("1:4294967295")
