@@ -25,7 +25,7 @@ from django.db import transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from ..exceptions import MailError, MailTransientError, MailUserError
+from ..exceptions import MailError, MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
@@ -151,14 +151,32 @@ class ImapSync:
 
     # -- folders ------------------------------------------------------------------------------
     def _folders(self, session: ImapSession) -> list[MailFolder]:
+        """The folders to sync. Known folders are reused without a LIST round trip (the
+        no-change resync is then login + one STATUS per folder); LIST runs on the first
+        sync, when the configured folders change, or when a known folder disappeared."""
+        wanted = list(self.mailbox.folders)
+        known = list(MailFolder.objects.filter(mailbox=self.mailbox).order_by("pk"))
+        if wanted:
+            reuse = [f for f in known if f.name in wanted]
+            if len(reuse) == len(set(wanted)):
+                self.report.folders = len(reuse)
+                return reuse
+        else:
+            reuse = [f for f in known if f.special_use in ("inbox", "sent")]
+            if any(f.special_use == "inbox" for f in reuse):
+                self.report.folders = len(reuse)
+                return reuse
+        return self._discover_folders(session)
+
+    def _discover_folders(self, session: ImapSession) -> list[MailFolder]:
         if self.mailbox.folders:
             special = dict(session.list_folders())
-            wanted = [(name, special.get(name, "")) for name in self.mailbox.folders
-                      if name in special and special.get(name, "") not in NEVER_SYNC]
+            found = [(name, special.get(name, "")) for name in self.mailbox.folders
+                     if name in special and special.get(name, "") not in NEVER_SYNC]
         else:
-            wanted = session.default_sync_folders()
+            found = session.default_sync_folders()
         folders = []
-        for name, special_use in wanted:
+        for name, special_use in found:
             folder, _ = MailFolder.objects.get_or_create(
                 mailbox=self.mailbox, name=name, defaults={"special_use": special_use}
             )
@@ -167,7 +185,19 @@ class ImapSync:
         return folders
 
     def _sync_folder(self, session: ImapSession, folder: MailFolder) -> None:
-        status = session.status(folder.name)
+        try:
+            status = session.status(folder.name)
+        except MailProtocolError:
+            if folder.name in {name for name, _ in session.list_folders()}:
+                raise
+            # Deleted or renamed on the server: its messages are gone from there (a renamed
+            # folder's mail is found again, by fingerprint, once it is synced under its new
+            # name), so they become tombstones like any expunged mail.
+            log.info("mailbox %s: folder %s is gone from the server", self.mailbox.pk, folder.pk)
+            self._apply_expunges(folder, self._known(folder), list(self._known(folder)))
+            folder.delete()
+            self.report.errors.append(f"Folder {folder.name!r} no longer exists on the server.")
+            return
         if (
             folder.backfill_done
             and folder.uidvalidity == status.uidvalidity

@@ -403,3 +403,25 @@ def test_uid_sets_parse_and_stay_bounded():
     assert uid_ranges([7, 1, 2, 3, 9, 8]) == "1:3,7:9"
     with pytest.raises(MailProtocolError):
         parse_uid_set("1:4294967295")
+
+
+def test_a_synced_folder_deleted_on_the_server_leaves_tombstones_and_the_sync_goes_on(
+    dovecot, mail_user, imap_mailbox
+):
+    dovecot.create_folder(mail_user, "Projects")
+    dovecot.append(mail_user, "Projects", make_message(subject="In a project folder"))
+    dovecot.deliver(mail_user, make_message(subject="In the inbox"))
+    imap_mailbox.folders = ["INBOX", "Projects"]
+    imap_mailbox.save()
+    sync(imap_mailbox)
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 2
+
+    dovecot.doveadm("mailbox", "delete", "-u", mail_user.username, "-s", "Projects")
+    dovecot.deliver(mail_user, make_message(subject="Later"))
+    report = sync(imap_mailbox)
+
+    assert report.new == 1
+    assert Email.objects.get(subject="In a project folder").deleted_at is not None
+    assert Email.objects.get(subject="In the inbox").deleted_at is None
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "completed"
