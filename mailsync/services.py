@@ -105,7 +105,8 @@ def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool 
 def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                    check_connection: bool = True) -> Mailbox:
     _check_owner(actor, mailbox)
-    connection_fields = {"incoming_host", "incoming_port", "incoming_security", "username", "password"}
+    connection_fields = {"incoming_host", "incoming_port", "incoming_security", "username", "password",
+                         "smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password"}
     excluded_before = mailbox.excluded_domain_set
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
@@ -137,10 +138,15 @@ def _emails_reshare(*, mailbox: Mailbox) -> None:
 
 
 def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
-    """Log in to the incoming server; raise a MailError that says what to fix."""
+    """Log in to the incoming server, then to the SMTP server if one is set; raise a
+    MailError that says what to fix."""
     if mailbox.protocol != Mailbox.Protocol.IMAP:
         raise MailConfigError("Only IMAP mailboxes can be tested yet.")
-    return check_login(server_settings(mailbox, timeout=15))
+    folders = check_login(server_settings(mailbox, timeout=15))
+    from .sending import smtp_test  # noqa: PLC0415  (sending imports the sync engine)
+
+    smtp_test(mailbox=mailbox)
+    return folders
 
 
 @transaction.atomic
@@ -180,50 +186,66 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
 
 
 def emails_parse_pending(*, mailbox_id: int, limit: int = PARSE_BATCH) -> int:
-    """Parse bodies and attachments of stored mails. A mail that cannot be parsed keeps its
-    raw source and a parse error the user can see; it never stops the others."""
-    ids = list(
-        Email.objects.filter(mailbox_id=mailbox_id, parse_state=Email.ParseState.PENDING)
-        .order_by("-date").values_list("pk", flat=True)[:limit]
-    )
-    for email in Email.objects.filter(pk__in=ids).select_related("source_data"):
-        email_parse(email=email)
-    return len(ids)
+    """Parse bodies and attachments of stored mails, a batch per transaction. A mail that
+    cannot be parsed keeps its raw source and a parse error the user can see; it never
+    stops the others. Rows are locked with SKIP LOCKED: two parse tasks (each sync queues
+    one) never parse the same mail twice."""
+    with transaction.atomic():
+        emails = list(
+            Email.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(mailbox_id=mailbox_id, parse_state=Email.ParseState.PENDING)
+            .select_related("source_data").order_by("-date")[:limit]
+        )
+        _parse_and_store(emails)
+    return len(emails)
 
 
 def email_parse(*, email: Email) -> Email:
-    try:
-        parsed = parse_message(decompress(email.source_data.data))
-    except Exception as exc:  # noqa: BLE001  (any parser failure is recorded, never fatal)
-        Email.objects.filter(pk=email.pk).update(
-            parse_state=Email.ParseState.FAILED, parse_error=f"{type(exc).__name__}: {exc}"[:2000]
-        )
-        return email
     with transaction.atomic():
-        import hashlib
+        locked = list(Email.objects.select_for_update(of=("self",)).filter(
+            pk=email.pk, parse_state=Email.ParseState.PENDING).select_related("source_data"))
+        _parse_and_store(locked)
+    email.refresh_from_db()
+    return email
 
-        # Two parse tasks (one queued by each sync) can pick the same pending mail: only the
-        # first stores it, or the mail lists every attachment twice.
-        if not list(Email.objects.select_for_update().filter(
-                pk=email.pk, parse_state=Email.ParseState.PENDING).values_list("pk", flat=True)):
-            return email
-        for part in parsed.attachments:
-            digest = hashlib.sha256(part.content).hexdigest()
-            blob, _ = AttachmentBlob.objects.get_or_create(
-                sha256=digest, defaults={"data": compress(part.content), "size": len(part.content)}
-            )
-            Attachment.objects.create(
-                email=email, blob=blob, filename=part.filename[:255],
-                content_type=part.content_type[:255], content_id=(part.content_id or "")[:500],
-                inline=part.inline, size=len(part.content),
-            )
+
+def _parse_and_store(emails: list[Email]) -> None:
+    import hashlib
+
+    attachments: list[tuple[Email, object, str]] = []
+    for email in emails:
+        try:
+            parsed = parse_message(decompress(email.source_data.data))
+        except Exception as exc:  # noqa: BLE001  (any parser failure is recorded, never fatal)
+            email.parse_state = Email.ParseState.FAILED
+            email.parse_error = f"{type(exc).__name__}: {exc}"[:2000]
+            continue
         email.text = parsed.text.replace("\x00", "")
         email.html = parsed.html.replace("\x00", "")
         email.has_attachments = any(not a.inline for a in parsed.attachments)
         email.parse_state = Email.ParseState.PARSED
         email.parse_error = ""
-        email.save(update_fields=["text", "html", "has_attachments", "parse_state", "parse_error"])
-    return email
+        attachments += [(email, part, hashlib.sha256(part.content).hexdigest())
+                        for part in parsed.attachments]
+    if attachments:
+        # Content stored once by hash, whichever mail brought it first.
+        digests = {digest for _, _, digest in attachments}
+        known = set(AttachmentBlob.objects.filter(sha256__in=digests).values_list("sha256", flat=True))
+        missing = {digest: part for _, part, digest in attachments if digest not in known}
+        AttachmentBlob.objects.bulk_create(
+            [AttachmentBlob(sha256=d, data=compress(part.content), size=len(part.content))
+             for d, part in missing.items()], ignore_conflicts=True, batch_size=50,
+        )
+        blob_ids = dict(AttachmentBlob.objects.filter(sha256__in=digests).values_list("sha256", "pk"))
+        Attachment.objects.bulk_create([
+            Attachment(email=email, blob_id=blob_ids[digest], filename=part.filename[:255],
+                       content_type=part.content_type[:255], content_id=(part.content_id or "")[:500],
+                       inline=part.inline, size=len(part.content))
+            for email, part, digest in attachments
+        ], batch_size=500)
+    Email.objects.bulk_update(
+        emails, ["text", "html", "has_attachments", "parse_state", "parse_error"], batch_size=100
+    )
 
 
 # -- two-way actions: what the user does in the CRM happens in the mailbox --------------------

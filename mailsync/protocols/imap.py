@@ -154,6 +154,11 @@ class ImapSession:
                     client.starttls(ssl_context=tls_context())
             # Aware datetimes for INTERNALDATE (IMAPClient's default converts to naive local).
             client.normalise_times = False
+            # IMAPClient 4.1 sets imaplib's debug level to 5, so imaplib formats a repr of
+            # every literal (whole messages) for a log line that is then dropped: ~40 % of
+            # the fetch time and tens of MB per batch (bench/README.md).
+            if not logging.getLogger("imapclient").isEnabledFor(logging.DEBUG):
+                client._imap.debug = 0
             self.client = client
         except (OSError, ssl.SSLError, IMAPClientError, imaplib.IMAP4.error) as exc:
             raise translate_network_error(exc, s.host) from exc

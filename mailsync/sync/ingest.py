@@ -21,7 +21,6 @@ from ..models import (
     Email,
     EmailLocation,
     EmailParticipant,
-    EmailSource,
     MailFolder,
     Mailbox,
     MessageError,
@@ -29,6 +28,7 @@ from ..models import (
 )
 from ..protocols.base import FetchedMessage
 from ..storage import compress
+from .copy import write_sources
 
 log = logging.getLogger(__name__)
 
@@ -130,38 +130,37 @@ def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
     return rows
 
 
-def _assign_threads(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> None:
-    """Put new mails in their threads, a few queries per batch whatever its size."""
-    keyed = [(email, _clean(thread_key(env, email.fingerprint), 1000)) for email, env in emails]
-    keys = {key for _, key in keyed}
-    Thread.objects.bulk_create(
-        [Thread(mailbox=mailbox, key=k) for k in keys], ignore_conflicts=True
-    )
+def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict[str, Thread]:
+    """Find or create the threads of new mails (before they are inserted, so thread_id goes
+    in with the row): two queries per batch whatever its size."""
+    keys = {_clean(thread_key(env, email.fingerprint), 1000) for email, env in emails}
+    Thread.objects.bulk_create([Thread(mailbox=mailbox, key=k) for k in keys], ignore_conflicts=True)
     threads = {t.key: t for t in Thread.objects.filter(mailbox=mailbox, key__in=keys)}
-    members: dict[int, list[int]] = {}
-    latest: dict[int, Email] = {}
-    for email, key in keyed:
-        thread = threads[key]
-        email.thread = thread
-        members.setdefault(thread.pk, []).append(email.pk)
-        best = latest.get(thread.pk)
-        if email.date and (best is None or best.date is None or email.date > best.date):
-            latest[thread.pk] = email
-    for thread_pk, email_pks in members.items():
-        Email.objects.filter(pk__in=email_pks).update(thread_id=thread_pk)
+    for email, env in emails:
+        email.thread = threads[_clean(thread_key(env, email.fingerprint), 1000)]
+    return threads
+
+
+def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Thread]) -> None:
     # Healing: replies that arrived before their parent started a thread keyed by the
     # parent's id; the parent knows the real root, so those replies join it.
-    healing = {email.message_id: email.thread for email, key in keyed
-               if email.message_id and key != email.message_id}
-    for orphan in Thread.objects.filter(mailbox=mailbox, key__in=healing.keys()):
-        root = healing[orphan.key]
-        Email.objects.filter(thread=orphan).update(thread=root)
-        orphan.delete()
-    by_pk = {t.pk: t for t in threads.values()}
-    for thread_pk, email in latest.items():
-        thread = by_pk[thread_pk]
-        if thread.last_date is None or email.date > thread.last_date:
-            Thread.objects.filter(pk=thread_pk).update(last_date=email.date, subject=email.subject)
+    healing = {email.message_id: email.thread for email in emails
+               if email.message_id and email.thread and email.thread.key != email.message_id}
+    if healing:
+        for orphan in Thread.objects.filter(mailbox=mailbox, key__in=healing.keys()):
+            root = healing[orphan.key]
+            if orphan.pk != root.pk:
+                Email.objects.filter(thread=orphan).update(thread=root)
+                orphan.delete()
+    changed = []
+    for email in emails:
+        thread = email.thread
+        if thread is not None and email.date and (thread.last_date is None or email.date > thread.last_date):
+            thread.last_date, thread.subject = email.date, email.subject
+            changed.append(thread)
+    if changed:
+        Thread.objects.bulk_update(list({t.pk: t for t in changed}.values()),
+                                   ["last_date", "subject"], batch_size=500)
 
 
 @dataclass
@@ -236,15 +235,12 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     for p in prepared:
         if p.fingerprint not in existing and p.fingerprint not in new:
             new[p.fingerprint] = (_new_email(mailbox, folder, p), p)
+    threads = _threads_for(mailbox, [(e, p.envelope) for e, p in new.values()]) if new else {}
     created = Email.objects.bulk_create([e for e, _ in new.values()], batch_size=500)
     result.stored = len(created)
     ids = {**existing, **{e.fingerprint: e.pk for e in created}}
 
-    EmailSource.objects.bulk_create(
-        [EmailSource(email=e, data=compress(p.message.raw), size=len(p.message.raw))
-         for e, p in new.values()],
-        batch_size=200,
-    )
+    write_sources([(e.pk, compress(p.message.raw), len(p.message.raw)) for e, p in new.values()])
     EmailParticipant.objects.bulk_create(
         [row for e, p in new.values() for row in _participants(e, p.envelope)], batch_size=2000
     )
@@ -259,7 +255,7 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
     del locations
     if new:
-        _assign_threads(mailbox, [(e, p.envelope) for e, p in new.values()])
+        _finish_threads(mailbox, created, threads)
         emails_associate(email_ids=[e.pk for e, _ in new.values()],
                          exclude_addresses=[mailbox.email_address])
     MessageError.objects.filter(
