@@ -930,6 +930,22 @@ def no_change_resync(mailbox, runs: int) -> tuple[list[float], bool]:  # noqa: A
     return times, unchanged
 
 
+def no_change_check_open(mailbox, runs: int) -> list[float]:  # noqa: ANN001
+    """The no-change resync on a connection already open (as a long-lived worker or the
+    IDLE watcher holds one): lock, STATUS per folder, bookkeeping; no TCP/TLS/LOGIN."""
+    from mailsync.protocols.imap import ImapSession
+    from mailsync.sync.imap import ImapSync, server_settings
+
+    times = []
+    with ImapSession(server_settings(mailbox)) as session:
+        for _ in range(runs):
+            mailbox.refresh_from_db()
+            start = time.perf_counter()
+            ImapSync(mailbox).run(session=session)
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def parse_pending(mailbox, deadline: float) -> tuple[Throughput, int, int]:  # noqa: ANN001
     from mailsync.models import Email
     from mailsync.services import PARSE_BATCH, emails_parse_pending
@@ -1188,6 +1204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"mbsync {mbsync_note}")
 
         resync, unchanged = no_change_resync(mailbox, args.resync_runs)
+        resync_open = no_change_check_open(mailbox, args.resync_runs)
         reference = [status_roundtrip(server, user) for _ in range(args.resync_runs)]
         say(f"no-change resync: median {ms(statistics.median(resync))}")
 
@@ -1245,6 +1262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{ms(statistics.median(resync))} (min {ms(min(resync))}, max {ms(max(resync))})"
               + ("" if unchanged else "  WARNING: some runs found changes")
               + f"; bare connect+LOGIN+2xSTATUS+LOGOUT {ms(statistics.median(reference))}")
+        print(f"  no-change resync on an open connection (ImapSync.run(session=...), median of "
+              f"{len(resync_open)}): {ms(statistics.median(resync_open))}")
         first = runs[0]
         print(f"  peak RSS during the first initial sync (VmHWM): {first.rss_peak:.0f} MB, growth "
               f"+{first.rss_peak - first.rss_before:.0f} MB over {first.rss_before:.0f} MB before, "

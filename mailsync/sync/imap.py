@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 import time as time_module
@@ -30,7 +32,7 @@ from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from ..providers import preset_for
-from .ingest import ingest_batch
+from .ingest import ingest_batch, prepare
 from .lock import mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,54 @@ log = logging.getLogger(__name__)
 # amortize the round trip and the bulk INSERTs, small enough to bound the worker's memory
 # (a batch is held twice: raw and compressed) and the work lost to a cut connection.
 BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
-BATCH_BYTES = 24 * 1024 * 1024
+BATCH_BYTES = 12 * 1024 * 1024
 # Tests that kill a worker mid-sync slow each commit down to aim the kill between two.
 _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # Flags are fetched for this many UIDs per command where CONDSTORE is missing.
 FLAG_BATCH = 5000
+
+
+def _prefetch(session: ImapSession, batches: list[list[int]]) -> Iterator[tuple[list[int], list]]:
+    """Yield (batch, prepared messages), fetching the next batch in a worker thread.
+
+    Only the worker thread touches the IMAP connection while this runs. An error in it is
+    raised here, in order, after the batches before it were yielded.
+    """
+    if not batches:
+        return
+    slots: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                item = (batch, [prepare(m) for m in session.fetch_messages(batch)])
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
+            slots.put(exc)
+            return
+        slots.put(None)
+
+    worker = threading.Thread(target=produce, name="imap-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 class BudgetExhausted(Exception):
@@ -98,14 +143,18 @@ class ImapSync:
         self.budget = preset_for(mailbox.provider).daily_download_bytes
 
     # -- entry --------------------------------------------------------------------------------
-    def run(self) -> SyncReport:
+    def run(self, session: ImapSession | None = None) -> SyncReport:
+        """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
+        it); by default a new one is opened and closed."""
         mailbox = self.mailbox
         with mailbox_lock(mailbox.pk):
             self._start()
             try:
-                with self.session_factory(server_settings(mailbox, timeout=self.timeout)) as session:
-                    for folder in self._folders(session):
-                        self._sync_folder(session, folder)
+                if session is not None:
+                    self._sync_folders(session)
+                else:
+                    with self.session_factory(server_settings(mailbox, timeout=self.timeout)) as own:
+                        self._sync_folders(own)
             except BudgetExhausted as paused:
                 self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
                           last_error="", last_error_code="")
@@ -120,6 +169,10 @@ class ImapSync:
             self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(), paused_until=None,
                       last_error="", last_error_code="")
         return self.report
+
+    def _sync_folders(self, session: ImapSession) -> None:
+        for folder in self._folders(session):
+            self._sync_folder(session, folder)
 
     def _set(self, **fields: object) -> None:
         Mailbox.objects.filter(pk=self.mailbox.pk).update(**fields)
@@ -262,39 +315,41 @@ class ImapSync:
             return
         sizes = session.fetch_sizes(uids)
         self._add_totals(len(sizes), sum(sizes.values()))
-        for batch in _batches(sorted(sizes), sizes):
-            top = max(batch)
+        def advance_to(batch: list[int]) -> Callable[[MailFolder], None]:
+            def advance(f: MailFolder) -> None:
+                f.uid_high = max(f.uid_high, max(batch))
+            return advance
 
-            def advance(f: MailFolder, top: int = top) -> None:
-                f.uid_high = max(f.uid_high, top)
-
-            self._fetch_and_store(session, folder, batch, advance)
+        self._fetch_and_store(session, folder, list(_batches(sorted(sizes), sizes)), advance_to)
 
     def _backfill(self, session: ImapSession, folder: MailFolder) -> None:
         uids = [u for u in self._search(session) if u < (folder.uid_low or 0)]
         sizes = session.fetch_sizes(uids) if uids else {}
         self._add_totals(len(sizes), sum(sizes.values()))
-        for batch in _batches(sorted(sizes, reverse=True), sizes):
-            low = min(batch)
+        def advance_to(batch: list[int]) -> Callable[[MailFolder], None]:
+            def advance(f: MailFolder) -> None:
+                f.uid_low = min(f.uid_low or min(batch), min(batch))
+            return advance
 
-            def advance(f: MailFolder, low: int = low) -> None:
-                f.uid_low = min(f.uid_low or low, low)
-
-            self._fetch_and_store(session, folder, batch, advance)
+        self._fetch_and_store(session, folder, list(_batches(sorted(sizes, reverse=True), sizes)),
+                              advance_to)
         folder.backfill_done = True
         folder.save(update_fields=["backfill_done"])
 
-    def _fetch_and_store(self, session: ImapSession, folder: MailFolder, batch: list[int],
-                         advance: Callable[[MailFolder], None]) -> None:
-        self._check_budget()
-        messages = session.fetch_messages(batch)
-        result = ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
-                              messages=messages, advance_cursor=advance)
-        if _TEST_STORE_DELAY:
-            time_module.sleep(_TEST_STORE_DELAY)
-        self.report.new += result.stored
-        self.report.located += result.located
-        self.report.failed += result.failed
+    def _fetch_and_store(self, session: ImapSession, folder: MailFolder, batches: list[list[int]],
+                         advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
+        """Fetch batch n+1 (and hash, parse headers, compress it) in a second thread while
+        batch n is written to the database. At most two batches are in memory."""
+        for batch, prepared in _prefetch(session, batches):
+            self._check_budget()
+            result = ingest_batch(mailbox=self.mailbox, folder=folder,
+                                  uidvalidity=folder.uidvalidity, prepared=prepared,
+                                  advance_cursor=advance_to(batch))
+            if _TEST_STORE_DELAY:
+                time_module.sleep(_TEST_STORE_DELAY)
+            self.report.new += result.stored
+            self.report.located += result.located
+            self.report.failed += result.failed
 
     # -- server-side changes ------------------------------------------------------------------
     def _known(self, folder: MailFolder) -> dict[int, tuple[int, list[str]]]:

@@ -39,6 +39,7 @@ class Prepared:
     envelope: Envelope
     content_hash: str
     fingerprint: str
+    compressed: bytes
 
 
 def _clean(value: str, limit: int) -> str:
@@ -56,9 +57,12 @@ def fingerprint(envelope: Envelope, raw: bytes, chash: str) -> str:
 
 
 def prepare(message: FetchedMessage) -> Prepared:
+    """Everything about a message that needs no database: runs beside the storing of the
+    previous batch (the sync engine prefetches), and zstd and hashlib release the GIL."""
     envelope = parse_envelope(message.raw)
     chash = content_hash(message.raw)
-    return Prepared(message, envelope, chash, fingerprint(envelope, message.raw, chash))
+    return Prepared(message, envelope, chash, fingerprint(envelope, message.raw, chash),
+                    compress(message.raw))
 
 
 def thread_key(envelope: Envelope, fp: str) -> str:
@@ -163,6 +167,17 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
                                    ["last_date", "subject"], batch_size=500)
 
 
+def assign_threads(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> None:
+    """Put mails that are already saved (e.g. composed in the CRM) in their threads."""
+    threads = _threads_for(mailbox, emails)
+    for email, _ in emails:
+        Email.objects.filter(pk=email.pk).update(thread=email.thread)
+    _finish_threads(mailbox, [email for email, _ in emails], threads)
+
+
+_assign_threads = assign_threads  # the name mailsync.sending imports
+
+
 @dataclass
 class BatchResult:
     stored: int = 0      # new Email rows
@@ -176,15 +191,17 @@ def ingest_batch(
     mailbox: Mailbox,
     folder: MailFolder,
     uidvalidity: int,
-    messages: Sequence[FetchedMessage],
+    messages: Sequence[FetchedMessage] = (),
     advance_cursor: Callable[[MailFolder], None],
+    prepared: Sequence[Prepared] | None = None,
 ) -> BatchResult:
     """Store ``messages`` and, in the same transaction, advance the cursor.
 
     If the batch cannot be stored as a whole, messages are stored one by one and those that
     still fail are kept as raw bytes in ``MessageError`` (the sync goes on without them).
     """
-    prepared = [prepare(m) for m in messages]
+    if prepared is None:
+        prepared = [prepare(m) for m in messages]
     try:
         with transaction.atomic():
             result = _store(mailbox, folder, uidvalidity, prepared)
@@ -206,7 +223,7 @@ def ingest_batch(
             MessageError.objects.update_or_create(
                 folder=folder, uidvalidity=uidvalidity, uid=p.message.uid, resolved_at=None,
                 defaults={"mailbox": mailbox, "error": f"Could not store this message: {exc}"[:2000],
-                          "raw": compress(p.message.raw)},
+                          "raw": p.compressed},
             )
     with transaction.atomic():
         _finish(mailbox, folder, advance_cursor, result)
@@ -240,7 +257,7 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     result.stored = len(created)
     ids = {**existing, **{e.fingerprint: e.pk for e in created}}
 
-    write_sources([(e.pk, compress(p.message.raw), len(p.message.raw)) for e, p in new.values()])
+    write_sources([(e.pk, p.compressed, len(p.message.raw)) for e, p in new.values()])
     EmailParticipant.objects.bulk_create(
         [row for e, p in new.values() for row in _participants(e, p.envelope)], batch_size=2000
     )
