@@ -65,8 +65,38 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
         links += [EmailLink(email_id=email_id, lead_id=pk) for pk in lead_ids]
         links += [EmailLink(email_id=email_id, contact_id=pk) for pk in c_ids]
         links += [EmailLink(email_id=email_id, deal_id=pk) for pk in d_ids]
+    links += _reply_links(email_ids)
     created = EmailLink.objects.bulk_create(links, ignore_conflicts=True, batch_size=1000)
     return len(created)
+
+
+def _reply_links(email_ids: list[int]) -> list[EmailLink]:
+    """Replies to mail sent from the CRM join the records that mail was sent from, whatever
+    address they come from: their In-Reply-To/References quote its Message-ID (which names
+    the record and carries a random part, so it cannot be guessed to attach mail elsewhere)."""
+    from .models import Email
+
+    quoted: dict[int, set[str]] = {}
+    for email_id, in_reply_to, references in Email.objects.filter(pk__in=email_ids).values_list(
+        "pk", "in_reply_to", "references"
+    ):
+        ids = {i for i in [in_reply_to, *(references or [])] if i and i.startswith("crm.")}
+        if ids:
+            quoted[email_id] = ids
+    if not quoted:
+        return []
+    all_ids = set().union(*quoted.values())
+    parents: dict[str, list[tuple[int | None, int | None, int | None]]] = defaultdict(list)
+    for message_id, lead, contact, deal in EmailLink.objects.filter(
+        email__source=Email.Source.CRM, email__message_id__in=all_ids
+    ).values_list("email__message_id", "lead_id", "contact_id", "deal_id"):
+        parents[message_id].append((lead, contact, deal))
+    return [
+        EmailLink(email_id=email_id, lead_id=lead, contact_id=contact, deal_id=deal)
+        for email_id, ids in quoted.items()
+        for message_id in ids
+        for lead, contact, deal in parents.get(message_id, ())
+    ]
 
 
 def _record_addresses(record: Lead | Contact) -> set[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, F, Max, OuterRef, Q, QuerySet, Min
 from django.utils import timezone
 
 from crm.models import Contact, Deal, Lead, User
@@ -36,10 +36,14 @@ def emails_visible_to(user: User) -> QuerySet[Email]:
 
 
 def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[Email]:
+    """The record's mail the user may see, each message once: the same mail synced from two
+    mailboxes (a personal and a shared one) has one fingerprint and is listed once."""
     field = {Lead: "lead", Contact: "contact", Deal: "deal"}[type(record)]
-    return emails_visible_to(user).filter(
+    linked = emails_visible_to(user).filter(
         Exists(EmailLink.objects.filter(email=OuterRef("pk"), **{field: record}))
     )
+    first_of_each = linked.values("fingerprint").annotate(first=Min("pk")).values("first")
+    return Email.objects.filter(pk__in=first_of_each)
 
 
 def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
@@ -72,3 +76,54 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
         ],
         "emails_unparsed": Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).count(),
     }
+
+
+# -- pages: the Emails related list and the mailbox view -------------------------------------
+
+# The view pick-list of the Emails related list.
+EMAIL_VIEWS: dict[str, tuple[str, Q]] = {
+    "all": ("All", Q()),
+    "received": ("Received", Q(direction=Email.Direction.RECEIVED)),
+    "sent": ("Sent", Q(direction=Email.Direction.SENT)),
+    "bcc": ("BCC Dropbox", Q(source=Email.Source.BCC_DROPBOX)),
+}
+
+
+def _grouped(emails: QuerySet[Email]) -> QuerySet[Email]:
+    # A mail outside any thread is a group of its own (negative key: never a thread id).
+    from django.db.models.functions import Coalesce
+
+    return emails.annotate(group=Coalesce("thread_id", -F("pk")))
+
+
+def record_email_groups(*, user: User, record: Lead | Contact | Deal, view: str = "all"):  # noqa: ANN201
+    """Threads of the record's mail in one view, newest first: rows of ``group`` (key),
+    ``last`` (latest date), ``count`` and ``unread``. Page over this, then load the mails
+    of one page with ``emails_of_groups`` (two queries whatever the record's size)."""
+    condition = EMAIL_VIEWS.get(view, EMAIL_VIEWS["all"])[1]
+    emails = emails_of_record(user=user, record=record).filter(condition)
+    return (
+        _grouped(emails).order_by().values("group")
+        .annotate(last=Max("date"), count=Count("pk"), unread=Count("pk", filter=Q(seen=False)))
+        .order_by(F("last").desc(nulls_last=True), "-group")
+    )
+
+
+def emails_of_groups(*, user: User, record: Lead | Contact | Deal, view: str,
+                     groups: list[int]) -> QuerySet[Email]:
+    condition = EMAIL_VIEWS.get(view, EMAIL_VIEWS["all"])[1]
+    return (
+        _grouped(emails_of_record(user=user, record=record).filter(condition))
+        .filter(group__in=groups).select_related("mailbox")
+        .order_by(F("date").desc(nulls_last=True), "-pk")
+    )
+
+
+def emails_unmatched(*, user: User, mailbox: Mailbox | None = None) -> QuerySet[Email]:
+    """The user's synced mail that is linked to no lead, contact or deal, newest first."""
+    emails = Email.objects.filter(
+        mailbox__owner=user, deleted_at__isnull=True, source=Email.Source.SYNC,
+    ).exclude(Exists(EmailLink.objects.filter(email=OuterRef("pk"))))
+    if mailbox is not None:
+        emails = emails.filter(mailbox=mailbox)
+    return emails.select_related("mailbox").order_by(F("date").desc(nulls_last=True), "-pk")

@@ -425,3 +425,48 @@ def test_a_synced_folder_deleted_on_the_server_leaves_tombstones_and_the_sync_go
     assert Email.objects.get(subject="In the inbox").deleted_at is None
     imap_mailbox.refresh_from_db()
     assert imap_mailbox.state == "completed"
+
+
+def test_reply_to_crm_sent_mail_links_to_its_record_from_any_address(dovecot, mail_user, imap_mailbox):
+    from mailsync.models import Email as EmailModel
+
+    contact = ContactFactory(email="buyer@client.example")
+    sent = EmailModel.objects.create(
+        mailbox=imap_mailbox, fingerprint="sent-1", message_id="crm.contact.%d.0a1b2c3d4e5f60718293@crm.example" % contact.pk,
+        content_hash="x", direction="sent", source="crm", subject="Our offer",
+    )
+    EmailLink.objects.create(email=sent, contact=contact)
+    # The buyer answers from a private address the CRM does not know
+    dovecot.deliver(mail_user, make_message(
+        sender="Buyer <buyer.private@home.example>", subject="Re: Our offer",
+        in_reply_to=f"<{sent.message_id}>", references=f"<{sent.message_id}>",
+    ))
+    # A forged reference to a CRM id that was never sent links nothing
+    dovecot.deliver(mail_user, make_message(
+        sender="Mallory <m@evil.example>", subject="Forged",
+        in_reply_to="<crm.contact.%d.ffffffffffffffffffff@crm.example>" % contact.pk,
+    ))
+    sync(imap_mailbox)
+
+    assert EmailLink.objects.filter(contact=contact, email__subject="Re: Our offer").exists()
+    assert not EmailLink.objects.filter(email__subject="Forged").exists()
+
+
+def test_the_same_mail_in_two_mailboxes_is_listed_once_on_the_record(dovecot):
+    from mailsync.selectors import emails_of_record
+    from tests.factories import MailboxFactory, UserFactory
+
+    owner = UserFactory()
+    contact = ContactFactory(owner=owner, email="buyer@client.example")
+    raw = make_message(sender="Buyer <buyer@client.example>", subject="To both")
+    mailboxes = []
+    for _ in range(2):  # e.g. a personal and a shared account of the same salesperson
+        user = dovecot.add_user()
+        dovecot.append(user, "INBOX", raw)
+        mailboxes.append(MailboxFactory(owner=owner, email_address=user.email, incoming_host=dovecot.host,
+                                        incoming_port=dovecot.imaps_port, username=user.username,
+                                        password=user.password, is_active=not mailboxes))
+    for mailbox in mailboxes:
+        sync(mailbox)
+    assert Email.objects.filter(subject="To both").count() == 2  # one per mailbox
+    assert [e.subject for e in emails_of_record(user=owner, record=contact)] == ["To both"]
