@@ -188,6 +188,9 @@ class Pop3Message(models.Model):
     size = models.PositiveBigIntegerField(default=0)
     downloaded_at = models.DateTimeField(auto_now_add=True)
     deleted_from_server_at = models.DateTimeField(null=True, blank=True)
+    # Over the mailbox's size limit: only the headers were imported, so the message is left
+    # on the server whatever the mode (deleting it would lose its body).
+    truncated = models.BooleanField(default=False)
 
     class Meta:
         constraints = [

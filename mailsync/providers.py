@@ -50,5 +50,14 @@ PRESETS: dict[str, Preset] = {p.key: p for p in [
 ]}
 
 
+# Setup help text for Gmail over POP3 (the setup page shows it): what the CRM's download does
+# to the Gmail copy is decided by a setting in Gmail, not by the CRM.
+GMAIL_POP3_NOTE = (
+    "Gmail's POP3 deletes or archives messages on retrieval according to your Gmail setting "
+    "(Settings, Forwarding and POP/IMAP, \"When messages are accessed with POP\"), whatever "
+    "you choose here."
+)
+
+
 def preset_for(key: str) -> Preset:
     return PRESETS.get(key, PRESETS["custom"])

@@ -19,7 +19,6 @@ from django.utils import timezone
 from crm.exceptions import RecordPermissionDenied
 from crm.models import User
 
-from .exceptions import MailConfigError
 from .mime import parse_message
 from .models import (
     Attachment,
@@ -32,8 +31,10 @@ from .models import (
 )
 from .protocols.base import CopiedMessages
 from .protocols.imap import check_login
+from .protocols.pop3 import check_login as pop3_check_login
 from .storage import compress, decompress
 from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
+from .sync.pop3 import pop3_mailbox_sync
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,10 @@ def _emails_reshare(*, mailbox: Mailbox) -> None:
 def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
     """Log in to the incoming server, then to the SMTP server if one is set; raise a
     MailError that says what to fix."""
-    if mailbox.protocol != Mailbox.Protocol.IMAP:
-        raise MailConfigError("Only IMAP mailboxes can be tested yet.")
-    folders = check_login(server_settings(mailbox, timeout=15))
+    if mailbox.protocol == Mailbox.Protocol.POP3:
+        folders = pop3_check_login(server_settings(mailbox, timeout=15))
+    else:
+        folders = check_login(server_settings(mailbox, timeout=15))
     from .sending import smtp_test  # noqa: PLC0415  (sending imports the sync engine)
 
     smtp_test(mailbox=mailbox)
@@ -175,9 +177,10 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
     if mailbox.state == Mailbox.State.PAUSED and mailbox.paused_until and mailbox.paused_until > timezone.now():
         log.info("mailbox %s: paused until %s", mailbox_id, mailbox.paused_until)
         return None
-    if mailbox.protocol != Mailbox.Protocol.IMAP:
-        raise MailConfigError("POP3 sync is not available yet.")
-    report = imap_mailbox_sync(mailbox=mailbox)
+    if mailbox.protocol == Mailbox.Protocol.POP3:
+        report = pop3_mailbox_sync(mailbox=mailbox)
+    else:
+        report = imap_mailbox_sync(mailbox=mailbox)
     if report.new:
         from . import tasks  # noqa: PLC0415  (tasks import services)
 
@@ -363,7 +366,12 @@ def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:
     """Retry what failed: messages that could not be stored (fetched again from the server)
     and mails whose body could not be parsed (parsed again from the stored source)."""
     from .models import MessageError
-    from .sync.imap import retry_message_errors
+
+    # POP3: from the raw bytes kept with the error (the server may no longer have them).
+    if mailbox.protocol == Mailbox.Protocol.POP3:
+        from .sync.pop3 import retry_message_errors
+    else:
+        from .sync.imap import retry_message_errors
 
     _check_owner(actor, mailbox)
     refetched = 0

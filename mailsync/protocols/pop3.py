@@ -1,0 +1,403 @@
+"""POP3 adapter over poplib: connect, log in, list, retrieve, delete, quit.
+
+Pure I/O: it knows nothing of the ORM. The engine in ``mailsync.sync.pop3`` decides what to
+fetch and when it is safe to delete.
+
+Why not poplib's own ``retr()``: it reads line by line with a 2,048-byte line limit (a real
+message with a longer line fails), keeps every line in a list, and has no limit on the total
+(a server that never sends the final "." fills the worker's memory). Multi-line replies are
+read here in blocks from the buffered socket, with a cap on the total, and commands are
+pipelined where the server allows it (RFC 2449 PIPELINING).
+"""
+from __future__ import annotations
+
+import logging
+import poplib
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from ..exceptions import (
+    MailAuthError,
+    MailConfigError,
+    MailError,
+    MailProtocolError,
+    MailServerUnreachable,
+    MailTLSError,
+)
+from .base import ServerSettings, tls_context, translate_network_error
+
+log = logging.getLogger(__name__)
+
+# Socket buffer: large enough that one peek() usually holds a whole small message.
+READ_BUFFER = 256 * 1024
+# LIST and UIDL replies: about 30 bytes a message, so ~2 million messages.
+LISTING_MAX_BYTES = 64 * 1024 * 1024
+# Commands in flight at once with PIPELINING (RFC 2449 6.6): enough to hide the round trip,
+# few enough that the commands fit in the socket buffers (no deadlock while we read).
+PIPELINE_WINDOW = 32
+_TERMINATORS = (b"\n.\r\n", b"\n.\n")
+
+APP_PASSWORD_HINT = ("If the account uses two-step verification (Gmail, Yahoo, iCloud, Outlook), "
+                     "create an app-specific password and use it here.")
+
+
+@dataclass(frozen=True)
+class Pop3Listing:
+    """One message in the maildrop: its number in this session, LIST size, UIDL (or None)."""
+
+    number: int
+    size: int | None  # None: the server sent no usable size
+    uidl: str | None
+
+
+@dataclass(frozen=True)
+class Pop3Request:
+    number: int
+    max_bytes: int
+    headers_only: bool = False  # TOP n 0 instead of RETR
+
+
+@dataclass(frozen=True)
+class Pop3Retrieved:
+    number: int
+    raw: bytes
+    headers_only: bool
+    # False: the reply went over ``max_bytes``; ``raw`` holds the first bytes only and the
+    # session was closed (the rest of the reply can no longer be told from the next one).
+    complete: bool = True
+    error: str = ""  # the server answered -ERR for this message
+
+
+class _TooLong(Exception):
+    def __init__(self, partial: bytes) -> None:
+        super().__init__("reply over the size limit")
+        self.partial = partial
+
+
+def _login_error(reply: str, host: str) -> MailError:
+    """Map a refused USER/PASS to what the user must do (RFC 3206 response codes)."""
+    text = reply.lower()
+    if "plaintext" in text or "[privacy" in text or "ssl/tls" in text:
+        return MailTLSError(
+            "The server refuses passwords over an unencrypted connection.",
+            hint="Choose SSL/TLS or STARTTLS.",
+        )
+    if ("not enabled for pop" in text or "pop access" in text or "pop3 is disabled" in text
+            or "pop disabled" in text or "protocol disabled" in text):
+        return MailConfigError(
+            "POP3 is turned off for this account at the provider.",
+            hint=("Turn on POP in the account's settings (Gmail: Settings, Forwarding and "
+                  "POP/IMAP, Enable POP), then try again."),
+        )
+    if "[in-use]" in text:
+        return MailProtocolError(
+            "Another program is reading this mailbox over POP3 right now; the sync will try again."
+        )
+    if "[sys/temp]" in text:
+        return MailProtocolError(f"{host} could not open the mailbox just now; the sync will try again.")
+    return MailAuthError("The server rejected the username or password.", hint=APP_PASSWORD_HINT)
+
+
+def _reply_text(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def _parse_int(text: bytes) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+class Pop3Session:
+    """One logged-in POP3 connection. Use as a context manager.
+
+    Leaving the block without ``quit()`` closes the socket without QUIT: the server then
+    applies no DELE of this session (RFC 1939 6), which is what we want after any failure.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.client: poplib.POP3 | None = None
+        self.capabilities: frozenset[str] = frozenset()
+
+    # -- connection ---------------------------------------------------------------------------
+    def __enter__(self) -> Pop3Session:
+        self.connect()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.abandon()
+
+    def connect(self) -> None:
+        s = self.settings
+        try:
+            if s.security == "ssl":
+                client: poplib.POP3 = poplib.POP3_SSL(s.host, s.port, timeout=s.timeout,
+                                                      context=tls_context())
+            else:
+                client = poplib.POP3(s.host, s.port, timeout=s.timeout)
+            self.client = client
+            if s.security == "starttls":
+                try:
+                    client.stls(context=tls_context())
+                except poplib.error_proto as exc:
+                    # Never fall back to plain text when STARTTLS was asked for.
+                    self.abandon()
+                    raise MailTLSError(
+                        f"{s.host} does not offer STARTTLS (STLS) on port {s.port}.",
+                        hint="Use SSL/TLS (usually port 995) instead.",
+                    ) from exc
+            elif s.security != "ssl" and s.security != "none":
+                raise MailConfigError(f"Unknown security setting {s.security!r}.")
+        except MailError:
+            self.abandon()
+            raise
+        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
+            self.abandon()
+            raise self._translate(exc) from exc
+        self.login()
+
+    def login(self) -> None:
+        client = self._client()
+        try:
+            client.user(self.settings.username)
+            client.pass_(self.settings.password)
+        except poplib.error_proto as exc:
+            reply = _reply_text(exc)
+            self.abandon()
+            if reply.startswith("-ERR EOF"):
+                raise MailServerUnreachable(f"{self.settings.host} closed the connection at login.") from exc
+            raise _login_error(reply, self.settings.host) from exc
+        except (OSError, ssl.SSLError, EOFError) as exc:
+            self.abandon()
+            raise self._translate(exc) from exc
+        # A bigger buffer for the bulk of the session. Safe to swap now: the server waits for
+        # our next command, so the old buffer holds nothing unread.
+        client.file.close()
+        client.file = client.sock.makefile("rb", buffering=READ_BUFFER)
+        try:
+            self.capabilities = frozenset(self._call(client.capa))
+        except MailProtocolError:  # CAPA is optional (RFC 2449)
+            self.capabilities = frozenset()
+
+    def quit(self) -> None:
+        """QUIT: the server now removes the messages marked with DELE (RFC 1939 6).
+
+        Raises if the server does not confirm: the deletions may then not have happened.
+        """
+        client = self._client()
+        try:
+            self._call(client.quit)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close the connection without QUIT (no pending DELE is applied)."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001  (closing a dead connection must not mask the cause)
+            pass
+
+    def _client(self) -> poplib.POP3:
+        if self.client is None:
+            raise MailServerUnreachable(f"The connection to {self.settings.host} is closed.")
+        return self.client
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.capabilities
+
+    def _translate(self, exc: BaseException) -> MailError:
+        if isinstance(exc, poplib.error_proto):
+            reply = _reply_text(exc)
+            if reply.startswith("-ERR EOF"):
+                return MailServerUnreachable(f"The connection to {self.settings.host} was lost.")
+            if reply == "line too long":
+                return MailProtocolError(f"{self.settings.host} sent a reply line that is too long.")
+            return MailProtocolError(f"The POP3 server refused a command: {reply[:200]}")
+        return translate_network_error(exc, self.settings.host)
+
+    def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        """Run one poplib call, mapping failures to our error hierarchy."""
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
+            raise self._fail(exc) from exc
+
+    def _fail(self, exc: BaseException) -> MailError:
+        """The error to raise for ``exc``; the connection is given up unless the server
+        merely refused a command (then the dialogue is still in step)."""
+        error = self._translate(exc)
+        if not (isinstance(exc, poplib.error_proto) and _reply_text(exc).startswith("-ERR")
+                and not _reply_text(exc).startswith("-ERR EOF")):
+            self.abandon()
+        return error
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read_multiline(self, max_bytes: int) -> bytes:
+        """The body of a multi-line reply, dot-unstuffed, line ends as sent (RFC 1939 3).
+
+        Reads blocks from the buffered socket up to the terminating CRLF "." CRLF, never past
+        it (with pipelining the next reply follows at once). Over ``max_bytes``: _TooLong.
+        """
+        file = self._client().file
+        data = bytearray()
+        while True:
+            block = file.peek(READ_BUFFER)
+            if not block:
+                raise poplib.error_proto("-ERR EOF")
+            # The last bytes already read, after a virtual line end (a reply may be empty).
+            head = bytes(data[-4:]) if len(data) >= 4 else b"\n" + bytes(data)
+            window = head + block
+            found = [(at, len(t)) for t in _TERMINATORS if (at := window.find(t)) != -1]
+            if found:
+                at, length = min(found)
+                keep = at + 1 - len(head)  # bytes of the block up to the last line end
+                consumed = file.read(at + length - len(head))
+                if keep > 0:
+                    data += consumed[:keep]
+                elif keep < 0:  # part of the terminator was read with the previous block
+                    del data[keep:]
+                break
+            data += file.read(len(block))
+            if len(data) > max_bytes:
+                raise _TooLong(bytes(data[:max_bytes]))
+        if len(data) > max_bytes:
+            raise _TooLong(bytes(data[:max_bytes]))
+        # Byte-stuffing: a line that starts with "." was sent with one more "." in front.
+        if data.startswith(b".."):
+            del data[0]
+        body = bytes(data)
+        return body.replace(b"\n..", b"\n.") if b"\n.." in body else body
+
+    def _long_command(self, command: str, max_bytes: int) -> bytes:
+        client = self._client()
+        try:
+            client._putcmd(command)
+            client._getresp()
+            return self._read_multiline(max_bytes)
+        except _TooLong as exc:
+            self.abandon()
+            raise MailProtocolError(
+                f"The reply of {self.settings.host} to {command.split()[0]} is over "
+                f"{max_bytes} bytes."
+            ) from exc
+        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
+            raise self._fail(exc) from exc
+
+    def listing(self) -> list[Pop3Listing]:
+        """LIST sizes and UIDL ids of every message (UIDL None where the server lacks it)."""
+        sizes: dict[int, int | None] = {}
+        for line in self._long_command("LIST", LISTING_MAX_BYTES).splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and (number := _parse_int(parts[0])):
+                sizes[number] = _parse_int(parts[1])
+        uidls: dict[int, str] = {}
+        try:
+            reply = self._long_command("UIDL", LISTING_MAX_BYTES)
+        except MailProtocolError:
+            if self.client is None:  # the connection is gone, not just the command
+                raise
+            log.info("POP3 server without UIDL; keys fall back to header hashes")
+        else:
+            for line in reply.splitlines():
+                parts = line.split(maxsplit=1)
+                if len(parts) == 2 and (number := _parse_int(parts[0])):
+                    # RFC 1939 7: 1 to 70 characters in 0x21..0x7E; others are not ids.
+                    uidl = parts[1].strip()
+                    if 0 < len(uidl) <= 70 and all(0x21 <= c <= 0x7E for c in uidl):
+                        uidls[number] = uidl.decode("ascii")
+        return [Pop3Listing(number, size, uidls.get(number)) for number, size in sorted(sizes.items())]
+
+    def retrieve(self, requests: Sequence[Pop3Request]) -> list[Pop3Retrieved]:
+        """RETR (or TOP n 0) each request, pipelined when the server offers PIPELINING.
+
+        Stops early, with the session closed, at the first reply over its ``max_bytes``
+        (that last result has ``complete=False``). A -ERR for one message is reported in its
+        result and the others go on.
+        """
+        client = self._client()
+        window = PIPELINE_WINDOW if self.pipelining else 1
+        results: list[Pop3Retrieved] = []
+        sent = 0
+        try:
+            while sent < min(window, len(requests)):
+                client._putcmd(self._command(requests[sent]))
+                sent += 1
+            for request in requests:
+                try:
+                    client._getresp()
+                except poplib.error_proto as exc:
+                    reply = _reply_text(exc)
+                    if reply.startswith("-ERR EOF") or reply == "line too long":
+                        raise
+                    results.append(Pop3Retrieved(request.number, b"", request.headers_only,
+                                                 error=reply[:200]))
+                else:
+                    try:
+                        raw = self._read_multiline(request.max_bytes)
+                    except _TooLong as exc:
+                        self.abandon()
+                        results.append(Pop3Retrieved(request.number, exc.partial,
+                                                     request.headers_only, complete=False))
+                        return results
+                    results.append(Pop3Retrieved(request.number, raw, request.headers_only))
+                if sent < len(requests):
+                    client._putcmd(self._command(requests[sent]))
+                    sent += 1
+        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
+            self.abandon()
+            raise self._translate(exc) from exc
+        return results
+
+    @staticmethod
+    def _command(request: Pop3Request) -> str:
+        return f"TOP {request.number} 0" if request.headers_only else f"RETR {request.number}"
+
+    def top_headers(self, number: int, max_bytes: int) -> Pop3Retrieved:
+        return self.retrieve([Pop3Request(number, max_bytes, headers_only=True)])[0]
+
+    # -- changing -----------------------------------------------------------------------------
+    def delete(self, numbers: Sequence[int]) -> None:
+        """DELE: marks only; the server removes the messages at QUIT (RFC 1939 6)."""
+        client = self._client()
+        window = PIPELINE_WINDOW if self.pipelining else 1
+        try:
+            sent = 0
+            while sent < min(window, len(numbers)):
+                client._putcmd(f"DELE {numbers[sent]}")
+                sent += 1
+            for _ in numbers:
+                client._getresp()
+                if sent < len(numbers):
+                    client._putcmd(f"DELE {numbers[sent]}")
+                    sent += 1
+        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
+            # A refused DELE leaves the pipeline out of step: give the session up (no QUIT,
+            # so none of its deletions happen; the next run marks them again).
+            self.abandon()
+            raise self._translate(exc) from exc
+
+    def stat(self) -> tuple[int, int]:
+        return self._call(self._client().stat)
+
+
+def check_login(settings: ServerSettings) -> list[tuple[str, str]]:
+    """Log in and count the messages; raises a MailError if it fails.
+
+    Returns the one "folder" POP3 has, in the shape of the IMAP check.
+    """
+    with Pop3Session(settings) as session:
+        session.stat()
+        session.quit()
+    return [("INBOX", "inbox")]

@@ -1,0 +1,413 @@
+"""The POP3 sync engine: a one-way download that never loses a message.
+
+Per run, under the mailbox lock:
+1. LIST + UIDL. Each message gets a key: its UIDL, or a hash of its headers (TOP n 0) where
+   the server has no UIDL or gives two messages the same one.
+2. Known keys (a ``Pop3Message`` row) are not downloaded again. Those the mode says to
+   remove (remove after download; or a copy kept N days, now past) get a DELE.
+3. New messages, in batches: RETR (or TOP n 0 over the size limit), stored through the
+   same ingest as IMAP, and the ``Pop3Message`` rows written in the SAME transaction. Only
+   after the commit does a DELE follow.
+4. QUIT, which is when the server removes what was marked (RFC 1939 6). A connection lost
+   before QUIT removes nothing: the next run finds those messages again, knows their keys,
+   stores nothing twice and marks them again. ``deleted_from_server_at`` is set only after
+   the server confirmed QUIT.
+
+The CRM copy is independent: nothing done in the CRM reaches the server, and a message
+removed on the server stays in the CRM.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time as time_module
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
+
+from django.db.models import F, Max
+from django.utils import timezone
+
+from ..exceptions import MailError, MailProtocolError
+from ..models import Email, EmailLocation, MailFolder, Mailbox, MessageError, Pop3Message
+from ..protocols.base import FetchedMessage, ServerSettings
+from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
+from ..providers import preset_for
+from ..storage import decompress
+from .imap import BudgetExhausted, SyncReport, server_settings
+from .ingest import ingest_batch
+from .lock import mailbox_lock
+
+log = logging.getLogger(__name__)
+
+# A batch (one transaction) holds at most this many messages and about this many bytes: the
+# same trade-off as IMAP (bulk INSERTs amortized; memory and work lost to a cut bounded).
+BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
+BATCH_BYTES = 24 * 1024 * 1024
+# Tests that kill a worker between storing and DELE slow each commit down to aim the kill.
+_TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
+# TOP n 0 of a message: headers only. A 20,000-address To header is ~600 KB.
+HEADERS_MAX_BYTES = 2 * 1024 * 1024
+# A run reconnects when a reply overflowed its cap (the connection cannot be reused); a
+# message found over the limit that way is then fetched as headers. Bounded, in case a
+# server keeps doing it.
+MAX_SESSIONS = 5
+# POP3 has one maildrop; its mail is stored under this folder (no UIDVALIDITY in POP3).
+POP3_FOLDER = "INBOX"
+POP3_UIDVALIDITY = 0
+EMAIL_SIZE_MAX = 2**31 - 1  # Email.size is a 32-bit column; a LIST size may be anything
+KNOWN_CHUNK = 5000
+# Messages whose headers are hashed per pipelined round (servers without usable UIDL).
+HASH_CHUNK = 200
+
+
+@dataclass
+class Keyed:
+    listing: Pop3Listing
+    key: str
+    kind: str  # Pop3Message.KeyKind
+
+
+def header_hash_key(headers: bytes, size: int | None) -> str:
+    """The fallback key: SHA-256 of the header block (CRLF/LF alike) and the LIST size."""
+    basis = headers.replace(b"\r\n", b"\n") + f"\nsize:{size}".encode()
+    return "hdr:" + hashlib.sha256(basis).hexdigest()
+
+
+def assign_keys(listing: Sequence[Pop3Listing],
+                hash_keys: Callable[[Sequence[Pop3Listing]], dict[int, str]]) -> list[Keyed]:
+    """A key per message: its UIDL where it is present and unique in this listing, else a
+    header hash (``hash_keys`` fetches TOP n 0 of the messages given and hashes them).
+    Identical header hashes get an ordinal, so two copies of one message both count."""
+    counts = Counter(item.uidl for item in listing if item.uidl)
+    keyed: list[Keyed] = []
+    need_hash = [item for item in listing if not item.uidl or counts[item.uidl] > 1]
+    hashes = hash_keys(need_hash) if need_hash else {}
+    seen: Counter[str] = Counter()
+    for item in listing:
+        if item.uidl and counts[item.uidl] == 1:
+            keyed.append(Keyed(item, item.uidl, Pop3Message.KeyKind.UIDL))
+            continue
+        base = hashes.get(item.number) or header_hash_key(b"", item.size)
+        seen[base] += 1
+        key = base if seen[base] == 1 else f"{base}:{seen[base]}"
+        keyed.append(Keyed(item, key, Pop3Message.KeyKind.HASH))
+    return keyed
+
+
+@dataclass
+class _Known:
+    downloaded_at: datetime
+    truncated: bool
+
+
+def _batches(items: Sequence[Keyed], size_of: Callable[[Keyed], int]) -> Iterator[list[Keyed]]:
+    batch: list[Keyed] = []
+    total = 0
+    for item in items:
+        size = size_of(item)
+        if batch and (len(batch) >= BATCH_MESSAGES or total + size > BATCH_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size
+    if batch:
+        yield batch
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+class Pop3Sync:
+    """One run over one POP3 mailbox. Create per run; call ``run()``."""
+
+    def __init__(self, mailbox: Mailbox, *,
+                 session_factory: Callable[[ServerSettings], Pop3Session] = Pop3Session,
+                 timeout: float = 30.0) -> None:
+        self.mailbox = mailbox
+        self.session_factory = session_factory
+        self.timeout = timeout
+        self.report = SyncReport(folders=1)
+        self.budget = preset_for(mailbox.provider).daily_download_bytes
+        # Keys whose RETR went over the limit although LIST said it fitted: headers only.
+        self.too_large: set[str] = set()
+        self.counted: set[str] = set()
+        self.folder: MailFolder | None = None
+        self.next_uid = 1
+
+    # -- entry --------------------------------------------------------------------------------
+    def run(self) -> SyncReport:
+        mailbox = self.mailbox
+        with mailbox_lock(mailbox.pk):
+            self._start()
+            try:
+                for _ in range(MAX_SESSIONS):
+                    if self._session():
+                        break
+                else:
+                    raise MailProtocolError(
+                        "The server kept sending messages larger than it announced; try again later."
+                    )
+            except BudgetExhausted as paused:
+                self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
+                          last_error="", last_error_code="")
+                return self.report
+            except MailError as exc:
+                self._set(state=Mailbox.State.ERROR, last_error=str(exc), last_error_code=exc.code)
+                raise
+            except Exception as exc:
+                self._set(state=Mailbox.State.ERROR, last_error=f"Unexpected error: {type(exc).__name__}",
+                          last_error_code="internal")
+                raise
+            self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(), paused_until=None,
+                      last_error="", last_error_code="")
+        return self.report
+
+    def _set(self, **fields: object) -> None:
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self.mailbox, name, value)
+
+    def _start(self) -> None:
+        today = timezone.now().date()
+        fields: dict[str, object] = {
+            "state": Mailbox.State.SYNCING, "sync_started_at": timezone.now(),
+            "messages_done": 0, "messages_total": 0, "bytes_done": 0, "bytes_total": 0,
+        }
+        if self.mailbox.budget_day != today:
+            fields.update(budget_day=today, budget_bytes_used=0)
+        self._set(**fields)
+        self.folder, _ = MailFolder.objects.get_or_create(
+            mailbox=self.mailbox, name=POP3_FOLDER,
+            defaults={"special_use": "inbox", "uidvalidity": POP3_UIDVALIDITY, "backfill_done": True},
+        )
+
+    def _check_budget(self) -> None:
+        if self.budget is None:
+            return
+        used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list("budget_bytes_used", flat=True)[0]
+        if used >= self.budget:
+            tomorrow = timezone.now().date() + timedelta(days=1)
+            raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc))
+
+    # -- one connection -----------------------------------------------------------------------
+    def _session(self) -> bool:
+        """One connection: list, delete what the mode says, download what is new, QUIT.
+
+        Returns False when the connection had to be given up after a reply over its size
+        cap (nothing is lost: the run reconnects and goes on).
+        """
+        with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as session:
+            keyed = assign_keys(session.listing(), lambda items: self._hash_keys(session, items))
+            known = self._known([k.key for k in keyed])
+            marked: list[str] = []
+            try:
+                expired = [k for k in keyed if k.key in known and self._remove(known[k.key])]
+                if expired:
+                    session.delete([k.listing.number for k in expired])
+                    marked += [k.key for k in expired]
+                new = [k for k in keyed if k.key not in known]
+                if not self._download(session, new, marked):
+                    return False
+            except BudgetExhausted:
+                self._quit(session, marked)  # what is marked is stored: let QUIT remove it
+                raise
+            self._quit(session, marked)
+        return True
+
+    def _quit(self, session: Pop3Session, marked: list[str]) -> None:
+        session.quit()
+        if marked:
+            Pop3Message.objects.filter(mailbox=self.mailbox, key__in=marked).update(
+                deleted_from_server_at=timezone.now()
+            )
+
+    def _hash_keys(self, session: Pop3Session, items: Sequence[Pop3Listing]) -> dict[int, str]:
+        """Header-hash keys (TOP n 0), a chunk at a time: only the hashes are kept."""
+        keys: dict[int, str] = {}
+        sizes = {item.number: item.size for item in items}
+        for start in range(0, len(items), HASH_CHUNK):
+            replies = session.retrieve([Pop3Request(item.number, HEADERS_MAX_BYTES, headers_only=True)
+                                        for item in items[start:start + HASH_CHUNK]])
+            if replies and not replies[-1].complete:
+                raise MailProtocolError("The server sent a header block over 2 MB.")
+            keys.update({r.number: header_hash_key(r.raw, sizes[r.number])
+                         for r in replies if not r.error})
+        return keys
+
+    def _known(self, keys: Sequence[str]) -> dict[str, _Known]:
+        known: dict[str, _Known] = {}
+        for start in range(0, len(keys), KNOWN_CHUNK):
+            rows = Pop3Message.objects.filter(
+                mailbox=self.mailbox, key__in=keys[start:start + KNOWN_CHUNK]
+            ).values_list("key", "downloaded_at", "truncated")
+            known.update({key: _Known(at, truncated) for key, at, truncated in rows})
+        return known
+
+    def _remove(self, known: _Known) -> bool:
+        """Does the mode say a stored message should leave the server now?"""
+        if known.truncated:
+            return False  # only its headers are in the CRM: the body stays on the server
+        if self.mailbox.pop3_delete_after_download:
+            return True
+        days = self.mailbox.pop3_keep_days
+        return days is not None and known.downloaded_at <= timezone.now() - timedelta(days=days)
+
+    def _headers_only(self, item: Keyed) -> bool:
+        size = item.listing.size
+        return item.key in self.too_large or (size is not None and size > self.mailbox.max_message_bytes)
+
+    def _download(self, session: Pop3Session, new: list[Keyed], marked: list[str]) -> bool:
+        if not new:
+            return True
+
+        def size_of(item: Keyed) -> int:
+            return 0 if self._headers_only(item) else (item.listing.size or 0)
+
+        # Progress totals count each message once, however many connections the run takes.
+        uncounted = [k for k in new if k.key not in self.counted]
+        self.counted.update(k.key for k in uncounted)
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(
+            messages_total=F("messages_total") + len(uncounted),
+            bytes_total=F("bytes_total") + sum(size_of(k) for k in uncounted),
+        )
+        self.next_uid = self._first_free_uid()
+
+        for batch in _batches(new, size_of):
+            self._check_budget()
+            requests = [
+                Pop3Request(k.listing.number, HEADERS_MAX_BYTES, headers_only=True)
+                if self._headers_only(k)
+                else Pop3Request(k.listing.number, self.mailbox.max_message_bytes)
+                for k in batch
+            ]
+            replies = session.retrieve(requests)
+            by_number = {k.listing.number: k for k in batch}
+            # A reply over its cap ends the list, and the connection with it.
+            complete = all(reply.complete for reply in replies)
+            stored: list[tuple[Keyed, Pop3Retrieved]] = []
+            for reply in replies:
+                item = by_number[reply.number]
+                if reply.error:
+                    # Left on the server and tried again next run; never recorded as done.
+                    log.warning("mailbox %s: RETR refused (%s)", self.mailbox.pk, reply.error)
+                    self.report.failed += 1
+                elif not reply.complete and not reply.headers_only:
+                    # Bigger than LIST said: fetch its headers on the next connection.
+                    self.too_large.add(item.key)
+                    Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                        bytes_total=F("bytes_total") - (item.listing.size or 0)
+                    )
+                else:
+                    stored.append((item, reply))
+            if stored:
+                self._store(stored)
+                if _TEST_STORE_DELAY:
+                    time_module.sleep(_TEST_STORE_DELAY)
+                # Only now, with the rows committed, may the server forget the messages.
+                if complete:
+                    removable = [item for item, reply in stored
+                                 if not reply.headers_only and self.mailbox.pop3_delete_after_download]
+                    if removable:
+                        session.delete([item.listing.number for item in removable])
+                        marked += [item.key for item in removable]
+            if not complete:
+                return False
+        return True
+
+    def _first_free_uid(self) -> int:
+        """POP3 mail is stored with a made-up UID per message (EmailLocation and MessageError
+        are keyed by one); never reuse one taken by a location or an error."""
+        assert self.folder is not None
+        top = max(
+            EmailLocation.objects.filter(folder=self.folder, uidvalidity=POP3_UIDVALIDITY)
+            .aggregate(top=Max("uid"))["top"] or 0,
+            MessageError.objects.filter(folder=self.folder, uidvalidity=POP3_UIDVALIDITY)
+            .aggregate(top=Max("uid"))["top"] or 0,
+        )
+        return top + 1
+
+    def _store(self, stored: list[tuple[Keyed, Pop3Retrieved]]) -> None:
+        """Ingest the batch; record its keys in the same transaction (the cursor callback)."""
+        assert self.folder is not None
+        messages: list[FetchedMessage] = []
+        planned: list[tuple[int, Keyed, Pop3Retrieved]] = []
+        for item, reply in stored:
+            uid = self.next_uid
+            self.next_uid += 1
+            messages.append(FetchedMessage(uid=uid, flags=(), size=len(reply.raw), internal_date=None,
+                                           raw=reply.raw))
+            planned.append((uid, item, reply))
+        mailbox = self.mailbox
+
+        def record(folder: MailFolder) -> None:
+            uids = [uid for uid, _, _ in planned]
+            emails = dict(
+                EmailLocation.objects.filter(folder=folder, uidvalidity=POP3_UIDVALIDITY, uid__in=uids)
+                .values_list("uid", "email_id")
+            )
+            Pop3Message.objects.bulk_create(
+                [Pop3Message(mailbox=mailbox, key=item.key, key_kind=item.kind, email_id=emails.get(uid),
+                             size=item.listing.size or len(reply.raw), truncated=reply.headers_only)
+                 for uid, item, reply in planned],
+                ignore_conflicts=True,
+            )
+            truncated = [(uid, item, reply) for uid, item, reply in planned if reply.headers_only]
+            if truncated:
+                for uid, item, _ in truncated:
+                    if uid in emails:  # the size of the message, not of what was kept
+                        Email.objects.filter(pk=emails[uid]).update(
+                            truncated=True, size=min(item.listing.size or 0, EMAIL_SIZE_MAX)
+                        )
+                # The headers were not in the total announced at the start.
+                Mailbox.objects.filter(pk=mailbox.pk).update(
+                    bytes_total=F("bytes_total") + sum(len(reply.raw) for _, _, reply in truncated)
+                )
+                limit = _megabytes(mailbox.max_message_bytes)
+                MessageError.objects.bulk_create([
+                    MessageError(
+                        mailbox=mailbox, folder=folder, uidvalidity=POP3_UIDVALIDITY, uid=uid,
+                        error=(f"This message ({_megabytes(item.listing.size or 0)}) is over this "
+                               f"mailbox's limit of {limit}: only its headers were imported. "
+                               "It was left on the server."),
+                    )
+                    for uid, item, _ in truncated
+                ])
+
+        result = ingest_batch(mailbox=mailbox, folder=self.folder, uidvalidity=POP3_UIDVALIDITY,
+                              messages=messages, advance_cursor=record)
+        self.report.new += result.stored
+        self.report.located += result.located
+        self.report.failed += result.failed
+
+
+def pop3_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:
+    """Download a POP3 mailbox now. Raises MailUserError (no retry), MailTransientError (retry)."""
+    return Pop3Sync(mailbox, timeout=timeout).run()
+
+
+def retry_message_errors(*, mailbox: Mailbox) -> int:
+    """Store again the messages that failed to store, from the raw bytes kept with the error
+    (a POP3 message may be gone from the server). Notices without bytes stay as they are."""
+    errors = list(
+        MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True, raw__isnull=False,
+                                    folder__isnull=False, uid__isnull=False)
+        .select_related("folder")
+    )
+    if not errors:
+        return 0
+    stored = 0
+    with mailbox_lock(mailbox.pk):
+        for error in errors:
+            raw = decompress(error.raw)
+            message = FetchedMessage(uid=error.uid, flags=(), size=len(raw), internal_date=None, raw=raw)
+            # A success resolves the error (ingest resolves errors of the UIDs it stores).
+            result = ingest_batch(mailbox=mailbox, folder=error.folder,
+                                  uidvalidity=error.uidvalidity or POP3_UIDVALIDITY,
+                                  messages=[message], advance_cursor=lambda f: None)
+            stored += result.stored + result.located
+    return stored
