@@ -15,5 +15,6 @@ urlpatterns = [
     path("api/v1/", include("crm.api.urls")),
     path("api/", api_not_found),
     path("api/<path:rest>", api_not_found),
+    path("", include("mailsync.urls")),
     *views.record_urlpatterns(),
 ]

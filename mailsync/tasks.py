@@ -61,3 +61,15 @@ def purge_tombstones() -> int:
     from django.conf import settings
 
     return services.emails_purge_tombstones(older_than_days=settings.MAILROOM_TOMBSTONE_DAYS)
+
+
+@shared_task(name="mailsync.send_email", acks_late=False, ignore_result=True)
+def send_email(email_id: int) -> None:
+    """Deliver one mail composed in the CRM. Acknowledged on receipt and never retried
+    automatically: a mail must not reach a customer twice (see ``mailsync.sending``)."""
+    from . import sending
+
+    try:
+        sending.email_deliver(email_id=email_id)
+    except sending.Email.DoesNotExist:
+        log.info("email %s: deleted before it was sent", email_id)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ..models import Attachment, Email, Mailbox
@@ -76,7 +77,7 @@ class EmailListSerializer(serializers.ModelSerializer):
         fields = [
             "id", "mailbox", "message_id", "subject", "date", "from_name", "from_address",
             "to", "cc", "direction", "source", "seen", "flagged", "has_attachments", "thread",
-            "size", "folders",
+            "size", "folders", "send_state", "send_error",
         ]
 
     def get_folders(self, obj: Email) -> list[str]:
@@ -121,3 +122,47 @@ class EmailUpdateSerializer(serializers.Serializer):
     seen = serializers.BooleanField(required=False)
     flagged = serializers.BooleanField(required=False)
     folder = serializers.CharField(required=False, max_length=500)
+
+
+@extend_schema_field({"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+                      "example": ["Grace Hopper <grace@navy.example>"]})
+class AddressListField(serializers.Field):
+    """Addresses as a list of strings or one comma-separated string."""
+
+    default_error_messages = {"invalid": "A list of addresses or one comma-separated string."}
+
+    def to_internal_value(self, data: object) -> list[str]:
+        if isinstance(data, str):
+            return [data] if data.strip() else []
+        if isinstance(data, list) and all(isinstance(item, str) for item in data):
+            return data
+        self.fail("invalid")
+        return []
+
+    def to_representation(self, value: list[str]) -> list[str]:
+        return value
+
+
+class EmailSendSerializer(serializers.Serializer):
+    """What ``POST /api/v1/emails/send/`` takes: the fields of the compose page."""
+
+    from_address = serializers.CharField(max_length=320, help_text="One of your sending addresses.")
+    to = AddressListField(required=False, default=list)
+    cc = AddressListField(required=False, default=list)
+    bcc = AddressListField(required=False, default=list)
+    reply_to = serializers.CharField(required=False, allow_blank=True, default="",
+                                     help_text="A verified organization email (optional).")
+    subject = serializers.CharField(allow_blank=True, max_length=998, trim_whitespace=False)
+    html = serializers.CharField(required=False, allow_blank=True, default="", trim_whitespace=False)
+    text = serializers.CharField(required=False, allow_blank=True, default="", trim_whitespace=False)
+    lead = serializers.IntegerField(required=False, help_text="Send from this lead (id).")
+    contact = serializers.IntegerField(required=False)
+    deal = serializers.IntegerField(required=False)
+    in_reply_to = serializers.IntegerField(required=False, help_text="Id of the email replied to.")
+    attachments = serializers.ListField(child=serializers.FileField(), required=False, default=list,
+                                        help_text="Files (multipart/form-data).")
+
+    def validate(self, attrs: dict) -> dict:
+        if sum(1 for name in ("lead", "contact", "deal") if attrs.get(name) is not None) > 1:
+            raise serializers.ValidationError({"non_field_errors": ["Give at most one of lead, contact, deal."]})
+        return attrs

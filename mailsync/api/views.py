@@ -132,6 +132,54 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     def perform_destroy(self, instance: Email) -> None:
         services.email_delete(actor=self.request.user, email=instance)
 
+    @extend_schema(request={"application/json": s.EmailSendSerializer,
+                            "multipart/form-data": s.EmailSendSerializer},
+                   responses={202: s.EmailDetailSerializer})
+    @action(detail=False, methods=["post"], url_path="send")
+    def send(self, request: Request) -> Response:
+        """Compose and send: stored on the record at once with ``send_state`` "sending",
+        then "sent" or "failed" (with ``send_error``; retry with ``…/retry-send/``)."""
+        from crm.models import Contact, Deal, Lead
+        from crm.selectors import records_visible_to
+
+        from .. import sending
+
+        data = s.EmailSendSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        d = data.validated_data
+        record = None
+        for name, model in (("lead", Lead), ("contact", Contact), ("deal", Deal)):
+            if d.get(name) is not None:
+                record = records_visible_to(request.user, model.objects.filter(pk=d[name])).first()
+                if record is None:
+                    raise serializers.ValidationError({name: [f"No such {name} visible to you."]})
+        parent = None
+        if d.get("in_reply_to") is not None:
+            parent = selectors.emails_visible_to(request.user).filter(pk=d["in_reply_to"]).first()
+            if parent is None:
+                raise serializers.ValidationError({"in_reply_to": ["No such email visible to you."]})
+        email = sending.email_send(
+            actor=request.user, from_address=d["from_address"], to=d["to"], cc=d["cc"],
+            bcc=d["bcc"], subject=d["subject"], html=d["html"], text=d["text"], record=record,
+            in_reply_to=parent, reply_to=d["reply_to"],
+            attachments=[sending.OutgoingAttachment(f.name, f.content_type or "", f.read())
+                         for f in d["attachments"]],
+        )
+        email = self.get_queryset().get(pk=email.pk)
+        return Response(s.EmailDetailSerializer(email, context={"request": request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: s.EmailDetailSerializer})
+    @action(detail=True, methods=["post"], url_path="retry-send")
+    def retry_send(self, request: Request, pk: str | None = None) -> Response:
+        """Send again a mail whose sending failed."""
+        from .. import sending
+
+        email = sending.email_send_retry(actor=request.user, email=self.get_object())
+        email = self.get_queryset().get(pk=email.pk)
+        return Response(s.EmailDetailSerializer(email, context={"request": request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(responses={(200, "application/octet-stream"): bytes})
     @action(detail=True, methods=["get"], url_path=r"attachments/(?P<attachment_id>\d+)")
     def attachment(self, request: Request, pk: str | None = None, attachment_id: str | None = None) -> HttpResponse:

@@ -1,0 +1,261 @@
+"""SMTP adapter over aiosmtplib: log in, send one message.
+
+Pure I/O like the other adapters: no ORM, plain values in, a MailError out when something
+fails. Certificates and host names are always verified (``tls_context()``); STARTTLS, when
+asked for, is required, never skipped when the server does not offer it.
+
+aiosmtplib's low-level ``mail()``/``rcpt()`` pass CR/LF through to the wire (FIELD-NOTES), so
+every envelope address and header is checked here as a last line, and messages go out with
+``send_message`` only.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import re
+import ssl
+import threading
+from collections.abc import Coroutine, Sequence
+from email.message import EmailMessage
+from typing import Any, TypeVar
+
+import aiosmtplib
+
+from ..exceptions import (
+    MailAuthError,
+    MailConfigError,
+    MailError,
+    MailProtocolError,
+    MailServerUnreachable,
+    MailTLSError,
+    MailUserError,
+)
+from .base import ServerSettings, tls_context, translate_network_error
+
+T = TypeVar("T")
+
+# The name we give in EHLO. aiosmtplib's default is socket.getfqdn(), a DNS lookup that can
+# hang for seconds on a machine without DNS; submission servers do not check it.
+EHLO_NAME = "mailroom.localdomain"
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+class HeaderInjection(MailUserError):
+    """A header or address carries CR, LF or NUL: it could smuggle extra headers."""
+
+    code = "header_injection"
+
+
+class RecipientsRefused(MailUserError):
+    code = "recipients_refused"
+
+
+class SenderRefused(MailUserError):
+    code = "sender_refused"
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code.
+
+    ``asyncio.run`` refuses to start inside a running loop, which is the case in the main
+    thread while Playwright's sync API is active (browser tests) and in async callers: there
+    the coroutine runs in a fresh thread with its own loop.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="mailroom-smtp", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def check_headers(message: EmailMessage) -> None:
+    """Refuse a message whose header values contain CR, LF or NUL (header injection)."""
+    for name, value in message.items():
+        if _UNSAFE.search(str(name)) or _UNSAFE.search(str(value)):
+            raise HeaderInjection(f"The {name} header contains a line break.")
+
+
+def check_address(address: str) -> str:
+    if not address or _UNSAFE.search(address) or any(c in address for c in " <>,"):
+        raise HeaderInjection(f"{address!r} is not a single plain email address.")
+    return address
+
+
+def _client(settings: ServerSettings) -> aiosmtplib.SMTP:
+    if settings.security not in {"ssl", "starttls", "none"}:
+        raise MailConfigError(f"Unknown SMTP security {settings.security!r}.")
+    return aiosmtplib.SMTP(
+        hostname=settings.host,
+        port=settings.port,
+        use_tls=settings.security == "ssl",
+        start_tls=settings.security == "starttls",
+        validate_certs=True,
+        tls_context=tls_context(),
+        timeout=settings.timeout,
+        local_hostname=EHLO_NAME,
+    )
+
+
+def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
+    """aiosmtplib and socket failures in plain words, marked as the outgoing server's."""
+    host = settings.host
+    if isinstance(exc, MailError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        text = (exc.message or "").lower()
+        if "disabled" in text or "not enabled" in text:
+            return MailConfigError(
+                f"Outgoing mail (SMTP) server {host}: sending with a password is turned off "
+                "for this account.",
+                hint="Turn on SMTP authentication (\"authenticated SMTP\") in the provider's "
+                     "account settings, or ask its administrator.",
+            )
+        return MailAuthError(
+            f"Outgoing mail (SMTP) server {host} rejected the username or password.",
+            hint=("If the account uses two-step verification (Gmail, Yahoo, iCloud, Outlook), "
+                  "create an app-specific password and use it here; if the SMTP login differs "
+                  "from the incoming one, enter it under Server Details."),
+        )
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return SenderRefused(
+            f"The server refused to send from {exc.sender} ({exc.code} {exc.message}).",
+            hint="The account may not be allowed to send as this address.",
+        )
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        refused = ", ".join(r.recipient for r in exc.recipients[:5])
+        detail = exc.recipients[0].message if exc.recipients else ""
+        return RecipientsRefused(f"The server refused the recipient(s) {refused} ({detail}).")
+    if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
+        isinstance(exc, aiosmtplib.SMTPException) and not isinstance(exc, (
+            aiosmtplib.SMTPResponseException, ConnectionError, TimeoutError))
+    ):
+        text = str(exc).lower()
+        if "auth extension" in text and "tls" in text:
+            return MailTLSError(
+                f"Outgoing mail (SMTP) server {host} accepts a login only over an encrypted "
+                "connection.",
+                hint="Choose STARTTLS (usually port 587) or SSL/TLS (port 465).",
+            )
+        if "starttls extension" in text:
+            return MailTLSError(
+                f"Outgoing mail (SMTP) server {host} does not offer STARTTLS on port "
+                f"{settings.port}.",
+                hint="Use SSL/TLS (usually port 465) instead.",
+            )
+        if "auth extension" in text:
+            return MailConfigError(
+                f"Outgoing mail (SMTP) server {host} does not accept a login.",
+                hint="Check the SMTP server name and port (submission is usually 587 or 465).",
+            )
+        if "smtputf8" in text:
+            return MailConfigError(
+                f"Outgoing mail (SMTP) server {host} cannot send to or from addresses with "
+                "non-ASCII characters.",
+            )
+    if isinstance(exc, (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPReadTimeoutError)):
+        return MailServerUnreachable(
+            f"Outgoing mail (SMTP) server {host} did not answer in time.",
+            hint="Check the server name and port.",
+        )
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (ssl.SSLError, OSError)):
+            return _prefix(translate_network_error(cause, host))
+        text = str(exc)
+        if "refused" in text.lower():
+            return MailServerUnreachable(
+                f"Outgoing mail (SMTP) server {host} refused the connection on port "
+                f"{settings.port}.",
+                hint="Check the port and the security setting.",
+            )
+        return MailServerUnreachable(f"Outgoing mail (SMTP) server {host}: {text}")
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError):
+            return _prefix(translate_network_error(cause, host))
+        return MailServerUnreachable(
+            f"Outgoing mail (SMTP) server {host} closed the connection.",
+            hint="Check the port and the security setting (SSL/TLS or STARTTLS).",
+        )
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return MailProtocolError(
+            f"Outgoing mail (SMTP) server {host} answered {exc.code}: {exc.message}"
+        )
+    if isinstance(exc, (ssl.SSLError, OSError, EOFError)):
+        return _prefix(translate_network_error(exc, host))
+    return MailProtocolError(f"Outgoing mail (SMTP) server {host}: {exc}")
+
+
+def _prefix(error: MailError) -> MailError:
+    error.message = f"Outgoing mail (SMTP): {error.message}"
+    return error
+
+
+async def _login(client: aiosmtplib.SMTP, settings: ServerSettings) -> None:
+    await client.connect()
+    if settings.username:
+        await client.login(settings.username, settings.password)
+
+
+async def _check_login(settings: ServerSettings) -> None:
+    client = _client(settings)
+    try:
+        await _login(client, settings)
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except Exception:  # noqa: BLE001  (closing must not mask the cause)
+                client.close()
+
+
+async def _send(settings: ServerSettings, message: EmailMessage, sender: str,
+                recipients: Sequence[str]) -> None:
+    client = _client(settings)
+    try:
+        await _login(client, settings)
+        # send_message drops Bcc from what is transmitted; the envelope still carries it.
+        _, reply = await client.send_message(message, sender=sender, recipients=list(recipients))
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except Exception:  # noqa: BLE001
+                client.close()
+    del reply
+
+
+def check_login(settings: ServerSettings) -> None:
+    """Connect and log in to the SMTP server; raise a MailError that says what to fix."""
+    try:
+        run_coroutine(_check_login(settings))
+    except Exception as exc:  # noqa: BLE001  (every failure is translated)
+        raise _translate(exc, settings) from exc
+
+
+def send(settings: ServerSettings, raw: bytes, *, sender: str, recipients: Sequence[str]) -> None:
+    """Send the RFC 5322 message ``raw`` (Bcc headers are not transmitted) to ``recipients``."""
+    message = email.message_from_bytes(raw, _class=EmailMessage, policy=email.policy.SMTP)
+    check_headers(message)
+    check_address(sender)
+    if not recipients:
+        raise MailConfigError("The message has no recipients.")
+    for recipient in recipients:
+        check_address(recipient)
+    try:
+        run_coroutine(_send(settings, message, sender, recipients))
+    except Exception as exc:  # noqa: BLE001
+        raise _translate(exc, settings) from exc

@@ -1,0 +1,435 @@
+"""Sending mail from the CRM: compose, deliver over SMTP, retry.
+
+``email_send`` stores the message on the record at once (send state "sending") and queues
+``mailsync.send_email``, which calls ``email_deliver``: SMTP through the mailbox's server,
+then "sent" (and, for IMAP, a copy APPENDed to the Sent folder, which the next sync of that
+folder recognises by fingerprint instead of storing twice) or "failed" with what to fix.
+
+A message is sent at most once: the task is acknowledged on receipt and ``email_deliver``
+only acts on mail in state "sending". A worker killed mid-send leaves the mail in "sending";
+after ``STALE_SENDING`` the user may retry it (a duplicate to a customer is worse than a
+visible, retryable state).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from email import policy as email_policy
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.utils import format_datetime, getaddresses
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import transaction
+from django.utils import timezone
+
+from crm.exceptions import RecordPermissionDenied
+from crm.models import Contact, Deal, Lead, User
+from crm.selectors import records_visible_to
+
+from .association import emails_associate
+from .exceptions import MailConfigError, MailError
+from .mime import html_to_text, sanitize_html
+from .mime.filenames import safe_filename
+from .models import Attachment, AttachmentBlob, Email, EmailLink, EmailSource, Mailbox
+from .protocols import smtp
+from .protocols.base import FetchedMessage, ServerSettings
+from .storage import compress, decompress
+from .sync.ingest import _participants, assign_threads, prepare, shareable
+
+log = logging.getLogger(__name__)
+
+# Most providers cap a message at 25 MB; base64 makes attachments a third larger on the wire.
+MAX_ATTACHMENTS_BYTES = 18 * 1024 * 1024
+MAX_RECIPIENTS = 100
+# References kept on a reply: the root plus the latest ones (RFC 5322 3.6.4 trimming).
+MAX_REFERENCES = 20
+# A mail still "sending" after this long lost its worker: the user may send it again.
+STALE_SENDING = timedelta(minutes=15)
+SMTP_TIMEOUT = 60.0
+
+_UNSAFE = re.compile(r"[\r\n\x00]")
+_NAMED = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
+RecordType = Lead | Contact | Deal
+
+
+@dataclass(frozen=True)
+class OutgoingAttachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+# -- addresses -------------------------------------------------------------------------------
+
+def _split_list(value: str) -> list[str]:
+    """Split "a@x, \"Doe, J\" <j@y>; k@z" at top-level commas and semicolons."""
+    parts, current, quoted, angle = [], [], False, False
+    escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"' and not angle:
+            quoted = not quoted
+        elif ch == "<" and not quoted:
+            angle = True
+        elif ch == ">" and not quoted:
+            angle = False
+        elif ch in ",;" and not quoted and not angle:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_address_list(value: str | Iterable[str], *, field: str) -> list[HeaderAddress]:
+    """Addresses typed by a user ("a@x, Name <b@y>") -> header addresses, or a
+    ValidationError for ``field``. Line breaks are refused outright (header injection)."""
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[HeaderAddress] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValidationError({field: ["Addresses must be text."]})
+        if _UNSAFE.search(item):
+            raise ValidationError({field: ["Line breaks are not allowed in addresses."]})
+        for piece in _split_list(item):
+            match = _NAMED.match(piece)
+            name, addr = ((match.group(1) or match.group(2) or "").strip(), match.group(3)) \
+                if match else ("", piece)
+            try:
+                validate_email(addr)
+                out.append(HeaderAddress(display_name=name.replace('\\"', '"'), addr_spec=addr))
+            except (ValidationError, ValueError, IndexError) as exc:
+                raise ValidationError({field: [f"{piece!r} is not a valid email address."]}) from exc
+    if len(out) > MAX_RECIPIENTS:
+        raise ValidationError({field: [f"At most {MAX_RECIPIENTS} addresses."]})
+    return out
+
+
+def _single_address(value: str, *, field: str) -> HeaderAddress:
+    found = parse_address_list(value, field=field)
+    if len(found) != 1:
+        raise ValidationError({field: ["Enter one email address."]})
+    return found[0]
+
+
+def _header_text(value: str, *, field: str, limit: int = 998) -> str:
+    if _UNSAFE.search(value):
+        raise ValidationError({field: ["Line breaks are not allowed here."]})
+    if len(value) > limit:
+        raise ValidationError({field: [f"At most {limit} characters."]})
+    return value.strip()
+
+
+# -- settings of the outgoing server ---------------------------------------------------------
+
+def smtp_settings(mailbox: Mailbox, *, timeout: float = SMTP_TIMEOUT) -> ServerSettings:
+    """Empty SMTP username: log in with the incoming username and password."""
+    if not mailbox.smtp_host or not mailbox.smtp_port:
+        raise MailConfigError(
+            "This mailbox has no outgoing (SMTP) server.",
+            hint="Add it under Server Details in the mailbox settings.",
+        )
+    username = mailbox.smtp_username or mailbox.username
+    password = mailbox.smtp_password if mailbox.smtp_username else mailbox.password
+    return ServerSettings(host=mailbox.smtp_host, port=mailbox.smtp_port,
+                          security=mailbox.smtp_security, username=username,
+                          password=password, timeout=timeout)
+
+
+def smtp_test(*, mailbox: Mailbox) -> None:
+    """Log in to the mailbox's SMTP server, if it has one; raise a MailError if that fails."""
+    if mailbox.smtp_host:
+        smtp.check_login(smtp_settings(mailbox, timeout=15))
+
+
+# -- compose ---------------------------------------------------------------------------------
+
+def _message_id(record: RecordType | None, domain: str, tag: str | None) -> str:
+    """A Message-ID that names the record the mail was sent from: replies quote it in
+    In-Reply-To/References, so a reply can be traced to the record even from a new address."""
+    label = tag or (f"crm.{record._meta.model_name}.{record.pk}" if record else "crm.mail")
+    try:
+        host = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        host = "mailroom.invalid"
+    return f"<{label}.{secrets.token_hex(10)}@{host or 'mailroom.invalid'}>"
+
+
+def _references(parent: Email) -> list[str]:
+    refs = [r for r in parent.references if r] + ([parent.message_id] if parent.message_id else [])
+    if len(refs) > MAX_REFERENCES:
+        refs = refs[:1] + refs[-(MAX_REFERENCES - 1):]
+    return refs
+
+
+def _check_attachments(attachments: Sequence[OutgoingAttachment]) -> list[OutgoingAttachment]:
+    total = sum(len(a.data) for a in attachments)
+    if total > MAX_ATTACHMENTS_BYTES:
+        raise ValidationError({"attachments": [
+            f"Attachments may total at most {MAX_ATTACHMENTS_BYTES // (1024 * 1024)} MB "
+            f"(these are {total / (1024 * 1024):.1f} MB)."]})
+    cleaned = []
+    for a in attachments:
+        ctype = (a.content_type or "application/octet-stream").lower()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*", ctype):
+            ctype = "application/octet-stream"
+        cleaned.append(OutgoingAttachment(safe_filename(a.filename, ctype), ctype, a.data))
+    return cleaned
+
+
+def _build(*, sender: HeaderAddress, to: list[HeaderAddress], cc: list[HeaderAddress],
+           bcc: list[HeaderAddress], reply_to: HeaderAddress | None, subject: str, text: str,
+           html: str, message_id: str, parent: Email | None,
+           attachments: Sequence[OutgoingAttachment]) -> bytes:
+    msg = EmailMessage(policy=email_policy.SMTP)  # CRLF line ends, RFC 2047 headers
+    msg["From"] = sender
+    if to:
+        msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if bcc:
+        # Kept in the stored copy (and the Sent folder) as mail clients do; never transmitted.
+        msg["Bcc"] = bcc
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(timezone.now())
+    msg["Message-ID"] = message_id
+    if parent is not None and parent.message_id:
+        msg["In-Reply-To"] = f"<{parent.message_id}>"
+        msg["References"] = " ".join(f"<{r}>" for r in _references(parent))
+    msg["MIME-Version"] = "1.0"
+    msg.set_content(text or "")
+    if html:
+        msg.add_alternative(html, subtype="html")
+    for a in attachments:
+        maintype, _, subtype = a.content_type.partition("/")
+        msg.add_attachment(a.data, maintype=maintype, subtype=subtype, filename=a.filename)
+    smtp.check_headers(msg)
+    return msg.as_bytes()
+
+
+def _visible_record(actor: User, record: RecordType) -> None:
+    if not records_visible_to(actor, type(record).objects.filter(pk=record.pk)).exists():
+        raise RecordPermissionDenied("You cannot see this record.")
+
+
+def email_send(
+    *,
+    actor: User,
+    from_address: str,
+    to: str | Iterable[str] = (),
+    cc: str | Iterable[str] = (),
+    bcc: str | Iterable[str] = (),
+    subject: str,
+    html: str = "",
+    text: str = "",
+    attachments: Sequence[OutgoingAttachment] = (),
+    record: RecordType | None = None,
+    in_reply_to: Email | None = None,
+    reply_to: str = "",
+    message_id_tag: str | None = None,
+) -> Email:
+    """Compose a message, store it on ``record`` with state "sending" and queue its delivery.
+
+    Every field is checked first (addresses valid, no line breaks in any header, a From the
+    actor may use, attachments within the limit); a ValidationError names the field.
+    """
+    from . import senders  # noqa: PLC0415  (senders imports this module)
+
+    if record is not None:
+        _visible_record(actor, record)
+    if in_reply_to is not None:
+        from .selectors import emails_visible_to  # noqa: PLC0415
+
+        if not emails_visible_to(actor).filter(pk=in_reply_to.pk).exists():
+            raise RecordPermissionDenied("You cannot see the mail you are replying to.")
+    chosen = senders.sender_for(actor, from_address)
+    to_list = parse_address_list(to, field="to")
+    cc_list = parse_address_list(cc, field="cc")
+    bcc_list = parse_address_list(bcc, field="bcc")
+    if not (to_list or cc_list or bcc_list):
+        raise ValidationError({"to": ["Enter at least one recipient."]})
+    subject = _header_text(subject, field="subject")
+    reply_to_address = None
+    if reply_to:
+        typed = _single_address(reply_to, field="reply_to")
+        known = senders.reply_to_for(actor, typed.addr_spec)
+        if known is None:
+            raise ValidationError({"reply_to": ["Choose one of your addresses or a verified organization email."]})
+        reply_to_address = HeaderAddress(display_name=known.display_name, addr_spec=known.address)
+    if _UNSAFE.sub("", chosen.display_name) != chosen.display_name:
+        raise ValidationError({"from_address": ["The display name of this address has a line break."]})
+    html = sanitize_html(html, allow_remote_images=True).html if html.strip() else ""
+    text = text or (html_to_text(html) if html else "")
+    attachments = _check_attachments(attachments)
+    sender = HeaderAddress(display_name=chosen.display_name, addr_spec=chosen.address)
+    message_id = _message_id(record, sender.domain, message_id_tag)
+    raw = _build(sender=sender, to=to_list, cc=cc_list, bcc=bcc_list, reply_to=reply_to_address,
+                 subject=subject, text=text, html=html, message_id=message_id,
+                 parent=in_reply_to, attachments=attachments)
+    return _store(actor=actor, mailbox=chosen.mailbox, raw=raw, text=text, html=html,
+                  attachments=attachments, record=record)
+
+
+@transaction.atomic
+def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
+           attachments: Sequence[OutgoingAttachment], record: RecordType | None) -> Email:
+    now = timezone.now()
+    # The same parse the sync applies, so the fingerprint matches the Sent-folder copy.
+    p = prepare(FetchedMessage(uid=0, flags=("\\Seen",), size=len(raw), internal_date=now, raw=raw))
+    env = p.envelope
+    sender = env.from_[0]
+    email = Email.objects.create(
+        mailbox=mailbox, fingerprint=p.fingerprint, message_id=env.message_id or "",
+        content_hash=p.content_hash, in_reply_to=env.in_reply_to[0] if env.in_reply_to else "",
+        references=env.references, subject=env.subject, date=env.date or now,
+        from_name=sender.name, from_address=sender.email,
+        to=[{"name": a.name, "email": a.email} for a in env.to],
+        cc=[{"name": a.name, "email": a.email} for a in env.cc],
+        direction=Email.Direction.SENT, source=Email.Source.CRM, size=len(raw), seen=True,
+        shareable=shareable(env, mailbox.excluded_domain_set), text=text, html=html,
+        has_attachments=bool(attachments), parse_state=Email.ParseState.PARSED,
+        send_state=Email.SendState.SENDING, sent_by=actor,
+    )
+    EmailSource.objects.create(email=email, data=compress(raw), size=len(raw))
+    email.participants.bulk_create(_participants(email, env))
+    for a in attachments:
+        blob, _ = AttachmentBlob.objects.get_or_create(
+            sha256=hashlib.sha256(a.data).hexdigest(),
+            defaults={"data": compress(a.data), "size": len(a.data)},
+        )
+        Attachment.objects.create(email=email, blob=blob, filename=a.filename,
+                                  content_type=a.content_type, size=len(a.data))
+    assign_threads(mailbox, [(email, env)])
+    if record is not None:
+        field = {Lead: "lead", Contact: "contact", Deal: "deal"}[type(record)]
+        EmailLink.objects.get_or_create(email=email, **{field: record})
+    own = {mailbox.email_address, *mailbox.aliases.values_list("address", flat=True)}
+    emails_associate(email_ids=[email.pk], exclude_addresses=own)
+    _queue(email.pk)
+    return email
+
+
+def _queue(email_id: int) -> None:
+    from . import tasks  # noqa: PLC0415  (tasks import services)
+
+    transaction.on_commit(lambda: tasks.send_email.delay(email_id))
+
+
+# -- deliver ---------------------------------------------------------------------------------
+
+def _recipients(raw: bytes) -> list[str]:
+    import email as email_lib  # noqa: PLC0415
+
+    msg = email_lib.message_from_bytes(raw, policy=email_policy.SMTP)
+    found = getaddresses([str(v) for name in ("To", "Cc", "Bcc") for v in msg.get_all(name, [])])
+    seen: dict[str, str] = {}
+    for _, addr in found:
+        if addr and addr.lower() not in seen:
+            seen[addr.lower()] = addr
+    return list(seen.values())
+
+
+def email_deliver(*, email_id: int) -> Email:
+    """Send a stored "sending" mail over SMTP; then "sent" (plus the Sent-folder copy for
+    IMAP) or "failed" with the reason. Mail in any other state is left alone."""
+    email = Email.objects.select_related("mailbox", "source_data").get(pk=email_id)
+    if email.send_state != Email.SendState.SENDING:
+        log.info("email %s: state %r, not sending", email_id, email.send_state)
+        return email
+    mailbox = email.mailbox
+    raw = decompress(email.source_data.data)
+    try:
+        # Envelope sender: the mailbox's own address, so bounces come back to the mailbox
+        # the CRM syncs, whatever From (alias, organization address) the mail shows.
+        smtp.send(smtp_settings(mailbox), raw, sender=mailbox.email_address,
+                  recipients=_recipients(raw))
+    except MailError as exc:
+        log.info("email %s: sending failed (%s)", email_id, exc.code)
+        Email.objects.filter(pk=email.pk, send_state=Email.SendState.SENDING).update(
+            send_state=Email.SendState.FAILED, send_error=str(exc)[:2000])
+        email.refresh_from_db()
+        return email
+    Email.objects.filter(pk=email.pk).update(send_state=Email.SendState.SENT, send_error="")
+    if mailbox.protocol == Mailbox.Protocol.IMAP:
+        try:
+            _append_to_sent(mailbox, raw)
+        except MailError as exc:
+            # Sent all the same: say so, without offering to send it again.
+            log.info("email %s: sent, but not copied to Sent (%s)", email_id, exc.code)
+            Email.objects.filter(pk=email.pk).update(
+                send_error=f"Sent, but not copied to the Sent folder: {exc}"[:2000])
+    email.refresh_from_db()
+    return email
+
+
+def _append_to_sent(mailbox: Mailbox, raw: bytes) -> str | None:
+    from .protocols.imap import SENT_NAMES, ImapSession  # noqa: PLC0415
+    from .sync.imap import server_settings  # noqa: PLC0415
+
+    with ImapSession(server_settings(mailbox, timeout=30)) as session:
+        folders = session.list_folders()
+        names = {name for name, _ in folders}
+        sent = next((name for name, use in folders if use == "sent"), None) or next(
+            (name for name in SENT_NAMES if name in names), None)
+        if sent is None:
+            raise MailConfigError("The mailbox has no Sent folder.")
+        session.append(sent, raw, flags=["\\Seen"], when=timezone.now())
+    return sent
+
+
+def email_send_retry(*, actor: User, email: Email) -> Email:
+    """Send a failed mail again (or one stuck in "sending" after its worker died)."""
+    if actor.pk not in {email.sent_by_id, email.mailbox.owner_id}:
+        raise RecordPermissionDenied("Only the sender may send this mail again.")
+    stuck = (email.send_state == Email.SendState.SENDING
+             and email.created_at < timezone.now() - STALE_SENDING)
+    if email.send_state != Email.SendState.FAILED and not stuck:
+        raise ValidationError({"send_state": ["Only a mail that failed to send can be sent again."]})
+    with transaction.atomic():
+        # Compare-and-set: a double click queues one delivery, not two.
+        if Email.objects.filter(pk=email.pk, send_state=email.send_state).update(
+                send_state=Email.SendState.SENDING, send_error="", created_at=timezone.now()):
+            _queue(email.pk)
+    email.refresh_from_db()
+    return email
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+def reply_defaults(*, email: Email, reply_all: bool = False) -> dict[str, str]:
+    """To, Cc, Subject and a quoted body for a reply to ``email``."""
+    from django.utils.html import escape  # noqa: PLC0415
+
+    subject = _UNSAFE.sub(" ", email.subject or "")
+    if not re.match(r"^\s*re\s*:", subject, re.I):
+        subject = f"Re: {subject}".strip()
+    reply_to = list(email.participants.filter(role="reply_to").values_list("address", flat=True))
+    if email.direction == Email.Direction.SENT:
+        to = [a["email"] for a in email.to]
+    else:
+        to = reply_to or [email.from_address]
+    cc = [a["email"] for a in (email.to + email.cc)] if reply_all else []
+    own = {email.mailbox.email_address.lower()}
+    cc = [a for a in cc if a.lower() not in own and a not in to]
+    if email.html:
+        quoted = sanitize_html(email.html).html
+    else:
+        quoted = escape(email.text).replace("\r\n", "\n").replace("\n", "<br>")
+    when = timezone.localtime(email.date).strftime("%d %b %Y %H:%M") if email.date else ""
+    who = escape(f"{email.from_name} <{email.from_address}>" if email.from_name else email.from_address)
+    body = (f"<p><br></p><p>On {when}, {who} wrote:</p>"
+            f"<blockquote>{quoted}</blockquote>")
+    return {"to": ", ".join(to), "cc": ", ".join(cc), "subject": subject, "html": body}

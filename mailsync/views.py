@@ -1,0 +1,664 @@
+"""Email pages: Setup › Channels › Email (mailboxes, options, organization emails), the
+sync status panel, the Emails related list of records, the email view, the mailbox view of
+unmatched mail, and compose/reply.
+
+Views translate HTTP into calls of ``mailsync.services``, ``mailsync.sending``,
+``mailsync.senders`` and the selectors; they hold no business rules.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
+from django.views.decorators.clickjacking import xframe_options_sameorigin
+from django.views.decorators.http import require_http_methods, require_POST
+
+from crm import services as crm_services
+from crm.models import Account, Contact, Deal, Lead, OrganizationEmail
+from crm.selectors import records_visible_to
+
+from . import selectors, senders, sending, services, tasks
+from .exceptions import MailError
+from .forms import (
+    PROVIDER_CHOICES,
+    AliasForm,
+    ComposeForm,
+    MailboxForm,
+    MailboxOptionsForm,
+    OrganizationEmailForm,
+    preset_initial,
+    provider_preset,
+)
+from .models import Attachment, Email, MailboxAlias, MailFolder, Mailbox
+from .providers import PRESETS
+from .storage import decompress
+
+log = logging.getLogger(__name__)
+
+RECORD_MODELS: dict[str, type[Lead] | type[Contact] | type[Deal]] = {
+    "lead": Lead, "contact": Contact, "deal": Deal,
+}
+THREADS_PER_PAGE = 10
+INBOX_PAGE = 50
+
+
+def _is_htmx(request: HttpRequest) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _back(request: HttpRequest, default: str) -> str:
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
+        return target
+    return default
+
+
+def _own_mailbox(request: HttpRequest, pk: int) -> Mailbox:
+    return get_object_or_404(selectors.mailboxes_of(request.user), pk=pk)
+
+
+def explain(exc: MailError) -> str:
+    """A mail error in plain words, with the fix. Provider messages that say IMAP or POP
+    access is turned off become that advice."""
+    cause = str(exc.__cause__ or "").lower()
+    if any(word in cause for word in ("disabled", "not enabled", "turned off", "web login required")):
+        return (f"{exc.message} The provider says access over IMAP/POP is turned off for this "
+                "account: turn it on in the provider's mail settings (Gmail: Settings › "
+                "Forwarding and POP/IMAP), then save again.")
+    return str(exc)
+
+
+# -- Setup › Channels › Email › Email Configuration -----------------------------------------
+
+@login_required
+def config_view(request: HttpRequest) -> HttpResponse:
+    mailboxes = list(selectors.mailboxes_of(request.user).order_by("-is_active", "pk"))
+    return render(request, "mailsync/config.html", {
+        "mailboxes": mailboxes, "providers": PROVIDER_CHOICES, "presets": PRESETS,
+    })
+
+
+def _provider_context(form: MailboxForm, choice: str) -> dict[str, Any]:
+    preset, fixed = provider_preset(choice)
+    return {
+        "form": form, "provider": choice, "preset": preset, "fixed_protocol": fixed,
+        "providers": PROVIDER_CHOICES, "presets": PRESETS,
+        "preset_data": {key: preset_initial(key) | {"pop3": preset_initial(key, "pop3")}
+                        for key, _ in PROVIDER_CHOICES},
+        "open_details": preset.key == "custom" or bool(form.errors.keys() & {
+            "incoming_host", "incoming_port", "incoming_security", "username", "smtp_host",
+            "smtp_port", "smtp_security", "smtp_username", "smtp_password"}),
+    }
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def mailbox_add_view(request: HttpRequest) -> HttpResponse:
+    choice = request.POST.get("provider") or request.GET.get("provider") or ""
+    if choice not in dict(PROVIDER_CHOICES):
+        return render(request, "mailsync/provider_pick.html", {
+            "providers": PROVIDER_CHOICES, "presets": PRESETS,
+        })
+    form = MailboxForm(request.POST or None,
+                       initial=preset_initial(choice, request.GET.get("protocol")))
+    connection_error = ""
+    if request.method == "POST" and form.is_valid():
+        try:
+            with transaction.atomic():
+                mailbox = services.mailbox_create(actor=request.user, data=form.mailbox_data())
+                for address in form.cleaned_data["aliases"]:
+                    senders.mailbox_alias_add(actor=request.user, mailbox=mailbox, address=address)
+        except MailError as exc:
+            connection_error = explain(exc)
+        except ValidationError as exc:
+            _form_errors(form, exc)
+        else:
+            if mailbox.is_active:
+                transaction.on_commit(lambda: tasks.sync_mailbox.delay(mailbox.pk))
+            messages.success(request, f"Connected {mailbox.email_address}. "
+                             + ("The first sync has started." if mailbox.is_active else
+                                "Activate it to start syncing."))
+            return redirect("mail-mailbox", pk=mailbox.pk)
+    return render(request, "mailsync/mailbox_form.html",
+                  _provider_context(form, choice) | {"connection_error": connection_error})
+
+
+def _form_errors(form: Any, exc: ValidationError) -> None:
+    if hasattr(exc, "error_dict"):
+        for name, errors in exc.message_dict.items():
+            form.add_error(name if name in form.fields else None, errors)
+    else:
+        form.add_error(None, exc.messages)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def mailbox_edit_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    choice = {"custom": f"other-{mailbox.protocol}"}.get(mailbox.provider, mailbox.provider)
+    initial = {name: getattr(mailbox, name) for name in (
+        "protocol", "display_name", "email_address", "incoming_host", "incoming_port",
+        "incoming_security", "username", "smtp_host", "smtp_port", "smtp_security",
+        "smtp_username")} | {"provider": choice}
+    form = MailboxForm(request.POST or None, initial=initial, editing=mailbox)
+    connection_error = ""
+    if request.method == "POST" and form.is_valid():
+        data = form.mailbox_data()
+        changed = {k: v for k, v in data.items()
+                   if k in {"password", "smtp_password"} and v or
+                   k not in {"password", "smtp_password"} and v != getattr(mailbox, k)}
+        try:
+            services.mailbox_update(actor=request.user, mailbox=mailbox, data=changed)
+        except MailError as exc:
+            connection_error = explain(exc)
+            mailbox.refresh_from_db()
+        except ValidationError as exc:
+            _form_errors(form, exc)
+            mailbox.refresh_from_db()
+        else:
+            messages.success(request, "Connection settings saved." if changed else "Nothing changed.")
+            return redirect("mail-mailbox", pk=mailbox.pk)
+    return render(request, "mailsync/mailbox_form.html",
+                  _provider_context(form, choice) | {"mailbox": mailbox,
+                                                     "connection_error": connection_error})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def mailbox_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    form = MailboxOptionsForm(request.POST or None, mailbox=mailbox)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.mailbox_update(actor=request.user, mailbox=mailbox, data=form.options_data())
+        except ValidationError as exc:
+            _form_errors(form, exc)
+        else:
+            messages.success(request, "Options saved.")
+            return redirect("mail-mailbox", pk=mailbox.pk)
+    return render(request, "mailsync/mailbox_detail.html", {
+        "mailbox": mailbox, "form": form, "alias_form": AliasForm(),
+        "aliases": mailbox.aliases.order_by("address"),
+        "status": selectors.mailbox_status(mailbox=mailbox),
+    })
+
+
+@login_required
+def mailbox_status_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """The live status panel (polled by htmx)."""
+    mailbox = _own_mailbox(request, pk)
+    return render(request, "mailsync/_status.html", {
+        "mailbox": mailbox, "status": selectors.mailbox_status(mailbox=mailbox),
+    })
+
+
+@login_required
+@require_POST
+def mailbox_sync_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    if not mailbox.is_active:
+        messages.error(request, "Activate this mailbox first: only the active mailbox syncs.")
+    else:
+        try:
+            tasks.sync_mailbox.delay(mailbox.pk)
+        except MailError as exc:  # eager mode (tests) raises here; a worker records it
+            log.info("mailbox %s: sync now failed (%s)", mailbox.pk, exc.code)
+    if _is_htmx(request):
+        return mailbox_status_view(request, pk)
+    return redirect("mail-mailbox", pk=mailbox.pk)
+
+
+@login_required
+@require_POST
+def mailbox_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    try:
+        result = services.mailbox_retry_failed(actor=request.user, mailbox=mailbox)
+        messages.success(request, f"Retried: {result['refetched']} message(s) fetched again, "
+                                  f"{result['reparsed']} read again.")
+    except MailError as exc:
+        messages.error(request, explain(exc))
+    return redirect("mail-mailbox", pk=mailbox.pk)
+
+
+@login_required
+@require_POST
+def mailbox_activate_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = services.mailbox_activate(actor=request.user, mailbox=_own_mailbox(request, pk))
+    transaction.on_commit(lambda: tasks.sync_mailbox.delay(mailbox.pk))
+    messages.success(request, f"{mailbox.email_address} is now the active mailbox; "
+                              "the others stopped syncing.")
+    return redirect(_back(request, reverse("mail-config")))
+
+
+@login_required
+def mailbox_folders_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """The folders on the server, as a hint next to "Folders to sync" (loaded on demand)."""
+    mailbox = _own_mailbox(request, pk)
+    names, error = _server_folders(mailbox)
+    return render(request, "mailsync/_folders.html", {"names": names, "error": error})
+
+
+def _server_folders(mailbox: Mailbox) -> tuple[list[str], str]:
+    known = list(MailFolder.objects.filter(mailbox=mailbox).order_by("name")
+                 .values_list("name", flat=True))
+    if mailbox.protocol != Mailbox.Protocol.IMAP:
+        return known, ""
+    key = f"mailsync:folders:{mailbox.pk}:{mailbox.modified_at.timestamp()}"
+    names = cache.get(key)
+    if names is None:
+        from .protocols.imap import ImapSession
+        from .sync.imap import server_settings
+
+        try:
+            with ImapSession(server_settings(mailbox, timeout=10)) as session:
+                names = [name for name, _ in session.list_folders()]
+        except MailError as exc:
+            return known, str(exc)
+        cache.set(key, names, 600)
+    return names, ""
+
+
+@login_required
+@require_POST
+def alias_add_view(request: HttpRequest, pk: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    form = AliasForm(request.POST)
+    if form.is_valid():
+        try:
+            senders.mailbox_alias_add(actor=request.user, mailbox=mailbox, **form.cleaned_data)
+            messages.success(request, f"Added {form.cleaned_data['address']}.")
+        except ValidationError as exc:
+            messages.error(request, " ".join(exc.messages))
+    else:
+        messages.error(request, "Enter a valid email address.")
+    return redirect(reverse("mail-mailbox", args=[mailbox.pk]) + "#aliases")
+
+
+@login_required
+@require_POST
+def alias_delete_view(request: HttpRequest, pk: int, alias_id: int) -> HttpResponse:
+    mailbox = _own_mailbox(request, pk)
+    alias = get_object_or_404(MailboxAlias, pk=alias_id, mailbox=mailbox)
+    senders.mailbox_alias_delete(actor=request.user, alias=alias)
+    messages.success(request, f"Removed {alias.address}.")
+    return redirect(reverse("mail-mailbox", args=[mailbox.pk]) + "#aliases")
+
+
+# -- Organization emails --------------------------------------------------------------------
+
+def _require_admin(request: HttpRequest) -> None:
+    if not request.user.is_administrator:
+        raise PermissionDenied("Only administrators manage organization emails.")
+
+
+def _verify_link(request: HttpRequest):  # noqa: ANN202
+    return lambda token: request.build_absolute_uri(reverse("mail-org-verify", args=[token]))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def org_emails_view(request: HttpRequest) -> HttpResponse:
+    _require_admin(request)
+    form = OrganizationEmailForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            org = senders.organization_email_add(actor=request.user, link_for=_verify_link(request),
+                                                 **form.cleaned_data)
+        except ValidationError as exc:
+            _form_errors(form, exc)
+        else:
+            messages.success(request, f"A confirmation link was sent to {org.address}. "
+                                      "The address can be used once it is confirmed.")
+            return redirect("mail-org-emails")
+    rows = [(org, senders.verification_mail(org)) for org in OrganizationEmail.objects.all()]
+    return render(request, "mailsync/org_emails.html", {"form": form, "rows": rows})
+
+
+@login_required
+@require_POST
+def org_email_resend_view(request: HttpRequest, pk: int) -> HttpResponse:
+    _require_admin(request)
+    org = get_object_or_404(OrganizationEmail, pk=pk)
+    try:
+        senders.organization_email_send_confirmation(actor=request.user, org_email=org,
+                                                     link_for=_verify_link(request))
+        messages.success(request, f"A new confirmation link was sent to {org.address}.")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    return redirect("mail-org-emails")
+
+
+@login_required
+@require_POST
+def org_email_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
+    _require_admin(request)
+    org = get_object_or_404(OrganizationEmail, pk=pk)
+    senders.organization_email_delete(actor=request.user, org_email=org)
+    messages.success(request, f"Removed {org.address}.")
+    return redirect("mail-org-emails")
+
+
+@require_http_methods(["GET", "POST"])
+def org_email_verify_view(request: HttpRequest, token: str) -> HttpResponse:
+    """The confirmation link. GET only shows a button: link scanners of mail providers open
+    links by themselves, and must not confirm an address on the owner's behalf."""
+    org = senders.organization_email_by_token(token)
+    done = None
+    if request.method == "POST" and org is not None:
+        done = senders.organization_email_verify(token=token)
+    return render(request, "mailsync/org_email_verify.html", {"org": org, "done": done},
+                  status=200 if org or done else 404)
+
+
+# -- Records: the Emails related list -------------------------------------------------------
+
+def _record_or_404(request: HttpRequest, kind: str, pk: int) -> Lead | Contact | Deal:
+    model = RECORD_MODELS.get(kind)
+    if model is None:
+        raise Http404("No such record type.")
+    record = records_visible_to(request.user, model.objects.filter(pk=pk)).first()
+    if record is None:
+        raise Http404("No such record.")
+    return record
+
+
+def record_ref(record: Any) -> str:
+    return f"{record._meta.model_name}:{record.pk}"
+
+
+def _record_from_ref(request: HttpRequest, ref: str | None) -> Lead | Contact | Deal | None:
+    if not ref or ":" not in ref:
+        return None
+    kind, _, pk = ref.partition(":")
+    if not pk.isdigit():
+        return None
+    try:
+        return _record_or_404(request, kind, int(pk))
+    except Http404:
+        return None
+
+
+def record_emails_context(request: HttpRequest, record: Any) -> dict[str, Any]:
+    """What the Emails section of a lead, contact or deal shows."""
+    if isinstance(record, Account):
+        return {"record": record, "unsupported": True}
+    view = request.GET.get("emails_view", "all")
+    if view not in selectors.EMAIL_VIEWS:
+        view = "all"
+    groups = selectors.record_email_groups(user=request.user, record=record, view=view)
+    page = Paginator(groups, THREADS_PER_PAGE).get_page(request.GET.get("emails_page"))
+    rows = list(page.object_list)
+    keys = [row["group"] for row in rows]
+    by_group: dict[int, list[Email]] = {}
+    for email in selectors.emails_of_groups(user=request.user, record=record, view=view,
+                                            groups=keys):
+        by_group.setdefault(email.group, []).append(email)
+    threads = [{"key": row["group"], "count": row["count"], "unread": row["unread"],
+                "emails": by_group.get(row["group"], [])} for row in rows]
+    return {
+        "record": record, "ref": record_ref(record), "view": view, "threads": threads,
+        "kind_name": record._meta.verbose_name,
+        "page_obj": page, "views": [(key, label) for key, (label, _) in selectors.EMAIL_VIEWS.items()],
+        "can_send": bool(senders.sender_choices(request.user)),
+        "has_mailbox": selectors.mailboxes_of(request.user).exists(),
+        "partial_url": reverse("mail-record-emails", args=[record._meta.model_name, record.pk]),
+    }
+
+
+@login_required
+def record_emails_view(request: HttpRequest, kind: str, pk: int) -> HttpResponse:
+    record = _record_or_404(request, kind, pk)
+    # htmx swaps only the list: the view pick-list stays in place while the user uses it.
+    template = "_record_emails_list.html" if _is_htmx(request) else "_record_emails.html"
+    return render(request, f"mailsync/{template}", record_emails_context(request, record))
+
+
+# -- One email ------------------------------------------------------------------------------
+
+def _visible_email(request: HttpRequest, pk: int) -> Email:
+    email = selectors.emails_visible_to(request.user).select_related("mailbox", "sent_by").filter(pk=pk).first()
+    if email is None:
+        raise Http404("No such email.")
+    return email
+
+
+def _linked_records(request: HttpRequest, email: Email) -> list[Any]:
+    found: list[Any] = []
+    for link in email.links.select_related("lead", "contact", "deal"):
+        record = link.lead or link.contact or link.deal
+        if records_visible_to(request.user, type(record).objects.filter(pk=record.pk)).exists():
+            found.append(record)
+    return found
+
+
+@login_required
+def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
+    email = _visible_email(request, pk)
+    record = _record_from_ref(request, request.GET.get("record"))
+    is_owner = email.mailbox.owner_id == request.user.pk
+    sanitized = None
+    if email.html:
+        from .mime import sanitize_html
+
+        sanitized = sanitize_html(email.html)
+    folders: list[str] = []
+    if is_owner and email.mailbox.protocol == Mailbox.Protocol.IMAP:
+        folders = _server_folders(email.mailbox)[0]
+    current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
+    return render(request, "mailsync/email_detail.html", {
+        "email": email, "record": record, "ref": record_ref(record) if record else "",
+        "records": _linked_records(request, email), "is_owner": is_owner,
+        "attachments": email.attachments.filter(inline=False).order_by("pk"),
+        "blocked_images": sanitized.blocked_remote_images if sanitized else 0,
+        "participants": {role: list(email.participants.filter(role=role))
+                         for role in ("to", "cc", "bcc", "reply_to")},
+        "folders": [f for f in folders if f not in current], "current_folders": current,
+        "can_send": bool(senders.sender_choices(request.user)),
+        "can_retry": email.send_state == Email.SendState.FAILED or (
+            email.send_state == Email.SendState.SENDING
+            and email.created_at < _now() - sending.STALE_SENDING),
+        "images": request.GET.get("images") == "1",
+    })
+
+
+def _now():  # noqa: ANN202
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+@login_required
+@xframe_options_sameorigin
+def email_body_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """The sanitized HTML body as its own document, for a sandboxed iframe. The CSP forbids
+    scripts, forms and plugins and (unless the user asked) every remote resource."""
+    from .mime import sanitize_html
+
+    email = _visible_email(request, pk)
+    allow = request.GET.get("images") == "1"
+    cid_urls = {a.content_id.strip("<>"): reverse("mail-attachment", args=[email.pk, a.pk]) + "?inline=1"
+                for a in email.attachments.all() if a.content_id}
+    body = sanitize_html(email.html, allow_remote_images=allow, cid_urls=cid_urls).html
+    response = render(request, "mailsync/email_body.html", {"body": body})
+    images = "'self' data: https: http:" if allow else "'self' data:"
+    response["Content-Security-Policy"] = (
+        f"default-src 'none'; img-src {images}; style-src 'unsafe-inline'; font-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'self'; "
+        "sandbox allow-same-origin allow-popups allow-popups-to-escape-sandbox")
+    response["Referrer-Policy"] = "no-referrer"
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+def email_attachment_view(request: HttpRequest, pk: int, attachment_id: int) -> HttpResponse:
+    """Attachments are always downloads, never rendered by the browser (``inline=1`` only
+    for images referenced by ``cid:`` inside the sandboxed body)."""
+    email = _visible_email(request, pk)
+    attachment = get_object_or_404(Attachment.objects.select_related("blob"), pk=attachment_id,
+                                   email=email)
+    inline_image = (request.GET.get("inline") == "1" and attachment.content_type in
+                    {"image/png", "image/jpeg", "image/gif", "image/webp"})
+    response = HttpResponse(decompress(attachment.blob.data),
+                            content_type=attachment.content_type if inline_image else "application/octet-stream")
+    response["Content-Disposition"] = content_disposition_header(not inline_image, attachment.filename)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+@login_required
+@require_POST
+def email_action_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """Read/unread, flag, move, delete (done on the mail server first), and send again."""
+    email = _visible_email(request, pk)
+    action = request.POST.get("action", "")
+    back = _back(request, reverse("mail-email", args=[email.pk]))
+    try:
+        if action in {"read", "unread"}:
+            services.email_update(actor=request.user, email=email, seen=action == "read")
+            messages.success(request, f"Marked as {action}.")
+        elif action in {"flag", "unflag"}:
+            services.email_update(actor=request.user, email=email, flagged=action == "flag")
+            messages.success(request, "Flagged." if action == "flag" else "Flag removed.")
+        elif action == "move":
+            folder = request.POST.get("folder", "").strip()
+            services.email_update(actor=request.user, email=email, folder=folder)
+            messages.success(request, f"Moved to {folder}.")
+        elif action == "delete":
+            services.email_delete(actor=request.user, email=email)
+            messages.success(request, "Email deleted (moved to the Trash of the mailbox).")
+            record = _record_from_ref(request, request.POST.get("record"))
+            return redirect(record.get_absolute_url() + "#related-emails" if record else "mail-inbox")
+        elif action == "retry":
+            sending.email_send_retry(actor=request.user, email=email)
+            email.refresh_from_db()
+            if email.send_state == Email.SendState.FAILED:
+                messages.error(request, f"Sending failed again: {email.send_error}")
+            else:
+                messages.success(request, "Sending again.")
+        else:
+            messages.error(request, "Unknown action.")
+    except PermissionDenied as exc:
+        messages.error(request, str(exc))
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except MailError as exc:
+        messages.error(request, explain(exc))
+    return redirect(back)
+
+
+# -- The mailbox view: synced mail that matches no record -----------------------------------
+
+@login_required
+def inbox_view(request: HttpRequest) -> HttpResponse:
+    mailboxes = list(selectors.mailboxes_of(request.user).order_by("-is_active", "pk"))
+    chosen = None
+    if request.GET.get("mailbox", "").isdigit():
+        chosen = next((m for m in mailboxes if m.pk == int(request.GET["mailbox"])), None)
+    emails = selectors.emails_unmatched(user=request.user, mailbox=chosen)
+    page = Paginator(emails, INBOX_PAGE).get_page(request.GET.get("page"))
+    return render(request, "mailsync/inbox.html", {
+        "mailboxes": mailboxes, "chosen": chosen, "page_obj": page,
+    })
+
+
+def _other_party(email: Email) -> tuple[str, str]:
+    """(name, address) of the person a mail is with: the sender of received mail, the
+    first recipient of sent mail."""
+    if email.direction == Email.Direction.SENT and email.to:
+        return email.to[0].get("name", ""), email.to[0].get("email", "")
+    return email.from_name, email.from_address
+
+
+@login_required
+@require_POST
+def add_record_from_email_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """"Add as lead" / "Add as contact": the new record gets the person's past mail at once
+    (``record_saved`` attaches it)."""
+    email = get_object_or_404(Email, pk=pk, mailbox__owner=request.user, deleted_at__isnull=True)
+    model = {"lead": Lead, "contact": Contact}.get(request.POST.get("kind", ""))
+    if model is None:
+        raise Http404("No such record type.")
+    name, address = _other_party(email)
+    first, _, last = name.strip().rpartition(" ")
+    if not last:
+        last = address.split("@")[0] or address
+    data: dict[str, Any] = {"first_name": first[:100], "last_name": last[:100], "email": address}
+    if model is Lead:
+        data["source"] = "Email"
+    try:
+        record = crm_services.record_create(actor=request.user, model=model, data=data)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("mail-inbox")
+    messages.success(request, f"{model._meta.verbose_name.capitalize()} “{record}” created with "
+                              "their past emails.")
+    return redirect(record.get_absolute_url() + "#related-emails")
+
+
+# -- Compose and reply -----------------------------------------------------------------------
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def compose_view(request: HttpRequest) -> HttpResponse:
+    record = _record_from_ref(request, request.POST.get("record") or request.GET.get("record"))
+    parent = None
+    reply_id = request.POST.get("reply") or request.GET.get("reply")
+    if reply_id and reply_id.isdigit():
+        parent = _visible_email(request, int(reply_id))
+        if record is None:
+            linked = _linked_records(request, parent)
+            record = next((r for r in linked if not isinstance(r, Deal)), linked[0] if linked else None)
+    choices = senders.sender_choices(request.user)
+    initial: dict[str, Any] = {}
+    if parent is not None:
+        initial = sending.reply_defaults(email=parent, reply_all=request.GET.get("all") == "1")
+        mine = {c.address.lower() for c in choices}
+        addresses = [a["email"].lower() for a in parent.to + parent.cc]
+        initial["from_address"] = next((a for a in addresses if a in mine), None) or (
+            parent.mailbox.email_address if parent.mailbox.email_address.lower() in mine else None)
+    elif record is not None and getattr(record, "email", ""):
+        initial["to"] = record.email
+    elif isinstance(record, Deal) and record.contact and record.contact.email:
+        initial["to"] = record.contact.email
+    form = ComposeForm(request.POST or None, request.FILES or None, senders=choices, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        d = form.cleaned_data
+        try:
+            email = sending.email_send(
+                actor=request.user, from_address=d["from_address"], to=d["to"], cc=d["cc"],
+                bcc=d["bcc"], subject=d["subject"], html=d["html"], record=record,
+                in_reply_to=parent, reply_to=d.get("reply_to") or "",
+                attachments=[sending.OutgoingAttachment(f.name, f.content_type or "", f.read())
+                             for f in d["attachments"]],
+            )
+        except ValidationError as exc:
+            _form_errors(form, exc)
+        else:
+            email.refresh_from_db()
+            if email.send_state == Email.SendState.FAILED:
+                messages.error(request, f"Sending failed: {email.send_error}")
+            elif email.send_state == Email.SendState.SENT:
+                messages.success(request, f"Email “{email.subject}” sent.")
+            else:
+                messages.success(request, f"Email “{email.subject}” is being sent.")
+            if record is not None:
+                return redirect(record.get_absolute_url() + "#related-emails")
+            return redirect("mail-email", pk=email.pk)
+    return render(request, "mailsync/compose.html", {
+        "form": form, "record": record, "ref": record_ref(record) if record else "",
+        "parent": parent, "has_senders": bool(choices),
+        "max_mb": sending.MAX_ATTACHMENTS_BYTES // (1024 * 1024),
+    })

@@ -1,0 +1,281 @@
+"""The email pages through Django's test client: configuration, the Emails related list,
+the email view (sanitized, sandboxed, downloads), the mailbox view of unmatched mail, and
+organization emails. The browser walk-through is in tests/pages/."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from django.test import Client
+
+from crm.models import Contact, OrganizationEmail
+from mailsync.models import Attachment, AttachmentBlob, Email, EmailLink, Mailbox, Thread
+from mailsync.storage import compress
+from tests.factories import (
+    AdministratorFactory,
+    ContactFactory,
+    DealFactory,
+    LeadFactory,
+    MailboxFactory,
+    UserFactory,
+)
+
+pytestmark = pytest.mark.django_db
+_n = itertools.count(1)
+
+
+def make_email(mailbox: Mailbox, *records, thread: Thread | None = None, **fields) -> Email:
+    """A synced mail stored directly (the sync itself is tested elsewhere)."""
+    n = next(_n)
+    defaults = {
+        "fingerprint": f"fp{n}", "content_hash": f"h{n}", "message_id": f"m{n}@client.example",
+        "subject": f"Message {n}", "from_address": "customer@client.example",
+        "from_name": "Customer", "direction": Email.Direction.RECEIVED,
+        "date": datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(hours=n),
+        "parse_state": Email.ParseState.PARSED, "text": f"Body {n}", "seen": True,
+        "to": [{"name": "", "email": mailbox.email_address}],
+    }
+    email = Email.objects.create(mailbox=mailbox, thread=thread, **(defaults | fields))
+    for record in records:
+        field = record._meta.model_name
+        EmailLink.objects.create(email=email, **{field: record})
+    return email
+
+
+@pytest.fixture
+def user():
+    return UserFactory()
+
+
+@pytest.fixture
+def client(user):
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+def test_configuration_pages_offer_the_providers_and_app_password_help(client):
+    page = client.get("/setup/email/").content.decode()
+    for label in ["Gmail", "Yahoo", "Outlook/Hotmail", "Zoho Mail", "iCloud", "AOL", "Fastmail",
+                  "Other IMAP", "Other POP3"]:
+        assert label in page
+    assert "IMAP is recommended" in page
+
+    gmail = client.get("/setup/email/new/?provider=gmail").content.decode()
+    assert 'value="imap.gmail.com"' in gmail and 'value="smtp.gmail.com"' in gmail
+    assert "https://myaccount.google.com/apppasswords" in gmail
+    assert "<details class=\"server-details\">" in gmail  # collapsed for a preset
+    other = client.get("/setup/email/new/?provider=other-imap").content.decode()
+    assert "<details class=\"server-details\" open>" in other
+
+
+def test_add_mailbox_page_tests_the_login_and_explains_a_wrong_password(
+        client, user, dovecot, mail_user, smtp_outbox, django_capture_on_commit_callbacks):
+    form = {
+        "provider": "other-imap", "protocol": "imap", "display_name": "Ana",
+        "email_address": mail_user.email, "password": "wrong password",
+        "incoming_host": dovecot.host, "incoming_port": dovecot.imaps_port,
+        "incoming_security": "ssl", "username": mail_user.username,
+        "smtp_host": smtp_outbox.host, "smtp_port": smtp_outbox.port, "smtp_security": "starttls",
+        "smtp_username": smtp_outbox.username, "smtp_password": smtp_outbox.password,
+        "aliases": "sales@example.test",
+    }
+    response = client.post("/setup/email/new/", form)
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "nothing was saved" in page and "rejected the username or password" in page
+    assert "app-specific password" in page
+    assert not Mailbox.objects.filter(owner=user).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/setup/email/new/", form | {"password": mail_user.password})
+    mailbox = Mailbox.objects.get(owner=user)
+    assert response.status_code == 302 and response["Location"] == f"/setup/email/{mailbox.pk}/"
+    assert mailbox.is_active and mailbox.smtp_username == smtp_outbox.username
+    assert list(mailbox.aliases.values_list("address", flat=True)) == ["sales@example.test"]
+    status = client.get(f"/setup/email/{mailbox.pk}/status/").content.decode()
+    assert 'data-state="completed"' in status  # the first sync ran (eager Celery in tests)
+
+
+def test_other_pop3_tests_the_pop3_login_and_saves_the_protocol(client, user, dovecot, mail_user):
+    form = {"provider": "other-pop3", "email_address": mail_user.email, "password": "wrong",
+            "incoming_host": dovecot.host, "incoming_port": dovecot.pop3s_port,
+            "incoming_security": "ssl", "smtp_security": "starttls"}
+    refused = client.post("/setup/email/new/", form)
+    assert "nothing was saved" in refused.content.decode()
+    assert not Mailbox.objects.filter(owner=user).exists()
+    response = client.post("/setup/email/new/", form | {"password": mail_user.password})
+    assert response.status_code == 302
+    mailbox = Mailbox.objects.get(owner=user)
+    assert mailbox.protocol == "pop3" and mailbox.incoming_port == dovecot.pop3s_port
+    page = client.get(f"/setup/email/{mailbox.pk}/").content.decode()
+    assert "Remove mail from the server once it is safely stored" in page
+
+
+def test_options_validate_excluded_domains_one_per_line(client, user):
+    mailbox = MailboxFactory(owner=user, is_active=True)
+    url = f"/setup/email/{mailbox.pk}/"
+    bad = client.post(url, {"folders": "INBOX\nArchive", "sharing": "public",
+                            "excluded_domains": "bank.example\nnot a domain"})
+    assert "Not a domain: not a domain" in bad.content.decode()
+    good = client.post(url, {"folders": "INBOX\nArchive\nINBOX", "sharing": "public",
+                             "excluded_domains": "Bank.example\n@lawyers.example\n", "sync_since": "2025-01-31"})
+    assert good.status_code == 302
+    mailbox.refresh_from_db()
+    assert mailbox.folders == ["INBOX", "Archive"]
+    assert mailbox.excluded_domains == "bank.example\nlawyers.example"
+    assert mailbox.sharing == "public" and str(mailbox.sync_since) == "2025-01-31"
+
+
+def test_activating_a_second_mailbox_stops_the_first(client, user):
+    first = MailboxFactory(owner=user, is_active=True, incoming_port=1)
+    second = MailboxFactory(owner=user, is_active=False, incoming_port=1)
+    client.post(f"/setup/email/{second.pk}/activate/")
+    first.refresh_from_db(), second.refresh_from_db()
+    assert second.is_active and not first.is_active
+    other = MailboxFactory()
+    assert client.post(f"/setup/email/{other.pk}/activate/").status_code == 404
+
+
+def test_emails_related_list_groups_threads_newest_first_with_views_and_paging(client, user):
+    contact = ContactFactory(owner=user, email="customer@client.example")
+    mailbox = MailboxFactory(owner=user)
+    thread = Thread.objects.create(mailbox=mailbox, key="root@client.example")
+    old = make_email(mailbox, contact, thread=thread, subject="Quote")
+    reply = make_email(mailbox, contact, thread=thread, subject="Re: Quote", seen=False)
+    sent = make_email(mailbox, contact, subject="Our offer", direction=Email.Direction.SENT,
+                      source=Email.Source.CRM, send_state="sent", from_address=mailbox.email_address)
+    bcc = make_email(mailbox, contact, subject="Dropped in", source=Email.Source.BCC_DROPBOX)
+    make_email(mailbox, subject="Not about this contact")
+
+    page = client.get(f"/contacts/{contact.pk}/").content.decode()
+    body = page[page.index('id="related-emails"'):]
+    # newest conversation first; the thread shows its two mails, the unread one marked
+    assert body.index("Dropped in") < body.index("Our offer") < body.index("Re: Quote")
+    assert "1 unread" in body and "Not about this contact" not in body
+    assert "customer@client.example" in body  # the real address, not only the name
+
+    def listed(view: str) -> str:
+        return client.get(f"/mail/records/contact/{contact.pk}/?emails_view={view}").content.decode()
+
+    assert "Our offer" in listed("sent") and "Quote" not in listed("sent")
+    assert "Re: Quote" in listed("received") and "Our offer" not in listed("received")
+    assert "Dropped in" in listed("bcc") and "Our offer" not in listed("bcc")
+    del old, reply, sent, bcc
+
+    for _ in range(25):
+        make_email(mailbox, contact)
+    first = client.get(f"/mail/records/contact/{contact.pk}/").content.decode()
+    assert "Page 1 of 3" in first and "Older" in first
+    third = client.get(f"/mail/records/contact/{contact.pk}/?emails_page=3").content.decode()
+    assert "Quote" in third  # the oldest conversation is on the last page
+
+
+def test_deals_and_leads_have_the_emails_section_too(client, user):
+    deal = DealFactory(owner=user)
+    lead = LeadFactory(owner=user)
+    mailbox = MailboxFactory(owner=user)
+    make_email(mailbox, deal, subject="About the deal")
+    make_email(mailbox, lead, subject="About the lead")
+    assert "About the deal" in client.get(f"/deals/{deal.pk}/").content.decode()
+    assert "About the lead" in client.get(f"/leads/{lead.pk}/").content.decode()
+
+
+def test_email_view_is_sanitized_sandboxed_and_shows_real_addresses(client, user):
+    contact = ContactFactory(owner=user)
+    mailbox = MailboxFactory(owner=user)
+    email = make_email(
+        mailbox, contact, from_name="ceo@victim.example", from_address="attacker@evil.example",
+        html='<p onclick="x()">Hi</p><script>alert(1)</script><img src="https://track.example/p.gif">'
+             '<a href="javascript:alert(1)">x</a>',
+    )
+    blob = AttachmentBlob.objects.create(sha256="a" * 64, data=compress(b"<script>x</script>"), size=18)
+    attachment = Attachment.objects.create(email=email, blob=blob, filename="invoice.pdf",
+                                           content_type="text/html", size=18)
+
+    page = client.get(f"/mail/{email.pk}/?record=contact:{contact.pk}").content.decode()
+    assert "&lt;attacker@evil.example&gt;" in page  # the real address next to the fake name
+    assert "1 remote image blocked" in page and "Load images" in page
+    assert 'sandbox="allow-same-origin allow-popups allow-popups-to-escape-sandbox"' in page
+
+    body = client.get(f"/mail/{email.pk}/body/")
+    html = body.content.decode()
+    assert "<script" not in html
+    assert "alert(1)" not in html and "onclick" not in html and "track.example" not in html
+    assert "javascript:" not in html
+    csp = body["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "sandbox" in csp and "script-src" not in csp
+    assert body["X-Frame-Options"] == "SAMEORIGIN"
+    with_images = client.get(f"/mail/{email.pk}/body/?images=1")
+    assert "https://track.example/p.gif" in with_images.content.decode()
+    assert "https:" in with_images["Content-Security-Policy"]
+
+    download = client.get(f"/mail/{email.pk}/attachments/{attachment.pk}/")
+    assert download["Content-Type"] == "application/octet-stream"
+    assert download["Content-Disposition"].startswith("attachment;")
+    assert download["X-Content-Type-Options"] == "nosniff"
+    # ?inline=1 never serves HTML inline
+    assert client.get(f"/mail/{email.pk}/attachments/{attachment.pk}/?inline=1")[
+        "Content-Disposition"].startswith("attachment;")
+
+
+def test_private_mail_is_the_owners_only(client, user):
+    other_mailbox = MailboxFactory()
+    contact = ContactFactory(owner=user)
+    email = make_email(other_mailbox, contact, subject="Someone else's")
+    assert client.get(f"/mail/{email.pk}/").status_code == 404
+    assert client.get(f"/mail/{email.pk}/body/").status_code == 404
+    assert "Someone else's" not in client.get(f"/contacts/{contact.pk}/").content.decode()
+    assert client.post(f"/mail/{email.pk}/add-record/", {"kind": "lead"}).status_code == 404
+
+
+def test_unmatched_mail_view_and_add_as_contact_attaches_past_mail(client, user):
+    mailbox = MailboxFactory(owner=user)
+    from mailsync.models import EmailParticipant
+
+    mails = [make_email(mailbox, subject=f"From Linus {i}", from_name="Linus Torvalds",
+                        from_address="Linus@Kernel.example") for i in range(2)]
+    for mail in mails:
+        EmailParticipant.objects.create(email=mail, role="from", name="Linus Torvalds",
+                                        address="linus@kernel.example")
+    page = client.get("/mail/").content.decode()
+    assert "From Linus 0" in page and "Add as lead" in page and "Add as contact" in page
+
+    response = client.post(f"/mail/{mails[0].pk}/add-record/", {"kind": "contact"})
+    contact = Contact.objects.get(owner=user)
+    assert (contact.first_name, contact.last_name, contact.email) == ("Linus", "Torvalds",
+                                                                      "Linus@Kernel.example")
+    assert response["Location"] == f"/contacts/{contact.pk}/#related-emails"
+    assert set(EmailLink.objects.filter(contact=contact).values_list("email_id", flat=True)) == {
+        m.pk for m in mails}
+    assert "From Linus" not in client.get("/mail/").content.decode()
+
+
+def test_organization_emails_are_for_administrators_and_verified_by_post(client, user):
+    assert client.get("/setup/email/organization/").status_code == 403
+    org = OrganizationEmail.objects.create(address="team@example.test", display_name="Team")
+    from mailsync import senders
+
+    token = "t" * 40
+    OrganizationEmail.objects.filter(pk=org.pk).update(verification_token=senders._token_hash(token))
+    anonymous = Client()
+    shown = anonymous.get(f"/confirm-email/{token}/")
+    assert shown.status_code == 200 and "Confirm this address" in shown.content.decode()
+    org.refresh_from_db()
+    assert not org.is_verified  # a link scanner's GET confirms nothing
+    anonymous.post(f"/confirm-email/{token}/")
+    org.refresh_from_db()
+    assert org.is_verified
+    assert anonymous.get(f"/confirm-email/{token}/").status_code == 404
+
+    admin_client = Client()
+    admin_client.force_login(AdministratorFactory())
+    page = admin_client.get("/setup/email/organization/").content.decode()
+    assert "team@example.test" in page and "Verified" in page
+    assert "tracked only if that address is also configured as some user's mailbox" in page
+    # Without a sending mailbox the administrator is told what to do; nothing is saved
+    added = admin_client.post("/setup/email/organization/", {"address": "sales@example.test",
+                                                             "display_name": "Sales"})
+    assert "connect a mailbox" in added.content.decode()
+    assert not OrganizationEmail.objects.filter(address="sales@example.test").exists()
