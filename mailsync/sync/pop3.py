@@ -24,6 +24,7 @@ import os
 import time as time_module
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from datetime import timezone as dt_timezone
@@ -38,7 +39,7 @@ from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Sessio
 from ..providers import preset_for
 from ..storage import decompress
 from .imap import BudgetExhausted, SyncReport, server_settings
-from .ingest import ingest_batch
+from .ingest import Prepared, ingest_batch, prepare
 from .lock import mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ EMAIL_SIZE_MAX = 2**31 - 1  # Email.size is a 32-bit column; a LIST size may be 
 KNOWN_CHUNK = 5000
 # Messages whose headers are hashed per pipelined round (servers without usable UIDL).
 HASH_CHUNK = 200
+
+
+Fetched = tuple[list[Pop3Retrieved], dict[int, Prepared]]
 
 
 @dataclass
@@ -276,48 +280,106 @@ class Pop3Sync:
             bytes_total=F("bytes_total") + sum(size_of(k) for k in uncounted),
         )
         self.next_uid = self._first_free_uid()
+        batches = list(_batches(new, size_of))
+        removing = self.mailbox.pop3_delete_after_download
+        # Stored and committed, DELE not sent yet. A DELE always leaves after the commit of
+        # its message: it goes out with the fetch of a later batch, or at the end.
+        committed: list[Keyed] = []
 
-        for batch in _batches(new, size_of):
-            self._check_budget()
-            requests = [
-                Pop3Request(k.listing.number, HEADERS_MAX_BYTES, headers_only=True)
-                if self._headers_only(k)
-                else Pop3Request(k.listing.number, self.mailbox.max_message_bytes)
-                for k in batch
-            ]
-            replies = session.retrieve(requests)
-            by_number = {k.listing.number: k for k in batch}
-            # A reply over its cap ends the list, and the connection with it.
-            complete = all(reply.complete for reply in replies)
-            stored: list[tuple[Keyed, Pop3Retrieved]] = []
-            for reply in replies:
-                item = by_number[reply.number]
-                if reply.error:
-                    # Left on the server and tried again next run; never recorded as done.
-                    log.warning("mailbox %s: RETR refused (%s)", self.mailbox.pk, reply.error)
-                    self.report.failed += 1
-                elif not reply.complete and not reply.headers_only:
-                    # Bigger than LIST said: fetch its headers on the next connection.
-                    self.too_large.add(item.key)
-                    Mailbox.objects.filter(pk=self.mailbox.pk).update(
-                        bytes_total=F("bytes_total") - (item.listing.size or 0)
-                    )
-                else:
-                    stored.append((item, reply))
-            if stored:
-                self._store(stored)
-                if _TEST_STORE_DELAY:
-                    time_module.sleep(_TEST_STORE_DELAY)
-                # Only now, with the rows committed, may the server forget the messages.
-                if complete:
-                    removable = [item for item, reply in stored
-                                 if not reply.headers_only and self.mailbox.pop3_delete_after_download]
-                    if removable:
-                        session.delete([item.listing.number for item in removable])
-                        marked += [item.key for item in removable]
-            if not complete:
-                return False
+        def fetch(batch: list[Keyed], uids: list[int], deletes: list[Keyed]) -> Fetched:
+            # The prefetch thread: the only user of the connection while it runs. Parsing
+            # the envelope, hashing and compressing happen here too (as for IMAP).
+            if deletes:
+                session.delete([k.listing.number for k in deletes])
+            uid_of = {k.listing.number: uid for k, uid in zip(batch, uids, strict=True)}
+            replies = session.retrieve(self._requests(batch))
+            prepared = {
+                r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
+                                                 internal_date=None, raw=r.raw))
+                for r in replies if not r.error and (r.complete or r.headers_only)
+            }
+            return replies, prepared
+
+        def submit(batch: list[Keyed], deletes: list[Keyed]) -> Future[Fetched]:
+            # UIDs are handed out here, in order, in this thread.
+            uids = list(range(self.next_uid, self.next_uid + len(batch)))
+            self.next_uid += len(batch)
+            return pool.submit(fetch, batch, uids, deletes)
+
+        # One batch is fetched while the one before it is stored: the server's and the
+        # database's time overlap (socket, TLS, zstd and psycopg2 release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pop3-prefetch") as pool:
+            try:
+                self._check_budget()
+                job, job_deletes = submit(batches[0], []), []
+                for index, batch in enumerate(batches):
+                    replies, prepared = job.result()  # the fetch's error, if any, is raised here
+                    marked += [k.key for k in job_deletes]
+                    complete = all(reply.complete for reply in replies)
+                    paused: BudgetExhausted | None = None
+                    if complete and index + 1 < len(batches):
+                        try:
+                            self._check_budget()
+                        except BudgetExhausted as exc:
+                            paused = exc
+                        else:
+                            job_deletes, committed = committed, []
+                            job = submit(batches[index + 1], job_deletes)
+                    stored = self._usable(batch, replies)
+                    if stored:
+                        self._store([(item, reply, prepared[reply.number]) for item, reply in stored])
+                        if _TEST_STORE_DELAY:
+                            time_module.sleep(_TEST_STORE_DELAY)
+                        if removing and complete:
+                            committed += [item for item, reply in stored if not reply.headers_only]
+                    if not complete:
+                        return False  # the connection is gone: no DELE, no QUIT this time
+                    if paused is not None:
+                        self._delete(session, committed, marked)
+                        raise paused
+                self._delete(session, committed, marked)
+            except BudgetExhausted:
+                raise  # nothing in flight: the caller sends QUIT
+            except BaseException:
+                # Stop the prefetch at once (its socket is closed under it); no QUIT follows.
+                session.abandon()
+                raise
         return True
+
+    @staticmethod
+    def _delete(session: Pop3Session, items: list[Keyed], marked: list[str]) -> None:
+        if items:
+            session.delete([k.listing.number for k in items])
+            marked += [k.key for k in items]
+
+    def _requests(self, batch: list[Keyed]) -> list[Pop3Request]:
+        return [
+            Pop3Request(k.listing.number, HEADERS_MAX_BYTES, headers_only=True)
+            if self._headers_only(k)
+            else Pop3Request(k.listing.number, self.mailbox.max_message_bytes)
+            for k in batch
+        ]
+
+    def _usable(self, batch: list[Keyed],
+                replies: list[Pop3Retrieved]) -> list[tuple[Keyed, Pop3Retrieved]]:
+        """The replies to store; a refused RETR or one over the limit is dealt with here."""
+        by_number = {k.listing.number: k for k in batch}
+        usable: list[tuple[Keyed, Pop3Retrieved]] = []
+        for reply in replies:
+            item = by_number[reply.number]
+            if reply.error:
+                # Left on the server and tried again next run; never recorded as done.
+                log.warning("mailbox %s: RETR refused (%s)", self.mailbox.pk, reply.error)
+                self.report.failed += 1
+            elif not reply.complete and not reply.headers_only:
+                # Bigger than LIST said: its headers are fetched on the next connection.
+                self.too_large.add(item.key)
+                Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                    bytes_total=F("bytes_total") - (item.listing.size or 0)
+                )
+            else:
+                usable.append((item, reply))
+        return usable
 
     def _first_free_uid(self) -> int:
         """POP3 mail is stored with a made-up UID per message (EmailLocation and MessageError
@@ -331,17 +393,10 @@ class Pop3Sync:
         )
         return top + 1
 
-    def _store(self, stored: list[tuple[Keyed, Pop3Retrieved]]) -> None:
+    def _store(self, stored: list[tuple[Keyed, Pop3Retrieved, Prepared]]) -> None:
         """Ingest the batch; record its keys in the same transaction (the cursor callback)."""
         assert self.folder is not None
-        messages: list[FetchedMessage] = []
-        planned: list[tuple[int, Keyed, Pop3Retrieved]] = []
-        for item, reply in stored:
-            uid = self.next_uid
-            self.next_uid += 1
-            messages.append(FetchedMessage(uid=uid, flags=(), size=len(reply.raw), internal_date=None,
-                                           raw=reply.raw))
-            planned.append((uid, item, reply))
+        planned = [(p.message.uid, item, reply) for item, reply, p in stored]
         mailbox = self.mailbox
 
         def record(folder: MailFolder) -> None:
@@ -379,7 +434,7 @@ class Pop3Sync:
                 ])
 
         result = ingest_batch(mailbox=mailbox, folder=self.folder, uidvalidity=POP3_UIDVALIDITY,
-                              messages=messages, advance_cursor=record)
+                              prepared=[p for _, _, p in stored], advance_cursor=record)
         self.report.new += result.stored
         self.report.located += result.located
         self.report.failed += result.failed
