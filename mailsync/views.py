@@ -19,6 +19,7 @@ from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
 from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.http import require_http_methods, require_POST
@@ -467,15 +468,9 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         "can_send": bool(senders.sender_choices(request.user)),
         "can_retry": email.send_state == Email.SendState.FAILED or (
             email.send_state == Email.SendState.SENDING
-            and email.created_at < _now() - sending.STALE_SENDING),
+            and email.created_at < timezone.now() - sending.STALE_SENDING),
         "images": request.GET.get("images") == "1",
     })
-
-
-def _now():  # noqa: ANN202
-    from django.utils import timezone
-
-    return timezone.now()
 
 
 @login_required

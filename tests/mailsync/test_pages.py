@@ -279,3 +279,103 @@ def test_organization_emails_are_for_administrators_and_verified_by_post(client,
                                                              "display_name": "Sales"})
     assert "connect a mailbox" in added.content.decode()
     assert not OrganizationEmail.objects.filter(address="sales@example.test").exists()
+
+
+def test_email_actions_reach_the_imap_server(dovecot, mail_user, imap_mailbox):
+    from mailsync import services
+    from mailsync.sync.imap import ImapSync
+    from tests.mailsync.conftest import make_message
+
+    owner_client = Client()
+    owner_client.force_login(imap_mailbox.owner)
+    dovecot.create_folder(mail_user, "Archive")
+    dovecot.deliver(mail_user, make_message(subject="Act on me"))
+    ImapSync(imap_mailbox, timeout=10).run()
+    services.emails_parse_pending(mailbox_id=imap_mailbox.pk)
+    email = Email.objects.get(mailbox=imap_mailbox)
+    url = f"/mail/{email.pk}/actions/"
+
+    page = owner_client.get(f"/mail/{email.pk}/").content.decode()
+    assert '<option value="Archive">' in page  # folders listed from the server
+
+    owner_client.post(url, {"action": "flag"})
+    [uid] = dovecot.folder_state(mail_user).uids
+    assert "\\Flagged" in dovecot.folder_state(mail_user).flags(uid)
+    owner_client.post(url, {"action": "move", "folder": "Archive"})
+    assert dovecot.folder_state(mail_user).count == 0
+    assert dovecot.folder_state(mail_user, "Archive").count == 1
+    response = owner_client.post(url, {"action": "delete"})
+    assert response.status_code == 302
+    assert dovecot.folder_state(mail_user, "Archive").count == 0
+    assert dovecot.folder_state(mail_user, "Trash").count == 1
+    assert owner_client.get(f"/mail/{email.pk}/").status_code == 404  # gone from the CRM views
+
+    # Someone who may see the mail (an administrator) still cannot act in the mailbox
+    admin = Client()
+    admin.force_login(AdministratorFactory())
+    email2 = make_email(imap_mailbox, ContactFactory(owner=imap_mailbox.owner))
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(sharing="public")
+    admin.post(f"/mail/{email2.pk}/actions/", {"action": "flag"})
+    email2.refresh_from_db()
+    assert not email2.flagged
+
+
+def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user):
+    from django.utils import timezone
+
+    mailbox = MailboxFactory(owner=user, is_active=True)
+    url = f"/setup/email/{mailbox.pk}/status/"
+    now = timezone.now()
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        state="syncing", messages_done=500, messages_total=2000, bytes_done=50 * 2**20,
+        bytes_total=200 * 2**20, sync_started_at=now - timedelta(minutes=1))
+    panel = client.get(url).content.decode()
+    assert 'data-state="syncing"' in panel and "Sync in progress" in panel
+    assert '<progress max="2000" value="500"' in panel
+    panel = panel.replace("\xa0", " ")
+    assert "500 of 2,000 messages" in panel and "50.0 MB of 200.0 MB" in panel
+    assert "left" in panel and 'hx-trigger="every 2s"' in panel  # polls while syncing
+
+    Mailbox.objects.filter(pk=mailbox.pk).update(state="paused", paused_until=now + timedelta(hours=5))
+    panel = client.get(url).content.decode()
+    assert "Paused until" in panel and "resumes by itself" in panel
+
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        state="error", last_error="The server rejected the username or password. Use an app-specific password.")
+    panel = client.get(url).content.decode()
+    assert "app-specific password" in panel
+    assert f'href="/setup/email/{mailbox.pk}/connection/"' in panel
+
+    from mailsync.models import MailFolder, MessageError
+
+    folder = MailFolder.objects.create(mailbox=mailbox, name="INBOX", uidvalidity=1)
+    MessageError.objects.create(mailbox=mailbox, folder=folder, uidvalidity=1, uid=42,
+                                error="Could not store this message: bad bytes")
+    panel = client.get(url).content.decode()
+    assert "Messages that failed to import" in panel and "bad bytes" in panel
+    assert f'action="/setup/email/{mailbox.pk}/retry/"' in panel
+
+
+def test_connection_settings_are_tested_before_they_are_saved(
+        client, user, dovecot, mail_user, smtp_outbox):
+    mailbox = MailboxFactory(
+        owner=user, email_address=mail_user.email, incoming_host=dovecot.host,
+        incoming_port=dovecot.imaps_port, incoming_security="ssl", username=mail_user.username,
+        password=mail_user.password, is_active=True)
+    url = f"/setup/email/{mailbox.pk}/connection/"
+    page = client.get(url).content.decode()
+    assert f'value="{dovecot.imaps_port}"' in page and mail_user.password not in page
+    form = {"provider": "other-imap", "email_address": mail_user.email, "password": "",
+            "incoming_host": dovecot.host, "incoming_port": dovecot.imaps_port,
+            "incoming_security": "ssl", "username": mail_user.username,
+            "smtp_host": smtp_outbox.host, "smtp_port": smtp_outbox.port,
+            "smtp_security": "starttls", "smtp_username": smtp_outbox.username,
+            "smtp_password": "wrong"}
+    refused = client.post(url, form).content.decode()
+    assert "Outgoing mail (SMTP)" in refused and "nothing was saved" in refused
+    mailbox.refresh_from_db()
+    assert mailbox.smtp_host == "" and mailbox.password == mail_user.password
+    assert client.post(url, form | {"smtp_password": smtp_outbox.password}).status_code == 302
+    mailbox.refresh_from_db()
+    assert (mailbox.smtp_host, mailbox.smtp_username) == (smtp_outbox.host, smtp_outbox.username)
+    assert mailbox.password == mail_user.password  # an empty password keeps the saved one

@@ -113,6 +113,7 @@ def test_configure_sync_read_reply_switch_and_organization_email(
     expect(page.locator("#sync-status")).to_contain_text("messages")
     mailbox = Mailbox.objects.get(owner=ana)
     assert mailbox.is_active and mailbox.password == account.password
+    expect(page.locator(".folder-hint")).to_contain_text("Sent")  # listed live from the server
     screenshot(page, "mailbox-status-completed")
 
     # "Sync now" refreshes the panel in place
