@@ -228,14 +228,13 @@ async def _send(settings: ServerSettings, message: EmailMessage, sender: str,
     try:
         await _login(client, settings)
         # send_message drops Bcc from what is transmitted; the envelope still carries it.
-        _, reply = await client.send_message(message, sender=sender, recipients=list(recipients))
+        await client.send_message(message, sender=sender, recipients=list(recipients))
     finally:
         if client.is_connected:
             try:
                 await client.quit()
             except Exception:  # noqa: BLE001
                 client.close()
-    del reply
 
 
 def check_login(settings: ServerSettings) -> None:

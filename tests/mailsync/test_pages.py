@@ -379,3 +379,19 @@ def test_connection_settings_are_tested_before_they_are_saved(
     mailbox.refresh_from_db()
     assert (mailbox.smtp_host, mailbox.smtp_username) == (smtp_outbox.host, smtp_outbox.username)
     assert mailbox.password == mail_user.password  # an empty password keeps the saved one
+
+
+def test_provider_messages_that_imap_is_off_become_advice():
+    from imapclient.exceptions import LoginError
+
+    from mailsync.exceptions import MailAuthError
+    from mailsync.views import explain
+
+    try:
+        try:
+            raise LoginError("[ALERT] Your account is not enabled for IMAP use.")
+        except LoginError as cause:
+            raise MailAuthError("The server rejected the username or password.") from cause
+    except MailAuthError as exc:
+        text = explain(exc)
+    assert "turned off for this account" in text and "Forwarding and POP/IMAP" in text

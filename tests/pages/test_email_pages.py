@@ -117,7 +117,9 @@ def test_configure_sync_read_reply_switch_and_organization_email(
     screenshot(page, "mailbox-status-completed")
 
     # "Sync now" refreshes the panel in place
-    page.get_by_role("button", name="Sync now").click()
+    with page.expect_response(lambda r: r.url.endswith("/sync/")) as sync_now:
+        page.get_by_role("button", name="Sync now").click()
+    assert sync_now.value.status == 200  # swapped in place by htmx (CSRF token sent)
     expect(page.get_by_test_id("sync-state")).to_have_attribute("data-state", "completed")
 
     # She opens the contact and reads her emails, grouped and newest first, unread marked
