@@ -137,6 +137,8 @@ class Pop3Session:
 
     def connect(self) -> None:
         s = self.settings
+        if s.security not in ("ssl", "starttls", "none"):
+            raise MailConfigError(f"Unknown security setting {s.security!r}.")
         try:
             if s.security == "ssl":
                 client: poplib.POP3 = poplib.POP3_SSL(s.host, s.port, timeout=s.timeout,
@@ -154,8 +156,6 @@ class Pop3Session:
                         f"{s.host} does not offer STARTTLS (STLS) on port {s.port}.",
                         hint="Use SSL/TLS (usually port 995) instead.",
                     ) from exc
-            elif s.security != "ssl" and s.security != "none":
-                raise MailConfigError(f"Unknown security setting {s.security!r}.")
         except MailError:
             self.abandon()
             raise
@@ -363,9 +363,6 @@ class Pop3Session:
     @staticmethod
     def _command(request: Pop3Request) -> str:
         return f"TOP {request.number} 0" if request.headers_only else f"RETR {request.number}"
-
-    def top_headers(self, number: int, max_bytes: int) -> Pop3Retrieved:
-        return self.retrieve([Pop3Request(number, max_bytes, headers_only=True)])[0]
 
     # -- changing -----------------------------------------------------------------------------
     def delete(self, numbers: Sequence[int]) -> None:

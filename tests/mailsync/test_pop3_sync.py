@@ -345,6 +345,7 @@ def test_stls_on_the_plain_port_with_certificate_verification(dovecot, mail_user
     dovecot.deliver(mail_user, make_message(subject="Over STLS"))
 
     assert check_login(server_settings(pop3_mailbox)) == [("INBOX", "inbox")]
+    assert services.mailbox_test(mailbox=pop3_mailbox) == [("INBOX", "inbox")]
     assert sync(pop3_mailbox).new == 1
 
     # A certificate we do not trust stops the connection before the password is sent.
@@ -407,3 +408,72 @@ def test_duplicate_uidls_fall_back_to_header_hashes(dovecot, pop3_mailbox):
     dovecot.append(user, "INBOX", make_message(subject="Later"))
     assert sync(pop3_mailbox).new == 1
     assert crm_subjects(pop3_mailbox) == ["Later", "Other", "Twice"]
+
+
+def test_provider_budget_exhausted_pauses_without_touching_the_server(dovecot, mail_user, pop3_mailbox):
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message())
+    pop3_mailbox.provider = "gmail"
+    pop3_mailbox.save()
+    Mailbox.objects.filter(pk=pop3_mailbox.pk).update(
+        budget_bytes_used=int(2.5 * 1024**3), budget_day=timezone.now().date()
+    )
+    sync(pop3_mailbox)
+    pop3_mailbox.refresh_from_db()
+    assert pop3_mailbox.state == "paused" and pop3_mailbox.paused_until is not None
+    assert not Email.objects.filter(mailbox=pop3_mailbox).exists()
+    assert on_server(dovecot, mail_user) == 3
+    assert services.mailbox_sync(mailbox_id=pop3_mailbox.pk) is None  # skipped until then
+
+
+def test_budget_running_out_mid_download_removes_only_what_was_stored(dovecot, mail_user, pop3_mailbox,
+                                                                     monkeypatch):
+    for i in range(5):
+        dovecot.deliver(mail_user, make_message(subject=f"Budget {i}"))
+    pop3_mailbox.provider = "gmail"
+    pop3_mailbox.save()
+    Mailbox.objects.filter(pk=pop3_mailbox.pk).update(
+        budget_bytes_used=int(2.5 * 1024**3) - 1, budget_day=timezone.now().date()
+    )
+    monkeypatch.setattr(engine, "BATCH_MESSAGES", 2)
+
+    sync(pop3_mailbox)
+
+    # The budget is checked before each fetch; a fetch runs ahead of the store before it,
+    # so two batches get in. What is stored is removed (QUIT still sent); the rest waits.
+    pop3_mailbox.refresh_from_db()
+    assert pop3_mailbox.state == "paused"
+    stored = Email.objects.filter(mailbox=pop3_mailbox).count()
+    assert stored == 4
+    assert on_server(dovecot, mail_user) == 5 - stored
+    assert Pop3Message.objects.filter(deleted_from_server_at__isnull=False).count() == stored
+
+
+def test_message_that_fails_to_store_is_kept_raw_and_retried_from_the_crm(dovecot, mail_user,
+                                                                          pop3_mailbox, monkeypatch):
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message(subject=f"Retry {i}"))
+    from mailsync.sync import ingest
+
+    real_store = ingest._store
+
+    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared):
+        if any(p.envelope.subject == "Retry 1" for p in prepared):
+            raise ValueError("simulated storage failure")
+        return real_store(mailbox, folder, uidvalidity, prepared)
+
+    monkeypatch.setattr(ingest, "_store", store_failing_on_retry_1)
+    report = sync(pop3_mailbox)
+
+    assert report.failed == 1
+    assert crm_subjects(pop3_mailbox) == ["Retry 0", "Retry 2"]
+    # Its bytes are in the CRM (with the error the user sees), so it may leave the server.
+    error = MessageError.objects.get(mailbox=pop3_mailbox)
+    assert b"Retry 1" in decompress(error.raw) and "simulated" in error.error
+    assert on_server(dovecot, mail_user) == 0
+
+    monkeypatch.setattr(ingest, "_store", real_store)
+    result = services.mailbox_retry_failed(actor=pop3_mailbox.owner, mailbox=pop3_mailbox)
+    assert result["refetched"] == 1
+    assert crm_subjects(pop3_mailbox) == ["Retry 0", "Retry 1", "Retry 2"]
+    assert selectors.mailbox_status(mailbox=pop3_mailbox)["message_errors"] == []
