@@ -267,9 +267,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=2000, help="messages in the maildrop (default 2000)")
-    p.add_argument("--runs", type=int, default=3, help="runs of each measurement, median (default 3)")
-    p.add_argument("--budget", type=float, default=150.0,
-                   help="seconds; repeats are skipped once they would overrun it (default 150)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="rounds (each measures everything once); medians reported (default 5)")
+    p.add_argument("--budget", type=float, default=160.0,
+                   help="seconds; rounds are skipped once they would overrun it (default 160)")
     p.add_argument("--no-fetchmail", action="store_true", help="skip fetchmail even if installed")
     p.add_argument("--no-big", action="store_true", help="skip the very large messages")
     p.add_argument("--database-url", default=os.environ.get("BENCH_POP3_DATABASE_URL", DEFAULT_DB_URL),
@@ -280,6 +281,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.messages <= 20_000:
         p.error("--messages must be between 1 and 20000")
     return args
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ANN001
@@ -329,14 +336,25 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         owner = seed_crm(corpus)
         say("database migrated; 50 contacts with deals, 20 leads")
 
-        ceiling = median_run([ceiling_retr(server, user) for _ in range(args.runs)])
-        say(f"ceiling (poplib RETR loop): {ceiling.rate:,.0f} msg/s")
-
+        fetchmail = None if args.no_fetchmail else fetchmail_version()
+        fetchmail_note = ("skipped (--no-fetchmail)" if args.no_fetchmail else
+                          "not installed (apt-get install fetchmail)" if fetchmail is None else "")
+        # Rounds: each measures everything once, back to back, so that a change in the
+        # machine's load hits all of them alike; ratios are taken within a round.
+        ceilings: list[Throughput] = []
+        adapters: list[Throughput] = []
         runs: dict[bool, list[Run]] = {True: [], False: []}
+        fm_remove: list[Throughput] = []
+        fm_keep: list[Throughput] = []
+        rounds_start = time.perf_counter()
         for i in range(max(1, args.runs)):
+            if i and time.perf_counter() + (time.perf_counter() - rounds_start) / i + 25 > deadline:
+                say("time budget: no more rounds")
+                break
+            refill()
+            ceilings.append(ceiling_retr(server, user))
+            adapters.append(adapter_only(server, user))
             for delete in (True, False):
-                if runs[delete] and time.perf_counter() + runs[delete][-1].throughput.seconds * 2 + 30 > deadline:
-                    continue
                 if refill() != written:
                     raise RuntimeError("the refilled maildrop is not complete")
                 reset_mail_tables()
@@ -345,38 +363,28 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
                 if run.left_on_server != expected_left:
                     raise RuntimeError(f"{run.left_on_server} left on the server, not {expected_left}")
                 runs[delete].append(run)
-                say(f"Mailroom run {i + 1} ({'remove' if delete else 'leave'}): "
-                    f"{run.throughput.rate:,.0f} msg/s, peak RSS {run.rss_peak:.0f} MB")
-        refill()
-        adapter = [adapter_only(server, user) for _ in range(max(1, args.runs))]
-        mailroom = median_run([r.throughput for r in runs[True]])
-        leave = median_run([r.throughput for r in runs[False]])
-        adapter_t = median_run(adapter)
-        say(f"adapter only: {adapter_t.rate:,.0f} msg/s")
-
-        fetchmail = fetchmail_version()
-        fetchmail_result: Throughput | None = None
-        fetchmail_keep: Throughput | None = None
-        fetchmail_note = "not installed (apt-get install fetchmail)" if fetchmail is None else ""
-        if fetchmail and args.no_fetchmail:
-            fetchmail_note = "skipped (--no-fetchmail)"
-        elif fetchmail:
-            try:
-                keep_runs: list[Throughput] = []
-                delete_runs: list[Throughput] = []
-                while len(delete_runs) < args.runs and (
-                        not delete_runs or time.perf_counter() + delete_runs[-1].seconds * 2 + 20 < deadline):
-                    refill()
-                    keep_runs.append(fetchmail_run(server, user, ca, workdir, written, keep=True))
-                    delete_runs.append(fetchmail_run(server, user, ca, workdir, written, keep=False))
+            if fetchmail:
+                try:
+                    fm_keep.append(fetchmail_run(server, user, ca, workdir, written, keep=True))
+                    fm_remove.append(fetchmail_run(server, user, ca, workdir, written, keep=False))
                     if server_count(server, user) != 0:
                         raise RuntimeError("fetchmail left messages on the server")
-                fetchmail_result, fetchmail_keep = median_run(delete_runs), median_run(keep_runs)
-                fetchmail_note = f"{fetchmail}, median of {len(delete_runs)}"
-                say(f"fetchmail: {fetchmail_result.rate:,.0f} msg/s")
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                fetchmail_note = f"failed: {exc}"
-                say(f"fetchmail {fetchmail_note}")
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    fetchmail, fetchmail_note = None, f"failed: {exc}"
+                    say(f"fetchmail {fetchmail_note}")
+            say(f"round {i + 1}: ceiling {ceilings[-1].rate:,.0f}, Mailroom "
+                f"{runs[True][-1].throughput.rate:,.0f} (remove) / {runs[False][-1].throughput.rate:,.0f} "
+                f"(leave), fetchmail {fm_remove[-1].rate if fm_remove else 0:,.0f} msg/s")
+        rounds = len(ceilings)
+        ceiling, adapter_t = median_run(ceilings), median_run(adapters)
+        mailroom = median_run([r.throughput for r in runs[True]])
+        leave = median_run([r.throughput for r in runs[False]])
+        vs_ceiling = sorted(r.throughput.rate / c.rate for r, c in zip(runs[True], ceilings))
+        fetchmail_result = median_run(fm_remove) if fm_remove else None
+        fetchmail_keep = median_run(fm_keep) if fm_keep else None
+        vs_fetchmail = sorted(r.throughput.rate / f.rate for r, f in zip(runs[True], fm_remove))
+        if fetchmail_result:
+            fetchmail_note = f"{fetchmail}, median of {len(fm_remove)}"
 
         big: tuple[Run, str] | None = None
         if not args.no_big and time.perf_counter() + 20 < deadline:
@@ -393,18 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         print(f"machine: {os.cpu_count()} CPUs, load {load[0]:.2f} at start; {dovecot_version}; "
               f"Python {sys.version.split()[0]}; PostgreSQL via {args.database_url.rsplit('/', 1)[0]}/…")
         print()
-        print(f"  {'':<46}{'msg/s':>9}{'MB/s':>9}{'time':>9}  ratio / notes")
-        print(row("ceiling: poplib RETR loop (nothing stored)", ceiling,
-                  f"1.00 (median of {args.runs})"))
+        print(f"  {'':<46}{'msg/s':>9}{'MB/s':>9}{'time':>9}  ratio / notes (medians of {rounds} rounds)")
+        print(row("ceiling: poplib RETR loop (nothing stored)", ceiling, "1.00"))
         print(row("Mailroom adapter only (pipelined RETR, no DB)", adapter_t,
                   f"{adapter_t.rate / ceiling.rate:.2f} of ceiling"))
-        vs_fetchmail = (f", {mailroom.rate / fetchmail_result.rate:.2f} x fetchmail"
-                        if fetchmail_result else "")
+        paired = f"{_median(vs_ceiling):.2f} of ceiling"
+        if vs_fetchmail:
+            paired += f", {_median(vs_fetchmail):.2f} x fetchmail"
         print(row("Mailroom -> PostgreSQL, remove after download", mailroom,
-                  f"{mailroom.rate / ceiling.rate:.2f} of ceiling{vs_fetchmail} "
-                  f"(median of {len(runs[True])})"))
+                  paired + " (per-round ratios: " + ", ".join(f"{v:.2f}" for v in vs_ceiling)
+                  + (" / " + ", ".join(f"{v:.2f}" for v in vs_fetchmail) if vs_fetchmail else "") + ")"))
         print(row("Mailroom -> PostgreSQL, leave on server", leave,
-                  f"{leave.rate / ceiling.rate:.2f} of ceiling (median of {len(runs[False])})"))
+                  f"{leave.rate / ceiling.rate:.2f} of ceiling"))
         if fetchmail_result is not None:
             print(row("fetchmail -> BSMTP file, remove (nokeep)", fetchmail_result, fetchmail_note))
             print(row("fetchmail -> BSMTP file, keep", fetchmail_keep, ""))
@@ -420,9 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
             print(f"  very large messages (2 x 30 MB, 1 x 120 MB; limit 50 MB): {note}; peak RSS "
                   f"{run.rss_peak:.0f} MB (+{run.rss_peak - run.rss_before:.0f} MB), "
                   f"{run.throughput.seconds:.1f} s")
-        targets = [f">= 0.5 x ceiling: {'yes' if mailroom.rate >= 0.5 * ceiling.rate else 'NO'}"]
-        if fetchmail_result:
-            targets.append(f">= fetchmail: {'yes' if mailroom.rate >= fetchmail_result.rate else 'NO'}")
+        targets = [f">= 0.5 x ceiling: {'yes' if _median(vs_ceiling) >= 0.5 else 'NO'}"]
+        if vs_fetchmail:
+            targets.append(f">= fetchmail: {'yes' if _median(vs_fetchmail) >= 1 else 'NO'}")
         print("  targets: " + "; ".join(targets))
         print(f"  every run stored all {written:,} messages exactly once; remove-after-download "
               "runs left 0 on the server, leave-on-server runs left all")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -163,8 +163,26 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
             thread.last_date, thread.subject = email.date, email.subject
             changed.append(thread)
     if changed:
-        Thread.objects.bulk_update(list({t.pk: t for t in changed}.values()),
-                                   ["last_date", "subject"], batch_size=500)
+        _update_thread_dates(list({t.pk: t for t in changed}.values()))
+
+
+def _update_thread_dates(threads: list[Thread]) -> None:
+    """One ``UPDATE ... FROM (VALUES ...)`` per 1,000 threads on PostgreSQL. Django's
+    bulk_update builds a CASE expression per row and field: measured on the POP3 bench it
+    took ~12 % of the sync (bench/pop3_sync.py)."""
+    if connection.vendor != "postgresql":
+        Thread.objects.bulk_update(threads, ["last_date", "subject"], batch_size=500)
+        return
+    table = connection.ops.quote_name(Thread._meta.db_table)
+    with connection.cursor() as cursor:
+        for start in range(0, len(threads), 1000):
+            chunk = threads[start:start + 1000]
+            rows = ", ".join(["(%s, %s::timestamptz, %s)"] * len(chunk))
+            cursor.execute(
+                f"UPDATE {table} AS t SET last_date = v.last_date, subject = v.subject "
+                f"FROM (VALUES {rows}) AS v(id, last_date, subject) WHERE t.id = v.id",
+                [value for t in chunk for value in (t.pk, t.last_date, t.subject)],
+            )
 
 
 def assign_threads(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> None:

@@ -477,3 +477,27 @@ def test_message_that_fails_to_store_is_kept_raw_and_retried_from_the_crm(doveco
     assert result["refetched"] == 1
     assert crm_subjects(pop3_mailbox) == ["Retry 0", "Retry 1", "Retry 2"]
     assert selectors.mailbox_status(mailbox=pop3_mailbox)["message_errors"] == []
+
+
+def test_downloaded_mail_is_threaded_and_attached_to_records(dovecot, mail_user, pop3_mailbox):
+    from datetime import datetime
+    from datetime import timezone as dt_timezone
+
+    from mailsync.models import EmailLink, Thread
+    from tests.factories import ContactFactory
+
+    contact = ContactFactory(email="buyer@client.example")
+    first = datetime(2026, 3, 1, 9, 0, tzinfo=dt_timezone.utc)
+    dovecot.deliver(mail_user, make_message(sender="Buyer <Buyer@Client.example>", subject="Offer",
+                                            message_id="<offer@client.example>", date=first))
+    dovecot.deliver(mail_user, make_message(sender="Buyer <buyer@client.example>", subject="Re: Offer",
+                                            message_id="<re@client.example>",
+                                            in_reply_to="<offer@client.example>",
+                                            references="<offer@client.example>",
+                                            date=first + timedelta(days=2)))
+    sync(pop3_mailbox)
+
+    thread = Thread.objects.get(mailbox=pop3_mailbox)
+    assert thread.emails.count() == 2
+    assert (thread.last_date, thread.subject) == (first + timedelta(days=2), "Re: Offer")
+    assert EmailLink.objects.filter(contact=contact).count() == 2
