@@ -106,6 +106,24 @@ def _reply_text(exc: BaseException) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
+def _terminator(buffer: bytes, before: int) -> tuple[int, int] | None:
+    """The first end of a multi-line reply (LF "." CRLF, or LF "." LF from servers that
+    send bare LF) whose LF is before ``before``: (position of the LF, length).
+
+    One pass: "\n." only occurs at a terminator or at a stuffed line ("\n..")."""
+    at = buffer.find(b"\n.", 0, before + 1)
+    while at != -1 and at < before:
+        follow = buffer[at + 2:at + 4]
+        if follow == b"\r\n":
+            return at, 4
+        if follow[:1] == b"\n":
+            return at, 3
+        if len(follow) < 2 and follow != b".":
+            return None  # cut by the end of the buffer: decided with the next block
+        at = buffer.find(b"\n.", at + 1, before + 1)
+    return None
+
+
 def _parse_int(text: bytes) -> int | None:
     try:
         value = int(text)
@@ -256,22 +274,27 @@ class Pop3Session:
             block = file.peek(READ_BUFFER)
             if not block:
                 raise poplib.error_proto("-ERR EOF")
-            # The last bytes already read, after a virtual line end (a reply may be empty).
+            # A terminator may start in the last bytes already read (after a virtual line
+            # end: a reply may be empty), or anywhere in this block.
             head = bytes(data[-4:]) if len(data) >= 4 else b"\n" + bytes(data)
-            window = head + block
-            found = [(at, len(t)) for t in _TERMINATORS if (at := window.find(t)) != -1]
-            if found:
-                at, length = min(found)
-                keep = at + 1 - len(head)  # bytes of the block up to the last line end
-                consumed = file.read(at + length - len(head))
-                if keep > 0:
-                    data += consumed[:keep]
-                elif keep < 0:  # part of the terminator was read with the previous block
-                    del data[keep:]
-                break
-            data += file.read(len(block))
-            if len(data) > max_bytes:
-                raise _TooLong(bytes(data[:max_bytes]))
+            edge = _terminator(head + block[:3], len(head))
+            if edge is not None:
+                at, length = edge[0] - len(head), edge[1]
+            else:
+                found = _terminator(block, len(block))
+                if found is None:
+                    data += file.read(len(block))
+                    if len(data) > max_bytes:
+                        raise _TooLong(bytes(data[:max_bytes]))
+                    continue
+                at, length = found
+            keep = at + 1  # bytes of the block up to the message's last line end
+            consumed = file.read(at + length)
+            if keep > 0:
+                data += consumed[:keep]
+            elif keep < 0:  # part of the terminator was read with the previous block
+                del data[keep:]
+            break
         if len(data) > max_bytes:
             raise _TooLong(bytes(data[:max_bytes]))
         # Byte-stuffing: a line that starts with "." was sent with one more "." in front.
@@ -319,46 +342,58 @@ class Pop3Session:
                         uidls[number] = uidl.decode("ascii")
         return [Pop3Listing(number, size, uidls.get(number)) for number, size in sorted(sizes.items())]
 
-    def retrieve(self, requests: Sequence[Pop3Request]) -> list[Pop3Retrieved]:
-        """RETR (or TOP n 0) each request, pipelined when the server offers PIPELINING.
+    def retrieve(self, requests: Sequence[Pop3Request], *,
+                 delete_first: Sequence[int] = ()) -> list[Pop3Retrieved]:
+        """RETR (or TOP n 0) each request, pipelined when the server offers PIPELINING;
+        ``delete_first``: DELE these numbers first, in the same pipeline.
 
         Stops early, with the session closed, at the first reply over its ``max_bytes``
         (that last result has ``complete=False``). A -ERR for one message is reported in its
-        result and the others go on.
+        result and the others go on; a refused DELE closes the session and raises.
         """
         client = self._client()
+        commands = [f"DELE {n}" for n in delete_first] + [self._command(r) for r in requests]
         window = PIPELINE_WINDOW if self.pipelining else 1
         results: list[Pop3Retrieved] = []
         sent = 0
         try:
-            while sent < min(window, len(requests)):
-                client._putcmd(self._command(requests[sent]))
+            while sent < min(window, len(commands)):
+                client._putcmd(commands[sent])
                 sent += 1
-            for request in requests:
-                try:
+            for index in range(len(commands)):
+                if index < len(delete_first):
+                    # A refused DELE leaves the pipeline out of step: give the session up
+                    # (no QUIT, so none of its deletions happen; the next run marks them again).
                     client._getresp()
-                except poplib.error_proto as exc:
-                    reply = _reply_text(exc)
-                    if reply.startswith("-ERR EOF") or reply == "line too long":
-                        raise
-                    results.append(Pop3Retrieved(request.number, b"", request.headers_only,
-                                                 error=reply[:200]))
-                else:
-                    try:
-                        raw = self._read_multiline(request.max_bytes)
-                    except _TooLong as exc:
-                        self.abandon()
-                        results.append(Pop3Retrieved(request.number, exc.partial,
-                                                     request.headers_only, complete=False))
-                        return results
-                    results.append(Pop3Retrieved(request.number, raw, request.headers_only))
-                if sent < len(requests):
-                    client._putcmd(self._command(requests[sent]))
+                elif not self._receive(requests[index - len(delete_first)], results):
+                    return results
+                if sent < len(commands):
+                    client._putcmd(commands[sent])
                     sent += 1
         except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
             self.abandon()
             raise self._translate(exc) from exc
         return results
+
+    def _receive(self, request: Pop3Request, results: list[Pop3Retrieved]) -> bool:
+        """Read one RETR/TOP reply into ``results``; False once the session was given up."""
+        try:
+            self._client()._getresp()
+        except poplib.error_proto as exc:
+            reply = _reply_text(exc)
+            if reply.startswith("-ERR EOF") or reply == "line too long":
+                raise
+            results.append(Pop3Retrieved(request.number, b"", request.headers_only, error=reply[:200]))
+            return True
+        try:
+            raw = self._read_multiline(request.max_bytes)
+        except _TooLong as exc:
+            self.abandon()
+            results.append(Pop3Retrieved(request.number, exc.partial, request.headers_only,
+                                         complete=False))
+            return False
+        results.append(Pop3Retrieved(request.number, raw, request.headers_only))
+        return True
 
     @staticmethod
     def _command(request: Pop3Request) -> str:
@@ -367,23 +402,7 @@ class Pop3Session:
     # -- changing -----------------------------------------------------------------------------
     def delete(self, numbers: Sequence[int]) -> None:
         """DELE: marks only; the server removes the messages at QUIT (RFC 1939 6)."""
-        client = self._client()
-        window = PIPELINE_WINDOW if self.pipelining else 1
-        try:
-            sent = 0
-            while sent < min(window, len(numbers)):
-                client._putcmd(f"DELE {numbers[sent]}")
-                sent += 1
-            for _ in numbers:
-                client._getresp()
-                if sent < len(numbers):
-                    client._putcmd(f"DELE {numbers[sent]}")
-                    sent += 1
-        except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
-            # A refused DELE leaves the pipeline out of step: give the session up (no QUIT,
-            # so none of its deletions happen; the next run marks them again).
-            self.abandon()
-            raise self._translate(exc) from exc
+        self.retrieve([], delete_first=numbers)
 
     def stat(self) -> tuple[int, int]:
         return self._call(self._client().stat)

@@ -289,10 +289,9 @@ class Pop3Sync:
         def fetch(batch: list[Keyed], uids: list[int], deletes: list[Keyed]) -> Fetched:
             # The prefetch thread: the only user of the connection while it runs. Parsing
             # the envelope, hashing and compressing happen here too (as for IMAP).
-            if deletes:
-                session.delete([k.listing.number for k in deletes])
             uid_of = {k.listing.number: uid for k, uid in zip(batch, uids, strict=True)}
-            replies = session.retrieve(self._requests(batch))
+            replies = session.retrieve(self._requests(batch),
+                                       delete_first=[k.listing.number for k in deletes])
             prepared = {
                 r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
                                                  internal_date=None, raw=r.raw))
