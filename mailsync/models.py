@@ -271,6 +271,9 @@ class Email(models.Model):
 
     send_state = models.CharField(max_length=10, choices=SendState.choices, default="", blank=True)
     send_error = models.TextField(blank=True)
+    # When the current delivery attempt was queued: a mail "sending" for long (its worker
+    # died) may be retried.
+    send_attempted_at = models.DateTimeField(null=True, blank=True)
     sent_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -301,7 +301,7 @@ def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
         direction=Email.Direction.SENT, source=Email.Source.CRM, size=len(raw), seen=True,
         shareable=shareable(env, mailbox.excluded_domain_set), text=text, html=html,
         has_attachments=bool(attachments), parse_state=Email.ParseState.PARSED,
-        send_state=Email.SendState.SENDING, sent_by=actor,
+        send_state=Email.SendState.SENDING, sent_by=actor, send_attempted_at=now,
     )
     EmailSource.objects.create(email=email, data=compress(raw), size=len(raw))
     email.participants.bulk_create(_participants(email, env))
@@ -390,18 +390,23 @@ def _append_to_sent(mailbox: Mailbox, raw: bytes) -> str | None:
     return sent
 
 
+def send_is_stuck(email: Email) -> bool:
+    """Still "sending" long after the attempt was queued: its worker died."""
+    attempted = email.send_attempted_at or email.created_at
+    return email.send_state == Email.SendState.SENDING and attempted < timezone.now() - STALE_SENDING
+
+
 def email_send_retry(*, actor: User, email: Email) -> Email:
     """Send a failed mail again (or one stuck in "sending" after its worker died)."""
     if actor.pk not in {email.sent_by_id, email.mailbox.owner_id}:
         raise RecordPermissionDenied("Only the sender may send this mail again.")
-    stuck = (email.send_state == Email.SendState.SENDING
-             and email.created_at < timezone.now() - STALE_SENDING)
+    stuck = send_is_stuck(email)
     if email.send_state != Email.SendState.FAILED and not stuck:
         raise ValidationError({"send_state": ["Only a mail that failed to send can be sent again."]})
     with transaction.atomic():
         # Compare-and-set: a double click queues one delivery, not two.
         if Email.objects.filter(pk=email.pk, send_state=email.send_state).update(
-                send_state=Email.SendState.SENDING, send_error="", created_at=timezone.now()):
+                send_state=Email.SendState.SENDING, send_error="", send_attempted_at=timezone.now()):
             _queue(email.pk)
     email.refresh_from_db()
     return email

@@ -466,9 +466,7 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
                          for role in ("to", "cc", "bcc", "reply_to")},
         "folders": [f for f in folders if f not in current], "current_folders": current,
         "can_send": bool(senders.sender_choices(request.user)),
-        "can_retry": email.send_state == Email.SendState.FAILED or (
-            email.send_state == Email.SendState.SENDING
-            and email.created_at < timezone.now() - sending.STALE_SENDING),
+        "can_retry": email.send_state == Email.SendState.FAILED or sending.send_is_stuck(email),
         "images": request.GET.get("images") == "1",
     })
 

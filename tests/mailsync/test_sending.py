@@ -362,3 +362,25 @@ def test_address_parsing():
     for bad in ["not an address", "a@b.example <c@d.example", "<>", "a@@b.example"]:
         with pytest.raises(ValidationError):
             sending.parse_address_list(bad, field="to")
+
+
+def test_a_mail_stuck_sending_can_be_retried_only_after_a_while(sender_mailbox, smtp_outbox):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    # Stored at once as "sending"; its delivery task is never run (as if the worker died)
+    stored = sending.email_send(actor=sender_mailbox.owner, to="grace@navy.example",
+                                from_address=sender_mailbox.email_address,
+                                subject="Stuck", text="Hello.")
+    stored.refresh_from_db()
+    assert stored.send_state == Email.SendState.SENDING and stored.send_attempted_at
+    with pytest.raises(ValidationError):
+        sending.email_send_retry(actor=sender_mailbox.owner, email=stored)
+
+    Email.objects.filter(pk=stored.pk).update(
+        send_attempted_at=timezone.now() - sending.STALE_SENDING - timedelta(minutes=1))
+    stored.refresh_from_db()
+    retried = sending.email_send_retry(actor=sender_mailbox.owner, email=stored)
+    assert retried.send_attempted_at > timezone.now() - timedelta(minutes=1)
+    assert retried.created_at == stored.created_at  # the record of when it was written stays
