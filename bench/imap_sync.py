@@ -1246,7 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{plain.rate / ceiling.rate:.2f}; TLS is the ceiling's limit here"))
         print(row("Mailroom adapter only (IMAPClient, no DB)", adapter,
                   f"{adapter.rate / ceiling.rate:.2f} of ceiling"))
-        print(row(f"Mailroom initial sync -> PostgreSQL", sync.throughput,
+        print(row("Mailroom initial sync -> PostgreSQL", sync.throughput,
                   f"{sync.throughput.rate / ceiling.rate:.3f} of ceiling (median of {len(runs)}: "
                   + ", ".join(f"{r.throughput.seconds:.1f}" for r in runs) + " s)"))
         if mbsync_result is not None:

@@ -18,21 +18,18 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 import time as time_module
-from datetime import datetime, time, timedelta
-from datetime import timezone as dt_timezone
 
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from ..exceptions import MailError, MailProtocolError, MailTransientError, MailUserError
+from ..exceptions import MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
-from ..providers import preset_for
 from .ingest import ingest_batch, prepare
+from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -91,32 +88,6 @@ def _prefetch(session: ImapSession, batches: list[list[int]]) -> Iterator[tuple[
         worker.join()
 
 
-class BudgetExhausted(Exception):
-    def __init__(self, until: datetime) -> None:
-        super().__init__(f"Paused until {until.isoformat()}")
-        self.until = until
-
-
-@dataclass
-class SyncReport:
-    folders: int = 0
-    new: int = 0
-    located: int = 0
-    failed: int = 0
-    flag_changes: int = 0
-    expunged: int = 0
-    unchanged_folders: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-def server_settings(mailbox: Mailbox, *, timeout: float = 30.0) -> ServerSettings:
-    return ServerSettings(
-        host=mailbox.incoming_host, port=mailbox.incoming_port,
-        security=mailbox.incoming_security, username=mailbox.username,
-        password=mailbox.password, timeout=timeout,
-    )
-
-
 def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
     batch: list[int] = []
     total = 0
@@ -131,76 +102,31 @@ def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         yield batch
 
 
-class ImapSync:
-    """One run over one mailbox. Create per run; call ``run()``."""
+class ImapSync(SyncRun):
+    """One run over one IMAP mailbox. Create per run; call ``run()``."""
 
     def __init__(self, mailbox: Mailbox, *, session_factory: Callable[[ServerSettings], ImapSession] = ImapSession,
                  timeout: float = 30.0) -> None:
-        self.mailbox = mailbox
+        super().__init__(mailbox, timeout=timeout)
         self.session_factory = session_factory
-        self.timeout = timeout
-        self.report = SyncReport()
-        self.budget = preset_for(mailbox.provider).daily_download_bytes
+        self.session: ImapSession | None = None
 
-    # -- entry --------------------------------------------------------------------------------
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
         it); by default a new one is opened and closed."""
-        mailbox = self.mailbox
-        with mailbox_lock(mailbox.pk):
-            self._start()
-            try:
-                if session is not None:
-                    self._sync_folders(session)
-                else:
-                    with self.session_factory(server_settings(mailbox, timeout=self.timeout)) as own:
-                        self._sync_folders(own)
-            except BudgetExhausted as paused:
-                self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
-                          last_error="", last_error_code="")
-                return self.report
-            except MailError as exc:
-                self._set(state=Mailbox.State.ERROR, last_error=str(exc), last_error_code=exc.code)
-                raise
-            except Exception as exc:
-                self._set(state=Mailbox.State.ERROR, last_error=f"Unexpected error: {type(exc).__name__}",
-                          last_error_code="internal")
-                raise
-            self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(), paused_until=None,
-                      last_error="", last_error_code="")
-        return self.report
+        self.session = session
+        return super().run()
+
+    def _work(self) -> None:
+        if self.session is not None:
+            self._sync_folders(self.session)
+            return
+        with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
+            self._sync_folders(own)
 
     def _sync_folders(self, session: ImapSession) -> None:
         for folder in self._folders(session):
             self._sync_folder(session, folder)
-
-    def _set(self, **fields: object) -> None:
-        Mailbox.objects.filter(pk=self.mailbox.pk).update(**fields)
-        for name, value in fields.items():
-            setattr(self.mailbox, name, value)
-
-    def _start(self) -> None:
-        today = timezone.now().date()
-        fields: dict[str, object] = {
-            "state": Mailbox.State.SYNCING, "sync_started_at": timezone.now(),
-            "messages_done": 0, "messages_total": 0, "bytes_done": 0, "bytes_total": 0,
-        }
-        if self.mailbox.budget_day != today:
-            fields.update(budget_day=today, budget_bytes_used=0)
-        self._set(**fields)
-
-    def _check_budget(self) -> None:
-        if self.budget is None:
-            return
-        used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list("budget_bytes_used", flat=True)[0]
-        if used >= self.budget:
-            tomorrow = timezone.now().date() + timedelta(days=1)
-            raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc))
-
-    def _add_totals(self, messages: int, size: int) -> None:
-        Mailbox.objects.filter(pk=self.mailbox.pk).update(
-            messages_total=F("messages_total") + messages, bytes_total=F("bytes_total") + size
-        )
 
     # -- folders ------------------------------------------------------------------------------
     def _folders(self, session: ImapSession) -> list[MailFolder]:

@@ -26,19 +26,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
-from datetime import timezone as dt_timezone
+from datetime import datetime, timedelta
 
 from django.db.models import F, Max
 from django.utils import timezone
 
-from ..exceptions import MailError, MailProtocolError
+from ..exceptions import MailProtocolError
 from ..models import Email, EmailLocation, MailFolder, Mailbox, MessageError, Pop3Message
 from ..protocols.base import FetchedMessage, ServerSettings
 from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
-from ..providers import preset_for
 from ..storage import decompress
-from .imap import BudgetExhausted, SyncReport, server_settings
+from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .ingest import Prepared, ingest_batch, prepare
 from .lock import mailbox_lock
 
@@ -126,17 +124,15 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-class Pop3Sync:
+class Pop3Sync(SyncRun):
     """One run over one POP3 mailbox. Create per run; call ``run()``."""
 
     def __init__(self, mailbox: Mailbox, *,
                  session_factory: Callable[[ServerSettings], Pop3Session] = Pop3Session,
                  timeout: float = 30.0) -> None:
-        self.mailbox = mailbox
+        super().__init__(mailbox, timeout=timeout)
         self.session_factory = session_factory
-        self.timeout = timeout
-        self.report = SyncReport(folders=1)
-        self.budget = preset_for(mailbox.provider).daily_download_bytes
+        self.report.folders = 1
         # Keys whose RETR went over the limit although LIST said it fitted: headers only.
         self.too_large: set[str] = set()
         self.counted: set[str] = set()
@@ -144,59 +140,20 @@ class Pop3Sync:
         self.next_uid = 1
 
     # -- entry --------------------------------------------------------------------------------
-    def run(self) -> SyncReport:
-        mailbox = self.mailbox
-        with mailbox_lock(mailbox.pk):
-            self._start()
-            try:
-                for _ in range(MAX_SESSIONS):
-                    if self._session():
-                        break
-                else:
-                    raise MailProtocolError(
-                        "The server kept sending messages larger than it announced; try again later."
-                    )
-            except BudgetExhausted as paused:
-                self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
-                          last_error="", last_error_code="")
-                return self.report
-            except MailError as exc:
-                self._set(state=Mailbox.State.ERROR, last_error=str(exc), last_error_code=exc.code)
-                raise
-            except Exception as exc:
-                self._set(state=Mailbox.State.ERROR, last_error=f"Unexpected error: {type(exc).__name__}",
-                          last_error_code="internal")
-                raise
-            self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(), paused_until=None,
-                      last_error="", last_error_code="")
-        return self.report
-
-    def _set(self, **fields: object) -> None:
-        Mailbox.objects.filter(pk=self.mailbox.pk).update(**fields)
-        for name, value in fields.items():
-            setattr(self.mailbox, name, value)
+    def _work(self) -> None:
+        for _ in range(MAX_SESSIONS):
+            if self._session():
+                return
+        raise MailProtocolError(
+            "The server kept sending messages larger than it announced; try again later."
+        )
 
     def _start(self) -> None:
-        today = timezone.now().date()
-        fields: dict[str, object] = {
-            "state": Mailbox.State.SYNCING, "sync_started_at": timezone.now(),
-            "messages_done": 0, "messages_total": 0, "bytes_done": 0, "bytes_total": 0,
-        }
-        if self.mailbox.budget_day != today:
-            fields.update(budget_day=today, budget_bytes_used=0)
-        self._set(**fields)
+        super()._start()
         self.folder, _ = MailFolder.objects.get_or_create(
             mailbox=self.mailbox, name=POP3_FOLDER,
             defaults={"special_use": "inbox", "uidvalidity": POP3_UIDVALIDITY, "backfill_done": True},
         )
-
-    def _check_budget(self) -> None:
-        if self.budget is None:
-            return
-        used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list("budget_bytes_used", flat=True)[0]
-        if used >= self.budget:
-            tomorrow = timezone.now().date() + timedelta(days=1)
-            raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc))
 
     # -- one connection -----------------------------------------------------------------------
     def _session(self) -> bool:

@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from crm import services as crm_services
-from crm.models import Contact, Lead
+from crm.models import Lead
 from mailsync import services
 from mailsync.exceptions import MailAuthError, MailboxBusy, MailServerUnreachable
 from mailsync.models import Email, EmailLink, EmailLocation, Mailbox

@@ -5,7 +5,6 @@ MAILROOM_CORPUS_DIR overrides the location.
 """
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime
 from pathlib import Path
