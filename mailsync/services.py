@@ -99,7 +99,24 @@ def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool 
         mailbox_test(mailbox=mailbox)
     mailbox.is_active = not Mailbox.objects.filter(owner=actor, is_active=True).exists()
     mailbox.save()
+    if mailbox.is_active:
+        _queue_sync(mailbox)
     return mailbox
+
+
+def _queue_sync(mailbox: Mailbox) -> None:
+    """Start a sync once the change is committed (the page, the API and the admin alike)."""
+    from . import tasks  # noqa: PLC0415  (tasks import services)
+
+    mailbox_id = mailbox.pk
+
+    def queue() -> None:
+        try:
+            tasks.sync_mailbox.delay(mailbox_id)
+        except Exception:  # noqa: BLE001  (broker down: the 5-minute beat poll picks it up)
+            log.warning("mailbox %s: could not queue its first sync", mailbox_id, exc_info=True)
+
+    transaction.on_commit(queue)
 
 
 @transaction.atomic
@@ -165,6 +182,7 @@ def mailbox_activate(*, actor: User, mailbox: Mailbox) -> Mailbox:
     )
     mailbox.is_active = True
     mailbox.save(update_fields=["is_active", "modified_at"])
+    _queue_sync(mailbox)
     return mailbox
 
 

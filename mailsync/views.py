@@ -123,8 +123,6 @@ def mailbox_add_view(request: HttpRequest) -> HttpResponse:
         except ValidationError as exc:
             _form_errors(form, exc)
         else:
-            if mailbox.is_active:
-                transaction.on_commit(lambda: tasks.sync_mailbox.delay(mailbox.pk))
             messages.success(request, f"Connected {mailbox.email_address}. "
                              + ("The first sync has started." if mailbox.is_active else
                                 "Activate it to start syncing."))
@@ -235,7 +233,6 @@ def mailbox_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def mailbox_activate_view(request: HttpRequest, pk: int) -> HttpResponse:
     mailbox = services.mailbox_activate(actor=request.user, mailbox=_own_mailbox(request, pk))
-    transaction.on_commit(lambda: tasks.sync_mailbox.delay(mailbox.pk))
     messages.success(request, f"{mailbox.email_address} is now the active mailbox; "
                               "the others stopped syncing.")
     return redirect(_back(request, reverse("mail-config")))

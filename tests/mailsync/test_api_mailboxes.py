@@ -300,3 +300,16 @@ def test_openapi_schema_lists_the_mail_endpoints(client):
         assert path in paths, path
     assert set(paths["/api/v1/emails/{id}/"]) >= {"get", "patch", "delete"}
     assert "put" not in paths["/api/v1/emails/{id}/"]
+
+
+def test_creating_the_first_mailbox_through_the_api_starts_its_first_sync(
+        api, owner, dovecot, mail_user, django_capture_on_commit_callbacks):
+    from tests.mailsync.conftest import make_message
+
+    dovecot.deliver(mail_user, make_message(subject="Waiting in the inbox"))
+    with django_capture_on_commit_callbacks(execute=True):
+        created = api.post("/api/v1/mailboxes/", mailbox_input(dovecot, mail_user), format="json")
+    assert created.status_code == 201, created.content
+    status = api.get(f"/api/v1/mailboxes/{created.json()['id']}/status/").json()
+    assert status["state"] == "completed" and status["messages_done"] == 1
+    assert [e["subject"] for e in api.get("/api/v1/emails/").json()["results"]] == ["Waiting in the inbox"]
