@@ -49,3 +49,10 @@ class MailboxBusy(MailTransientError):
 
     code = "busy"
     http_status = 409
+
+
+class MailboxOutOfDate(MailTransientError):
+    """The server's folder changed (UIDVALIDITY) since the last sync: act after the next."""
+
+    code = "out_of_date"
+    http_status = 409

@@ -19,6 +19,7 @@ from django.utils import timezone
 from crm.exceptions import RecordPermissionDenied
 from crm.models import User
 
+from .exceptions import MailboxOutOfDate
 from .mime import parse_message
 from .models import (
     Attachment,
@@ -279,6 +280,21 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
     return grouped
 
 
+def _select_same_uids(session, mailbox: Mailbox, name: str) -> None:  # noqa: ANN001
+    """Select a folder to change messages in it, but only if our UIDs still mean the same
+    messages: after a UIDVALIDITY change they may name other mails, which a delete or move
+    would then hit (RFC 3501 2.3.1.1). Then nothing is done and a sync is queued."""
+    selected = session.select(name, readonly=False)
+    known = MailFolder.objects.filter(mailbox=mailbox, name=name).values_list(
+        "uidvalidity", flat=True).first()
+    if known != selected.uidvalidity:
+        _queue_sync(mailbox)
+        raise MailboxOutOfDate(
+            f"The folder {name!r} changed on the server since the last sync.",
+            hint="A sync has started; try again in a moment.",
+        )
+
+
 def _server_session(mailbox: Mailbox):  # noqa: ANN202
     from .protocols.imap import ImapSession
 
@@ -307,7 +323,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                     raise ValidationError({"folder": [f"There is no folder {folder!r} in this mailbox."]})
                 target_special_use = server_folders[folder]
             for name, uids in places.items():
-                session.select(name, readonly=False)
+                _select_same_uids(session, mailbox, name)
                 add = [flag for flag, on in changes.items() if on]
                 remove = [flag for flag, on in changes.items() if not on]
                 if add:
@@ -368,7 +384,7 @@ def email_delete(*, actor: User, email: Email) -> None:
         with _server_session(mailbox) as session:
             trash = session.trash_folder()
             for name, uids in places.items():
-                session.select(name, readonly=False)
+                _select_same_uids(session, mailbox, name)
                 if trash and name != trash:
                     session.move(uids, trash)
                 else:

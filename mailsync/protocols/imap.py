@@ -369,7 +369,9 @@ class ImapSession:
         self._call(self.client.remove_flags, list(uids), list(flags), silent=True)
 
     def move(self, uids: Sequence[int], destination: str) -> CopiedMessages | None:
-        """UID MOVE (RFC 6851), else COPY + \\Deleted + UID EXPUNGE.
+        """UID MOVE (RFC 6851), else COPY + \\Deleted + UID EXPUNGE (UIDPLUS), else COPY +
+        \\Deleted only: a bare EXPUNGE would also destroy every other message the user had
+        marked \\Deleted in their mail client.
 
         Returns the new UIDs when the server reports them (UIDPLUS COPYUID), else None.
         """
@@ -384,8 +386,6 @@ class ImapSession:
         self._call(self.client.add_flags, list(uids), [b"\\Deleted"], silent=True)
         if self.has("UIDPLUS"):
             self._call(self.client.uid_expunge, list(uids))
-        else:
-            self._call(self.client.expunge)
         return copied
 
     def _copyuid(self) -> CopiedMessages | None:
@@ -404,13 +404,13 @@ class ImapSession:
             return None
 
     def expunge(self, uids: Sequence[int]) -> None:
-        """\\Deleted + UID EXPUNGE (RFC 4315) of just these UIDs, else a plain EXPUNGE."""
+        """\\Deleted + UID EXPUNGE (RFC 4315) of just these UIDs. Without UIDPLUS only the
+        flag is set (the user's client expunges): a bare EXPUNGE would also destroy every
+        other message marked \\Deleted in that folder."""
         assert self.client is not None
         self._call(self.client.add_flags, list(uids), [b"\\Deleted"], silent=True)
         if self.has("UIDPLUS"):
             self._call(self.client.uid_expunge, list(uids))
-        else:
-            self._call(self.client.expunge)
 
     def append(self, folder: str, raw: bytes, flags: Sequence[str] = (),
                when: datetime | None = None) -> None:

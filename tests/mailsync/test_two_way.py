@@ -45,3 +45,41 @@ def test_deleting_mail_already_in_trash_expunges_it_on_the_server(dovecot, mail_
                                  uid=max(trash.uids))
     services.email_delete(actor=imap_mailbox.owner, email=email)
     assert dovecot.folder_state(mail_user, "Trash").count == 1
+
+
+def test_actions_stop_when_the_folder_changed_uidvalidity_since_the_last_sync(dovecot, mail_user, imap_mailbox):
+    from mailsync.exceptions import MailboxOutOfDate
+
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message(subject=f"Keep {i}"))
+    ImapSync(imap_mailbox, timeout=10).run()
+    target = Email.objects.get(mailbox=imap_mailbox, subject="Keep 0")
+    # The server rebuilt its index: UIDs now name other messages (the oldest got expunged
+    # first so that the old UID of "Keep 0" now points at "Keep 1")
+    dovecot.expunge(mail_user, "INBOX", dovecot.folder_state(mail_user).uids[0])
+    dovecot.reset_uidvalidity(mail_user, "INBOX")
+
+    with pytest.raises(MailboxOutOfDate):
+        services.email_delete(actor=imap_mailbox.owner, email=target)
+    assert dovecot.folder_state(mail_user).count == 2  # nothing was deleted on the server
+    assert dovecot.folder_state(mail_user, "Trash").count == 0
+    with pytest.raises(MailboxOutOfDate):
+        services.email_update(actor=imap_mailbox.owner, email=target, seen=True)
+    assert all("\\Seen" not in f for _, f in dovecot.folder_state(mail_user).messages)
+
+
+def test_without_uidplus_no_bare_expunge_destroys_other_deleted_mail(dovecot, mail_user, imap_mailbox):
+    from mailsync.protocols.imap import ImapSession
+    from mailsync.sync.imap import server_settings
+
+    for i in range(2):
+        dovecot.deliver(mail_user, make_message(subject=f"M {i}"))
+    uids = dovecot.folder_state(mail_user).uids
+    # The user's own client marked the second one \Deleted but has not expunged it
+    dovecot.set_flags(mail_user, "INBOX", uids[1], ["\\Deleted"])
+    with ImapSession(server_settings(imap_mailbox)) as session:
+        session.capabilities = session.capabilities - {b"UIDPLUS", b"MOVE"}
+        session.select("INBOX", readonly=False)
+        session.expunge([uids[0]])
+        session.move([uids[0]], "Sent")
+    assert dovecot.folder_state(mail_user).count == 2  # flagged, not expunged
