@@ -47,13 +47,50 @@ def _clean(value: str, limit: int) -> str:
     return value.replace("\x00", "")[:limit]
 
 
+# Headers added along the way by each delivery or by mail stores, not by the author: the
+# same mail has other values in each mailbox that receives it (RFC 5321 4.4, RFC 8617...).
+TRACE_HEADERS = frozenset({
+    b"received", b"delivered-to", b"return-path", b"x-original-to", b"x-received",
+    b"envelope-to", b"x-envelope-to", b"x-delivered-to", b"x-rcpt-to",
+    b"authentication-results", b"received-spf", b"arc-seal", b"arc-message-signature",
+    b"arc-authentication-results", b"x-spam-status", b"x-spam-score", b"x-spam-flag",
+    b"x-spam-level", b"x-spam-checker-version", b"x-virus-scanned", b"status", b"x-status",
+    b"x-keywords", b"x-uid", b"lines", b"content-length",
+})
+
+
 def fingerprint(envelope: Envelope, raw: bytes, chash: str) -> str:
-    """Message-ID plus content hash; a derived key for mail without a Message-ID."""
-    if envelope.message_id:
-        basis = f"mid\n{envelope.message_id}\n{chash}"
-    else:
+    """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
+    plus a hash of the message without its trace headers (Received, Delivered-To, ...),
+    which every delivery adds anew, so the same mail in a personal and a shared mailbox
+    would otherwise look like two. Two mails that merely share a Message-ID differ in some
+    header or the body and stay apart."""
+    if not envelope.message_id:
         basis = f"derived\n{derived_message_key(envelope, raw)}"
-    return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
+        return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = hashlib.sha256()
+    digest.update(f"mid\n{envelope.message_id}\n".encode("utf-8", "surrogatepass"))
+    digest.update(_without_trace_headers(raw.replace(b"\r\n", b"\n")))
+    return digest.hexdigest()
+
+
+def _without_trace_headers(raw: bytes) -> bytes:
+    """The message (LF line ends) with the trace header fields, folded lines included, cut
+    from its header block (RFC 5322 2.2: a header ends at the first empty line)."""
+    end = raw.find(b"\n\n")
+    head, body = (raw, b"") if end < 0 else (raw[:end + 1], raw[end + 1:])
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
+            if not skipping:
+                kept.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        skipping = name in TRACE_HEADERS
+        if not skipping:
+            kept.append(line)
+    return b"\n".join(kept) + body
 
 
 def prepare(message: FetchedMessage) -> Prepared:

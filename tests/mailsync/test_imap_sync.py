@@ -462,11 +462,22 @@ def test_the_same_mail_in_two_mailboxes_is_listed_once_on_the_record(dovecot):
     mailboxes = []
     for _ in range(2):  # e.g. a personal and a shared account of the same salesperson
         user = dovecot.add_user()
-        dovecot.append(user, "INBOX", raw)
+        dovecot.deliver(user, raw)  # each delivery adds its own Received/Delivered-To
         mailboxes.append(MailboxFactory(owner=owner, email_address=user.email, incoming_host=dovecot.host,
                                         incoming_port=dovecot.imaps_port, username=user.username,
                                         password=user.password, is_active=not mailboxes))
     for mailbox in mailboxes:
         sync(mailbox)
     assert Email.objects.filter(subject="To both").count() == 2  # one per mailbox
+    first, second = Email.objects.filter(subject="To both")
+    assert first.content_hash != second.content_hash  # the raw bytes differ...
+    assert first.fingerprint == second.fingerprint  # ...but it is the same message
     assert [e.subject for e in emails_of_record(user=owner, record=contact)] == ["To both"]
+
+
+def test_two_mails_that_merely_share_a_message_id_stay_apart(dovecot, mail_user, imap_mailbox):
+    dovecot.deliver(mail_user, make_message(subject="First", message_id="<same@client.example>"))
+    dovecot.deliver(mail_user, make_message(subject="Second", message_id="<same@client.example>",
+                                            body="A different body."))
+    sync(imap_mailbox)
+    assert sorted(Email.objects.values_list("subject", flat=True)) == ["First", "Second"]
