@@ -166,8 +166,17 @@ def _message_id(record: RecordType | None, domain: str, tag: str | None) -> str:
     return f"<{label}.{secrets.token_hex(10)}@{host or 'mailroom.invalid'}>"
 
 
+def _plain_msgid(value: str) -> bool:
+    """A Message-ID we can quote as is: printable ASCII, no spaces, no encoded words. Other
+    ids (hostile or broken received mail) would come out RFC 2047-encoded or be refused as
+    header injection; they are left out of the reply's threading headers instead."""
+    return bool(value) and value.isascii() and value.isprintable() and " " not in value \
+        and "=?" not in value and "<" not in value and ">" not in value and len(value) <= 900
+
+
 def _references(parent: Email) -> list[str]:
-    refs = [r for r in parent.references if r] + ([parent.message_id] if parent.message_id else [])
+    refs = [r for r in parent.references if _plain_msgid(r)] + (
+        [parent.message_id] if _plain_msgid(parent.message_id) else [])
     if len(refs) > MAX_REFERENCES:
         refs = refs[:1] + refs[-(MAX_REFERENCES - 1):]
     return refs
@@ -206,8 +215,9 @@ def _build(*, sender: HeaderAddress, to: list[HeaderAddress], cc: list[HeaderAdd
     msg["Subject"] = subject
     msg["Date"] = format_datetime(timezone.now())
     msg["Message-ID"] = message_id
-    if parent is not None and parent.message_id:
+    if parent is not None and _plain_msgid(parent.message_id):
         msg["In-Reply-To"] = f"<{parent.message_id}>"
+    if parent is not None and _references(parent):
         msg["References"] = " ".join(f"<{r}>" for r in _references(parent))
     msg["MIME-Version"] = "1.0"
     msg.set_content(text or "")

@@ -635,6 +635,8 @@ def compose_view(request: HttpRequest) -> HttpResponse:
             )
         except ValidationError as exc:
             _form_errors(form, exc)
+        except MailError as exc:  # e.g. a line break hidden in an encoded word of the subject
+            form.add_error(None, explain(exc))
         else:
             email.refresh_from_db()
             if email.send_state == Email.SendState.FAILED:

@@ -384,3 +384,41 @@ def test_a_mail_stuck_sending_can_be_retried_only_after_a_while(sender_mailbox, 
     retried = sending.email_send_retry(actor=sender_mailbox.owner, email=stored)
     assert retried.send_attempted_at > timezone.now() - timedelta(minutes=1)
     assert retried.created_at == stored.created_at  # the record of when it was written stays
+
+
+def test_reply_to_hostile_mail_is_refused_cleanly_or_sent_without_its_broken_ids(
+        sender_mailbox, smtp_outbox, dovecot, mail_user, client):
+    from mailsync.sync.imap import ImapSync
+    from tests.factories import ContactFactory
+    from tests.mailsync.conftest import make_message
+
+    contact = ContactFactory(owner=sender_mailbox.owner, email="grace@navy.example")
+    raw = make_message(sender="Grace <grace@navy.example>", subject="=?utf-8?q?Offer=0D=0ABcc:_x@evil.example?=",
+                       message_id="<=?utf-8?q?a=0D=0ABcc:_y@evil.example?=@navy.example>")
+    dovecot.deliver(mail_user, raw)
+    ImapSync(sender_mailbox, timeout=10).run()
+    parent = Email.objects.get(mailbox=sender_mailbox)
+
+    client.force_login(sender_mailbox.owner)
+    assert client.get(f"/mail/compose/?reply={parent.pk}").status_code == 200
+    # Posting the reply form with the decoded hostile subject: a form error, not a 500
+    answer = client.post("/mail/compose/", {
+        "reply": parent.pk, "from_address": sender_mailbox.email_address,
+        "to": "grace@navy.example", "subject": "Re: =?utf-8?q?hi=0D=0ABcc:_x@evil.example?=",
+        "html": "<p>Fine.</p>",
+    })
+    # An encoded word that decodes to a line break: a form error, not a 500
+    assert answer.status_code == 200
+    assert "line break" in answer.content.decode().lower() or "header" in answer.content.decode().lower()
+    # Sending a reply whose subject decodes to a line break is refused with a message...
+    with pytest.raises(Exception) as refused:
+        sending.email_send(actor=sender_mailbox.owner, from_address=sender_mailbox.email_address,
+                           to="grace@navy.example", subject=parent.subject + "\r\nBcc: z@evil.example",
+                           text="x", record=contact, in_reply_to=parent)
+    assert "line break" in str(refused.value).lower() or "header" in str(refused.value).lower()
+    # ...and a plain subject goes out without quoting the hostile Message-ID
+    stored = sending.email_send(actor=sender_mailbox.owner, from_address=sender_mailbox.email_address,
+                                to="grace@navy.example", subject="Re: Offer", text="Fine.",
+                                record=contact, in_reply_to=parent)
+    source = __import__("mailsync.storage", fromlist=["x"]).decompress(stored.source_data.data)
+    assert b"evil.example" not in source
