@@ -45,6 +45,8 @@ class FetchedMessage:
     size: int
     internal_date: datetime | None
     raw: bytes
+    # Only the header block was fetched (the message is over the mailbox's size limit).
+    truncated: bool = False
 
 
 @dataclass(frozen=True)

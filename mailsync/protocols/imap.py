@@ -294,8 +294,14 @@ class ImapSession:
         # 6.4.8): filter, and never trust UIDNEXT as a cursor.
         return sorted(uid for uid in uids if uid > above)
 
-    def fetch_messages(self, uids: Sequence[int]) -> list[FetchedMessage]:
-        """Whole messages with BODY.PEEK (fetching never marks mail read)."""
+    def fetch_messages(self, uids: Sequence[int], *, recheck: bool = True) -> list[FetchedMessage]:
+        """Whole messages with BODY.PEEK (fetching never marks mail read).
+
+        IMAP literals are read to their announced length or the read fails, so a message
+        cut off mid-transfer never gets here. A body whose length differs from RFC822.SIZE
+        (some servers, Exchange among them, report sizes that are off) is fetched once more
+        on its own: the same bytes twice are the message; anything else is an error.
+        """
         assert self.client is not None
         if not uids:
             return []
@@ -307,10 +313,13 @@ class ImapSession:
                 continue
             size = int(data.get(b"RFC822.SIZE", len(raw)))
             if len(raw) != size:
-                # A reset mid-literal must never be stored as a whole message.
-                raise MailProtocolError(
-                    f"Message UID {uid} arrived with {len(raw)} of {size} bytes."
-                )
+                again = self.fetch_messages([uid], recheck=False) if recheck else []
+                if not again or again[0].raw != raw:
+                    raise MailProtocolError(
+                        f"Message UID {uid} arrived with {len(raw)} of {size} bytes."
+                    )
+                log.info("UID %s: RFC822.SIZE %s but %s bytes, twice; taking the bytes", uid, size, len(raw))
+                size = len(raw)
             messages.append(
                 FetchedMessage(
                     uid=int(uid),
@@ -320,6 +329,24 @@ class ImapSession:
                     raw=raw,
                 )
             )
+        messages.sort(key=lambda m: m.uid)
+        return messages
+
+    def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
+        """Only the header block of messages too large to import whole (BODY.PEEK[HEADER])."""
+        assert self.client is not None
+        if not uids:
+            return []
+        reply = self._call(_uid_fetch, self.client, uids,
+                           [b"UID", b"FLAGS", b"RFC822.SIZE", b"INTERNALDATE", b"BODY.PEEK[HEADER]"])
+        messages = [
+            FetchedMessage(
+                uid=int(uid), flags=_flags(data.get(b"FLAGS", ())),
+                size=int(data.get(b"RFC822.SIZE", 0)), internal_date=data.get(b"INTERNALDATE"),
+                raw=data[b"BODY[HEADER]"], truncated=True,
+            )
+            for uid, data in reply.items() if data.get(b"BODY[HEADER]") is not None
+        ]
         messages.sort(key=lambda m: m.uid)
         return messages
 

@@ -45,7 +45,7 @@ _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 FLAG_BATCH = 5000
 
 
-def _prefetch(session: ImapSession, batches: list[list[int]]) -> Iterator[tuple[list[int], list]]:
+def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> Iterator[tuple[list[int], list]]:
     """Yield (batch, prepared messages), fetching the next batch in a worker thread.
 
     Only the worker thread touches the IMAP connection while this runs. An error in it is
@@ -61,7 +61,7 @@ def _prefetch(session: ImapSession, batches: list[list[int]]) -> Iterator[tuple[
             for batch in batches:
                 if stop.is_set():
                     return
-                item = (batch, [prepare(m) for m in session.fetch_messages(batch)])
+                item = (batch, [prepare(m) for m in fetch(batch)])
                 while not stop.is_set():
                     try:
                         slots.put(item, timeout=0.5)
@@ -246,7 +246,7 @@ class ImapSync(SyncRun):
                 f.uid_high = max(f.uid_high, max(batch))
             return advance
 
-        self._fetch_and_store(session, folder, list(_batches(sorted(sizes), sizes)), advance_to)
+        self._fetch_and_store(session, folder, list(_batches(sorted(sizes), sizes)), advance_to, sizes)
 
     def _backfill(self, session: ImapSession, folder: MailFolder) -> None:
         uids = [u for u in self._search(session) if u < (folder.uid_low or 0)]
@@ -258,24 +258,53 @@ class ImapSync(SyncRun):
             return advance
 
         self._fetch_and_store(session, folder, list(_batches(sorted(sizes, reverse=True), sizes)),
-                              advance_to)
+                              advance_to, sizes)
         folder.backfill_done = True
         folder.save(update_fields=["backfill_done"])
 
     def _fetch_and_store(self, session: ImapSession, folder: MailFolder, batches: list[list[int]],
-                         advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
+                         advance_to: Callable[[list[int]], Callable[[MailFolder], None]],
+                         sizes: dict[int, int]) -> None:
         """Fetch batch n+1 (and hash, parse headers, compress it) in a second thread while
-        batch n is written to the database. At most two batches are in memory."""
-        for batch, prepared in _prefetch(session, batches):
+        batch n is written to the database. At most two batches are in memory. Messages over
+        the mailbox's size limit are imported as their headers, with a notice."""
+        limit = self.mailbox.max_message_bytes
+
+        def fetch(batch: list[int]) -> list:
+            large = [uid for uid in batch if sizes.get(uid, 0) > limit]
+            whole = [uid for uid in batch if sizes.get(uid, 0) <= limit]
+            messages = session.fetch_messages(whole) + session.fetch_headers(large)
+            return sorted(messages, key=lambda m: m.uid)
+
+        for batch, prepared in _prefetch(fetch, batches):
             self._check_budget()
+            truncated = [p.message for p in prepared if p.message.truncated]
+
+            def advance(f: MailFolder, batch: list[int] = batch, truncated: list = truncated) -> None:
+                advance_to(batch)(f)
+                if truncated:
+                    self._notice_truncated(f, truncated)
+
             result = ingest_batch(mailbox=self.mailbox, folder=folder,
                                   uidvalidity=folder.uidvalidity, prepared=prepared,
-                                  advance_cursor=advance_to(batch))
+                                  advance_cursor=advance)
             if _TEST_STORE_DELAY:
                 time_module.sleep(_TEST_STORE_DELAY)
             self.report.new += result.stored
             self.report.located += result.located
             self.report.failed += result.failed
+
+    def _notice_truncated(self, folder: MailFolder, messages: list) -> None:
+        from ..models import MessageError
+
+        limit_mb = self.mailbox.max_message_bytes / 2**20
+        MessageError.objects.bulk_create([
+            MessageError(
+                mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity, uid=m.uid,
+                error=(f"This message ({m.size / 2**20:.1f} MB) is over this mailbox's limit of "
+                       f"{limit_mb:.1f} MB: only its headers were imported. It stays on the server."),
+            ) for m in messages
+        ], ignore_conflicts=True)
 
     # -- server-side changes ------------------------------------------------------------------
     def _known(self, folder: MailFolder) -> dict[int, tuple[int, list[str]]]:
@@ -379,7 +408,13 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
         for folder_errors in by_folder.values():
             folder = folder_errors[0].folder
             selected = session.select(folder.name, readonly=True)
-            current = [e for e in folder_errors if e.uidvalidity == selected.uidvalidity]
+            already = set(EmailLocation.objects.filter(
+                folder=folder, uidvalidity=selected.uidvalidity,
+                uid__in=[e.uid for e in folder_errors]).values_list("uid", flat=True))
+            # Notices about mail already stored (e.g. over the size limit: headers only) are
+            # not failures to fetch again.
+            current = [e for e in folder_errors
+                       if e.uidvalidity == selected.uidvalidity and e.uid not in already]
             messages = session.fetch_messages([e.uid for e in current])
             result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
                                   messages=messages, advance_cursor=lambda f: None)

@@ -149,10 +149,11 @@ def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> Email:
         to=_addresses(env.to),
         cc=_addresses(env.cc),
         direction=_direction(mailbox, folder, env),
-        size=p.message.size,
+        size=min(p.message.size, 2**31 - 1),  # a 32-bit column; a server may claim anything
         seen="\\Seen" in flags,
         flagged="\\Flagged" in flags,
         shareable=shareable(env, mailbox.excluded_domain_set),
+        truncated=p.message.truncated,
     )
 
 

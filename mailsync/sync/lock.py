@@ -19,7 +19,8 @@ from ..models import Mailbox
 
 # Advisory lock key space of mailbox syncs (the first of the two int4 keys).
 LOCK_NAMESPACE = 0x4D41  # "MA"
-LEASE = timedelta(minutes=30)
+# Longer than the task time limit (CELERY_TASK_TIME_LIMIT, 1 h): a run never outlives its lease.
+LEASE = timedelta(minutes=65)
 
 
 @contextmanager

@@ -481,3 +481,28 @@ def test_two_mails_that_merely_share_a_message_id_stay_apart(dovecot, mail_user,
                                             body="A different body."))
     sync(imap_mailbox)
     assert sorted(Email.objects.values_list("subject", flat=True)) == ["First", "Second"]
+
+
+def test_mail_over_the_size_limit_is_kept_as_headers_with_a_notice(dovecot, mail_user, imap_mailbox):
+    from mailsync.selectors import mailbox_status
+
+    imap_mailbox.max_message_bytes = 100_000
+    imap_mailbox.save()
+    dovecot.deliver(mail_user, make_message(subject="Huge", attachment=("big.bin", b"z" * 300_000,
+                                                                      "application/octet-stream")))
+    dovecot.deliver(mail_user, make_message(subject="Small"))
+    sync(imap_mailbox)
+
+    huge = Email.objects.get(mailbox=imap_mailbox, subject="Huge")
+    assert huge.truncated and huge.size > 300_000
+    from mailsync.storage import decompress
+
+    assert len(decompress(huge.source_data.data)) < 5_000  # the header block only
+    assert not Email.objects.get(subject="Small").truncated
+    notices = mailbox_status(mailbox=imap_mailbox)["message_errors"]
+    assert len(notices) == 1 and "only its headers" in notices[0]["error"]
+    # Nothing refetched or duplicated by a second sync or by "Retry"
+    sync(imap_mailbox)
+    services.mailbox_retry_failed(actor=imap_mailbox.owner, mailbox=imap_mailbox)
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 2
+    assert dovecot.folder_state(mail_user).count == 2
