@@ -67,3 +67,37 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
         password=mail_user.password,
         is_active=True,
     )
+
+
+def kill_worker_midway(mailbox: Mailbox, *, after_emails: int, timeout: float = 30) -> None:
+    """Run ``manage.py sync_mailbox`` in a real worker process and SIGKILL it once it has
+    committed ``after_emails`` emails. Small batches and a pause after each commit (test
+    hooks read by the engines) aim the kill between two batches."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from django.db import connection
+
+    from mailsync.models import Email
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}",
+           "MAILROOM_TEST_BATCH_MESSAGES": "4", "MAILROOM_TEST_STORE_DELAY": "0.15"}
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "sync_mailbox", str(mailbox.pk)],
+        cwd=Path(__file__).resolve().parents[2], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while Email.objects.filter(mailbox=mailbox).count() < after_emails:
+            assert worker.poll() is None, worker.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker stored nothing"
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.wait(10)

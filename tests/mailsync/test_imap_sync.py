@@ -3,7 +3,6 @@ changes, UIDVALIDITY, faults, locking, association and threading."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -16,7 +15,7 @@ from mailsync.models import Email, EmailLink, EmailLocation, Mailbox
 from mailsync.sync.imap import ImapSync
 from tests.factories import ContactFactory, DealFactory
 from tests.corpus import corpus_files
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import kill_worker_midway, make_message
 
 pytestmark = pytest.mark.django_db
 
@@ -287,32 +286,9 @@ def test_every_corpus_message_syncs_without_stopping_the_run(dovecot, mail_user,
 def test_worker_killed_mid_batch_then_rerun_matches_the_server(dovecot, mail_user, imap_mailbox):
     """A real worker process is SIGKILLed in the middle of the initial sync; the rerun ends
     with exactly the server's messages, each once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     for i in range(40):
         dovecot.deliver(mail_user, make_message(subject=f"Kill {i}", body="x" * 20_000))
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}",
-           # Small batches and a slow store so the kill lands between two commits.
-           "MAILROOM_TEST_BATCH_MESSAGES": "4", "MAILROOM_TEST_STORE_DELAY": "0.15"}
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "sync_mailbox", str(imap_mailbox.pk)],
-        cwd=Path(__file__).resolve().parents[2], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while Email.objects.filter(mailbox=imap_mailbox).count() < 8:
-            assert worker.poll() is None, worker.stdout.read().decode()
-            assert time.monotonic() < deadline, "the worker stored nothing"
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait(10)
+    kill_worker_midway(imap_mailbox, after_emails=8)
     partial = Email.objects.filter(mailbox=imap_mailbox).count()
     assert 8 <= partial < 40
 

@@ -5,15 +5,10 @@ the server holding exactly what the mode says (read back with doveadm)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from mailsync import selectors, services, tasks
@@ -27,7 +22,7 @@ from mailsync.sync.imap import server_settings
 from mailsync.sync.pop3 import Pop3Sync
 from tests.corpus import corpus_files
 from tests.factories import MailboxFactory, UserFactory
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import kill_worker_midway, make_message
 from tests.testbed.dovecot import DovecotUser
 
 pytestmark = pytest.mark.django_db
@@ -255,24 +250,7 @@ def test_worker_killed_between_store_and_dele_then_rerun_matches_the_server(
     removes them all."""
     for i in range(40):
         dovecot.deliver(mail_user, make_message(subject=f"Kill {i}", body="x" * 20_000))
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}",
-           # Small batches and a pause after each commit, before its DELE: the kill lands there.
-           "MAILROOM_TEST_BATCH_MESSAGES": "4", "MAILROOM_TEST_STORE_DELAY": "0.15"}
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "sync_mailbox", str(pop3_mailbox.pk)],
-        cwd=Path(__file__).resolve().parents[2], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while Email.objects.filter(mailbox=pop3_mailbox).count() < 8:
-            assert worker.poll() is None, worker.stdout.read().decode()
-            assert time.monotonic() < deadline, "the worker stored nothing"
-            time.sleep(0.02)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait(10)
+    kill_worker_midway(pop3_mailbox, after_emails=8)
     partial = Email.objects.filter(mailbox=pop3_mailbox).count()
     assert 8 <= partial < 40
     assert Pop3Message.objects.filter(mailbox=pop3_mailbox).count() == partial
