@@ -127,7 +127,8 @@ def adapter_only(server, user) -> Throughput:  # noqa: ANN001
     from mailsync.protocols.pop3 import Pop3Request, Pop3Session
     from mailsync.sync import pop3 as engine
 
-    settings = ServerSettings(server.host, server.pop3s_port, "ssl", user.username, user.password)
+    settings = ServerSettings(server.host, server.pop3s_port, "ssl", user.username, user.password,
+                              allow_private_hosts=True)
     start = time.perf_counter()
     count = total = 0
     with Pop3Session(settings) as session:

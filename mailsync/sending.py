@@ -24,6 +24,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import transaction
@@ -144,7 +145,8 @@ def smtp_settings(mailbox: Mailbox, *, timeout: float = SMTP_TIMEOUT) -> ServerS
     password = mailbox.smtp_password if mailbox.smtp_username else mailbox.password
     return ServerSettings(host=mailbox.smtp_host, port=mailbox.smtp_port,
                           security=mailbox.smtp_security, username=username,
-                          password=password, timeout=timeout)
+                          password=password, timeout=timeout,
+                          allow_private_hosts=settings.MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS)
 
 
 def smtp_test(*, mailbox: Mailbox) -> None:

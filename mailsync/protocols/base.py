@@ -24,6 +24,9 @@ class ServerSettings:
     username: str
     password: str
     timeout: float = DEFAULT_TIMEOUT
+    # Off: hosts that resolve to loopback, private or link-local addresses are refused at
+    # every connect (SSRF), not only when the mailbox is saved: a name can be re-pointed.
+    allow_private_hosts: bool = False
 
     def __repr__(self) -> str:  # never print the password
         return f"ServerSettings({self.host}:{self.port}, {self.security}, {self.username!r})"
@@ -55,6 +58,26 @@ class CopiedMessages:
 
     uidvalidity: int
     uids: dict[int, int]
+
+
+def check_public_host(settings: ServerSettings) -> None:
+    """Refuse to connect where a user-entered host name points into our own network."""
+    if settings.allow_private_hosts:
+        return
+    import ipaddress
+
+    from ..exceptions import MailConfigError
+
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise translate_network_error(exc, settings.host) from exc
+    for info in infos:
+        if not ipaddress.ip_address(info[4][0]).is_global:
+            raise MailConfigError(
+                f"{settings.host} points to a private or local address.",
+                hint="Use the provider's public server name.",
+            )
 
 
 def tls_context() -> ssl.SSLContext:

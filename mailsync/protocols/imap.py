@@ -20,6 +20,7 @@ from imapclient.response_parser import parse_fetch_response
 from ..exceptions import MailAuthError, MailConfigError, MailProtocolError, MailTLSError
 from .base import (
     CopiedMessages,
+    check_public_host,
     FetchedMessage,
     FolderStatus,
     ServerSettings,
@@ -137,6 +138,7 @@ class ImapSession:
 
     def connect(self) -> None:
         s = self.settings
+        check_public_host(s)
         try:
             if s.security == "ssl":
                 client = IMAPClient(s.host, port=s.port, ssl=True, ssl_context=tls_context(),

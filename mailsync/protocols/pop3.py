@@ -26,7 +26,7 @@ from ..exceptions import (
     MailServerUnreachable,
     MailTLSError,
 )
-from .base import ServerSettings, tls_context, translate_network_error
+from .base import ServerSettings, check_public_host, tls_context, translate_network_error
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Pop3Session:
         s = self.settings
         if s.security not in ("ssl", "starttls", "none"):
             raise MailConfigError(f"Unknown security setting {s.security!r}.")
+        check_public_host(s)
         try:
             if s.security == "ssl":
                 client: poplib.POP3 = poplib.POP3_SSL(s.host, s.port, timeout=s.timeout,

@@ -30,7 +30,7 @@ from ..exceptions import (
     MailTLSError,
     MailUserError,
 )
-from .base import ServerSettings, tls_context, translate_network_error
+from .base import ServerSettings, check_public_host, tls_context, translate_network_error
 
 T = TypeVar("T")
 
@@ -97,6 +97,7 @@ def check_address(address: str) -> str:
 def _client(settings: ServerSettings) -> aiosmtplib.SMTP:
     if settings.security not in {"ssl", "starttls", "none"}:
         raise MailConfigError(f"Unknown SMTP security {settings.security!r}.")
+    check_public_host(settings)
     return aiosmtplib.SMTP(
         hostname=settings.host,
         port=settings.port,

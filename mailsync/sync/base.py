@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from datetime import timezone as dt_timezone
 
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
@@ -41,6 +42,7 @@ def server_settings(mailbox: Mailbox, *, timeout: float = 30.0) -> ServerSetting
         host=mailbox.incoming_host, port=mailbox.incoming_port,
         security=mailbox.incoming_security, username=mailbox.username,
         password=mailbox.password, timeout=timeout,
+        allow_private_hosts=settings.MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS,
     )
 
 

@@ -117,7 +117,8 @@ def test_endless_retr_and_absurd_size_are_kept_as_headers_with_bounded_memory(ho
 
 def test_endless_status_line_is_refused(hostile):
     server = hostile(endless_status=True)
-    settings = ServerSettings("127.0.0.1", server.port, "none", "user", "password", timeout=5)
+    settings = ServerSettings("127.0.0.1", server.port, "none", "user", "password", timeout=5,
+                              allow_private_hosts=True)
     with Pop3Session(settings) as session:
         with pytest.raises(MailProtocolError, match="too long"):
             session.listing()

@@ -164,7 +164,8 @@ def test_header_injection_is_refused_and_nothing_is_stored_or_sent(
 
 def test_the_smtp_adapter_itself_refuses_line_breaks(smtp_outbox):
     settings = ServerSettings(smtp_outbox.host, smtp_outbox.port, "starttls",
-                              smtp_outbox.username, smtp_outbox.password, timeout=10)
+                              smtp_outbox.username, smtp_outbox.password, timeout=10,
+                              allow_private_hosts=True)
     raw = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: x\r\n\r\nbody\r\n"
     with pytest.raises(smtp.HeaderInjection):
         smtp.send(settings, raw, sender="a@b.example", recipients=["c@d.example>\r\nDATA"])

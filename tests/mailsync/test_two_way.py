@@ -83,3 +83,20 @@ def test_without_uidplus_no_bare_expunge_destroys_other_deleted_mail(dovecot, ma
         session.expunge([uids[0]])
         session.move([uids[0]], "Sent")
     assert dovecot.folder_state(mail_user).count == 2  # flagged, not expunged
+
+
+def test_a_host_that_now_points_into_our_network_is_refused_at_connect(
+        dovecot, mail_user, imap_mailbox, settings):
+    """The SSRF check runs at every connect, not only when the mailbox was saved: a name can
+    be re-pointed to a private address later (DNS rebinding)."""
+    from mailsync.exceptions import MailConfigError
+
+    dovecot.deliver(mail_user, make_message())
+    settings.MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS = False
+    imap_mailbox.incoming_host = "localhost"  # saved long ago as a public name, say
+    imap_mailbox.save()
+    with pytest.raises(MailConfigError):
+        ImapSync(imap_mailbox, timeout=10).run()
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "error" and "private or local" in imap_mailbox.last_error
+    assert not Email.objects.filter(mailbox=imap_mailbox).exists()
