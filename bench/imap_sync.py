@@ -1070,6 +1070,37 @@ def ms(seconds: float) -> str:
 
 
 # == main =========================================================================================
+def start_dovecot(workdir: Path):  # noqa: ANN201
+    """A private Dovecot from the test bed, its certificates trusted by this process.
+    Returns (server, ca, version); the caller stops the server."""
+    from tests.testbed.dovecot import DovecotServer
+    from tests.testbed.tls import write_test_ca
+
+    ca = write_test_ca(workdir / "tls")
+    os.environ["SSL_CERT_FILE"] = str(ca.bundle_path)
+    (workdir / "dovecot").mkdir()
+    server = DovecotServer(workdir / "dovecot", ca)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    version = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    return server, ca, version
+
+
+def fill_bench_mailbox(server, user, args: argparse.Namespace):  # noqa: ANN001, ANN201
+    """The realistic corpus written into the user's INBOX.
+    Returns (corpus, messages written, seconds, stats)."""
+    corpus = make_corpus(user.email, args.seed)
+    factory = MessageFactory(corpus, args.seed)
+    start = time.perf_counter()
+    written = fill_maildir(server, user, factory.messages(
+        args.messages, start=datetime.now(timezone.utc) - timedelta(days=366)))
+    return corpus, written, time.perf_counter() - start, factory.stats
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1112,8 +1143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = time.perf_counter() + args.budget
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0,)
 
-    from tests.testbed.dovecot import DovecotServer
-    from tests.testbed.tls import write_test_ca
 
     workdir = Path(tempfile.mkdtemp(prefix="mailroom-bench-"))
     # Dovecot's auth and mail processes (not root) must traverse it to reach their files.
@@ -1121,23 +1150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = None
     django_ready = False
     try:
-        ca = write_test_ca(workdir / "tls")
-        os.environ["SSL_CERT_FILE"] = str(ca.bundle_path)
-        (workdir / "dovecot").mkdir()
-        server = DovecotServer(workdir / "dovecot", ca)
-        server.start()
-        dovecot_version = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
-                                         timeout=10).stdout.strip()
+        server, ca, dovecot_version = start_dovecot(workdir)
         user = server.add_user("bench")
         say(f"Dovecot {dovecot_version} on 127.0.0.1:{server.imaps_port} (IMAPS)")
 
-        corpus = make_corpus(user.email, args.seed)
-        factory = MessageFactory(corpus, args.seed)
-        start = time.perf_counter()
-        written = fill_maildir(server, user, factory.messages(
-            args.messages, start=datetime.now(timezone.utc) - timedelta(days=366)))
-        fill_seconds = time.perf_counter() - start
-        stats = factory.stats
+        corpus, written, fill_seconds, stats = fill_bench_mailbox(server, user, args)
         indexed = warm_up(server, user)
         if indexed != written:
             raise RuntimeError(f"Dovecot indexed {indexed} of {written} messages")

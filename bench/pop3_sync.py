@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +35,12 @@ if str(ROOT) not in sys.path:  # `python bench/pop3_sync.py` puts bench/ first, 
     sys.path.insert(0, str(ROOT))
 
 from bench.imap_sync import (  # noqa: E402  (after the sys.path fix)
+    fill_bench_mailbox,
+    start_dovecot,
     DB_NAME_RE,
-    MessageFactory,
     Throughput,
     doveadm,
     drop_database,
-    fill_maildir,
-    make_corpus,
     median_run,
     peak_mb,
     reset_mail_tables,
@@ -304,33 +302,20 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     deadline = time.perf_counter() + args.budget
     load = os.getloadavg()
 
-    from tests.testbed.dovecot import DovecotServer
-    from tests.testbed.tls import write_test_ca
 
     workdir = Path(tempfile.mkdtemp(prefix="mailroom-bench-pop3-"))
     os.chmod(workdir, 0o711)  # Dovecot's processes (not root) must traverse it
     server = None
     django_ready = False
     try:
-        ca = write_test_ca(workdir / "tls")
-        os.environ["SSL_CERT_FILE"] = str(ca.bundle_path)
-        (workdir / "dovecot").mkdir()
-        server = DovecotServer(workdir / "dovecot", ca)
-        server.start()
-        dovecot_version = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
-                                         timeout=10).stdout.strip()
+        server, ca, dovecot_version = start_dovecot(workdir)
         user = server.add_user("bench")
         say(f"Dovecot {dovecot_version} on 127.0.0.1:{server.pop3s_port} (POP3S)")
 
-        corpus = make_corpus(user.email, args.seed)
-        factory = MessageFactory(corpus, args.seed)
-        start = time.perf_counter()
-        written = fill_maildir(server, user, factory.messages(
-            args.messages, start=datetime.now(timezone.utc) - timedelta(days=366)))
-        stats = factory.stats
+        corpus, written, fill_seconds, stats = fill_bench_mailbox(server, user, args)
         refill = Refill(server, user, workdir)
         say(f"filled the maildrop: {written} messages, {stats.bytes / 1e6:.1f} MB "
-            f"in {time.perf_counter() - start:.1f} s")
+            f"in {fill_seconds:.1f} s")
 
         django_ready = True  # from here on the database may exist: drop it at the end
         setup_django(args.database_url, workdir / "data")
