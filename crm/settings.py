@@ -171,6 +171,12 @@ MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS = _env_bool("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS
 # Mail deleted on the server stays recoverable in the CRM this many days.
 MAILROOM_TOMBSTONE_DAYS = int(_env("MAILROOM_TOMBSTONE_DAYS", "30"))  # type: ignore[arg-type]
 
+# An IMAP download of at least this many messages is fetched and prepared in a child process
+# while the worker stores (mailsync/sync/fetcher.py); smaller ones in a thread. 0: never.
+MAILROOM_SYNC_PROCESS_MIN_MESSAGES = int(
+    _env("MAILROOM_SYNC_PROCESS_MIN_MESSAGES", "400")  # type: ignore[arg-type]
+)
+
 # --- REST API --------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

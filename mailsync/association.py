@@ -13,6 +13,7 @@ from django.db.models.functions import Lower
 
 from crm.models import Contact, Deal, Lead, OwnedRecord
 
+from .bulk import insert_rows
 from .models import EmailLink, EmailParticipant
 
 # Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc).
@@ -57,17 +58,19 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
     ):
         deals[contact_id].append(deal_id)
 
-    links: list[EmailLink] = []
+    # (email, lead, contact, deal) rows: one record each
+    links: list[tuple[int, int | None, int | None, int | None]] = []
     for email_id, email_addresses in by_email.items():
         lead_ids = {pk for a in email_addresses for pk in leads.get(a, ())}
         c_ids = {pk for a in email_addresses for pk in contacts.get(a, ())}
         d_ids = {pk for c in c_ids for pk in deals.get(c, ())}
-        links += [EmailLink(email_id=email_id, lead_id=pk) for pk in lead_ids]
-        links += [EmailLink(email_id=email_id, contact_id=pk) for pk in c_ids]
-        links += [EmailLink(email_id=email_id, deal_id=pk) for pk in d_ids]
-    links += _reply_links(email_ids)
-    created = EmailLink.objects.bulk_create(links, ignore_conflicts=True, batch_size=1000)
-    return len(created)
+        links += [(email_id, pk, None, None) for pk in lead_ids]
+        links += [(email_id, None, pk, None) for pk in c_ids]
+        links += [(email_id, None, None, pk) for pk in d_ids]
+    links += [(link.email_id, link.lead_id, link.contact_id, link.deal_id)
+              for link in _reply_links(email_ids)]
+    return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
+                       ignore_conflicts=True, count=True)
 
 
 def _reply_links(email_ids: list[int]) -> list[EmailLink]:

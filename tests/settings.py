@@ -21,6 +21,9 @@ os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
 os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("MAILROOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 # The private Dovecot and SMTP servers of the tests listen on 127.0.0.1.
 os.environ.setdefault("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS", "1")
+# Test mailboxes are small: multi-batch downloads of 10 or more messages (the cut mid-FETCH,
+# the killed worker) go through the fetch process as large ones do in production.
+os.environ.setdefault("MAILROOM_SYNC_PROCESS_MIN_MESSAGES", "10")
 
 from crm.settings import *  # noqa: E402, F403
 

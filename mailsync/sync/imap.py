@@ -13,13 +13,13 @@ Per folder, in order:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 import time as time_module
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
@@ -28,6 +28,8 @@ from ..exceptions import MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
+from .fetcher import FetchJob, fetch_batch, fetch_in_child
+from .pipeline import run_ahead
 from .ingest import ingest_batch, prepare
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 # (a batch is held twice: raw and compressed) and the work lost to a cut connection.
 BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
 BATCH_BYTES = 12 * 1024 * 1024
+FIRST_BATCH_MESSAGES = 50
 # Tests that kill a worker mid-sync slow each commit down to aim the kill between two.
 _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # Flags are fetched for this many UIDs per command where CONDSTORE is missing.
@@ -51,51 +54,21 @@ def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> I
     Only the worker thread touches the IMAP connection while this runs. An error in it is
     raised here, in order, after the batches before it were yielded.
     """
-    if not batches:
-        return
-    slots: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                item = (batch, [prepare(m) for m in fetch(batch)])
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
-            slots.put(exc)
-            return
-        slots.put(None)
-
-    worker = threading.Thread(target=produce, name="imap-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
+    return run_ahead(((batch, [prepare(m).without_raw() for m in fetch(batch)]) for batch in batches),
+                     name="imap-prefetch")
 
 
 def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+    """Batches of at most BATCH_MESSAGES and BATCH_BYTES; the first one smaller, so that
+    storing starts while the rest is still being fetched (the pipeline fills sooner)."""
     batch: list[int] = []
     total = 0
+    limit = min(BATCH_MESSAGES, FIRST_BATCH_MESSAGES)
     for uid in uids:
         size = sizes.get(uid, 0)
-        if batch and (len(batch) >= BATCH_MESSAGES or total + size > BATCH_BYTES):
+        if batch and (len(batch) >= limit or total + size > BATCH_BYTES):
             yield batch
-            batch, total = [], 0
+            batch, total, limit = [], 0, BATCH_MESSAGES
         batch.append(uid)
         total += size
     if batch:
@@ -110,6 +83,7 @@ class ImapSync(SyncRun):
         super().__init__(mailbox, timeout=timeout)
         self.session_factory = session_factory
         self.session: ImapSession | None = None
+        self._own_session = False
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -118,6 +92,7 @@ class ImapSync(SyncRun):
         return super().run()
 
     def _work(self) -> None:
+        self._own_session = self.session is None
         if self.session is not None:
             self._sync_folders(self.session)
             return
@@ -265,18 +240,52 @@ class ImapSync(SyncRun):
     def _fetch_and_store(self, session: ImapSession, folder: MailFolder, batches: list[list[int]],
                          advance_to: Callable[[list[int]], Callable[[MailFolder], None]],
                          sizes: dict[int, int]) -> None:
-        """Fetch batch n+1 (and hash, parse headers, compress it) in a second thread while
-        batch n is written to the database. At most two batches are in memory. Messages over
-        the mailbox's size limit are imported as their headers, with a notice."""
+        """Fetch batch n+1 (and hash, parse headers, compress it) while batch n is written to
+        the database: in a child process for a large download (both cores work), else in a
+        second thread. At most two batches are in memory. Messages over the mailbox's size
+        limit are imported as their headers, with a notice."""
         limit = self.mailbox.max_message_bytes
+        if self._use_fetch_process(batches):
+            # The child opens its own connection; this one is closed meanwhile, so the
+            # mailbox never holds more than two (the sync's and the IDLE watcher's).
+            session.close()
+            job = FetchJob(server_settings(self.mailbox, timeout=self.timeout), folder.name,
+                           folder.uidvalidity, batches, sizes, limit)
+            self._store_batches(folder, fetch_in_child(job), advance_to)
+            session.connect()
+            again = session.select(folder.name, readonly=True)
+            if again.uidvalidity != folder.uidvalidity:
+                raise MailTransientError(
+                    "The folder changed on the server (UIDVALIDITY) during the sync; it is "
+                    "synced again on the next run."
+                )
+            return
 
         def fetch(batch: list[int]) -> list:
-            large = [uid for uid in batch if sizes.get(uid, 0) > limit]
-            whole = [uid for uid in batch if sizes.get(uid, 0) <= limit]
-            messages = session.fetch_messages(whole) + session.fetch_headers(large)
-            return sorted(messages, key=lambda m: m.uid)
+            return fetch_batch(session, batch, sizes, limit)
 
-        for batch, prepared in _prefetch(fetch, batches):
+        self._store_batches(folder, _prefetch(fetch, batches), advance_to)
+
+    def _use_fetch_process(self, batches: list[list[int]]) -> bool:
+        minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
+        return (
+            self._own_session
+            and self.session_factory is ImapSession
+            and minimum > 0
+            and len(batches) > 1
+            and sum(len(batch) for batch in batches) >= minimum
+        )
+
+    def _store_batches(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],
+                       advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
+        # Closed at once on an error: the fetch process (or thread) stops now, not when the
+        # traceback that references this frame is freed.
+        with contextlib.closing(source):
+            self._store_all(folder, source, advance_to)
+
+    def _store_all(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],
+                   advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
+        for batch, prepared in source:
             self._check_budget()
             truncated = [p.message for p in prepared if p.message.truncated]
 
@@ -287,7 +296,7 @@ class ImapSync(SyncRun):
 
             result = ingest_batch(mailbox=self.mailbox, folder=folder,
                                   uidvalidity=folder.uidvalidity, prepared=prepared,
-                                  advance_cursor=advance)
+                                  advance_cursor=advance, durable=False)
             if _TEST_STORE_DELAY:
                 time_module.sleep(_TEST_STORE_DELAY)
             self.report.new += result.stored

@@ -6,7 +6,6 @@ parsing, about six times the cost of the fetch, stays off the sync's hot path.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from ..association import emails_associate
-from ..mime import Address, Envelope, content_hash, derived_message_key, parse_envelope
+from ..mime import Address, Envelope
 from ..models import (
     Email,
     EmailLocation,
@@ -27,79 +26,18 @@ from ..models import (
     Thread,
 )
 from ..protocols.base import FetchedMessage
-from ..storage import compress
+from ..bulk import insert_rows
 from .copy import write_sources
+from .prepare import Prepared, fingerprint, prepare
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Prepared:
-    message: FetchedMessage
-    envelope: Envelope
-    content_hash: str
-    fingerprint: str
-    compressed: bytes
+__all__ = ["Prepared", "fingerprint", "ingest_batch", "prepare"]
 
 
 def _clean(value: str, limit: int) -> str:
     # PostgreSQL text rejects NUL bytes.
     return value.replace("\x00", "")[:limit]
-
-
-# Headers added along the way by each delivery or by mail stores, not by the author: the
-# same mail has other values in each mailbox that receives it (RFC 5321 4.4, RFC 8617...).
-TRACE_HEADERS = frozenset({
-    b"received", b"delivered-to", b"return-path", b"x-original-to", b"x-received",
-    b"envelope-to", b"x-envelope-to", b"x-delivered-to", b"x-rcpt-to",
-    b"authentication-results", b"received-spf", b"arc-seal", b"arc-message-signature",
-    b"arc-authentication-results", b"x-spam-status", b"x-spam-score", b"x-spam-flag",
-    b"x-spam-level", b"x-spam-checker-version", b"x-virus-scanned", b"status", b"x-status",
-    b"x-keywords", b"x-uid", b"lines", b"content-length",
-})
-
-
-def fingerprint(envelope: Envelope, raw: bytes, chash: str) -> str:
-    """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
-    plus a hash of the message without its trace headers (Received, Delivered-To, ...),
-    which every delivery adds anew, so the same mail in a personal and a shared mailbox
-    would otherwise look like two. Two mails that merely share a Message-ID differ in some
-    header or the body and stay apart."""
-    if not envelope.message_id:
-        basis = f"derived\n{derived_message_key(envelope, raw)}"
-        return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
-    digest = hashlib.sha256()
-    digest.update(f"mid\n{envelope.message_id}\n".encode("utf-8", "surrogatepass"))
-    digest.update(_without_trace_headers(raw.replace(b"\r\n", b"\n")))
-    return digest.hexdigest()
-
-
-def _without_trace_headers(raw: bytes) -> bytes:
-    """The message (LF line ends) with the trace header fields, folded lines included, cut
-    from its header block (RFC 5322 2.2: a header ends at the first empty line)."""
-    end = raw.find(b"\n\n")
-    head, body = (raw, b"") if end < 0 else (raw[:end + 1], raw[end + 1:])
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
-            if not skipping:
-                kept.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        skipping = name in TRACE_HEADERS
-        if not skipping:
-            kept.append(line)
-    return b"\n".join(kept) + body
-
-
-def prepare(message: FetchedMessage) -> Prepared:
-    """Everything about a message that needs no database: runs beside the storing of the
-    previous batch (the sync engine prefetches), and zstd and hashlib release the GIL."""
-    envelope = parse_envelope(message.raw)
-    chash = content_hash(message.raw)
-    return Prepared(message, envelope, chash, fingerprint(envelope, message.raw, chash),
-                    compress(message.raw))
 
 
 def thread_key(envelope: Envelope, fp: str) -> str:
@@ -132,32 +70,54 @@ def shareable(envelope: Envelope, excluded_domains: set[str]) -> bool:
     return True
 
 
-def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> Email:
+# The Email fields the sync sets (every other one takes its default): see _email_row.
+EMAIL_FIELDS = (
+    "mailbox", "fingerprint", "message_id", "content_hash", "in_reply_to", "references",
+    "thread", "subject", "date", "from_name", "from_address", "to", "cc", "direction", "size",
+    "seen", "flagged", "shareable", "truncated",
+)
+
+
+@dataclass
+class NewEmail:
+    """An email about to be inserted: what threading needs, and its row (EMAIL_FIELDS)."""
+
+    fingerprint: str
+    message_id: str
+    subject: str
+    date: object
+    prepared: Prepared
+    row: list
+    thread: Thread | None = None
+    pk: int | None = None
+
+
+def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> NewEmail:
     env, flags = p.envelope, p.message.flags
     sender = env.from_[0] if env.from_ else None
-    return Email(
-        mailbox=mailbox,
-        fingerprint=p.fingerprint,
-        message_id=_clean(env.message_id or "", 1000),
-        content_hash=p.content_hash,
-        in_reply_to=_clean(env.in_reply_to[0] if env.in_reply_to else "", 1000),
-        references=[_clean(r, 1000) for r in env.references],
-        subject=_clean(env.subject, 1000),
-        date=env.date or p.message.internal_date,
-        from_name=_clean(sender.name, 500) if sender else "",
-        from_address=_clean(sender.email, 500) if sender else "",
-        to=_addresses(env.to),
-        cc=_addresses(env.cc),
-        direction=_direction(mailbox, folder, env),
-        size=min(p.message.size, 2**31 - 1),  # a 32-bit column; a server may claim anything
-        seen="\\Seen" in flags,
-        flagged="\\Flagged" in flags,
-        shareable=shareable(env, mailbox.excluded_domain_set),
-        truncated=p.message.truncated,
-    )
+    message_id = _clean(env.message_id or "", 1000)
+    subject = _clean(env.subject, 1000)
+    date = env.date or p.message.internal_date
+    row = [
+        mailbox.pk, p.fingerprint, message_id, p.content_hash,
+        _clean(env.in_reply_to[0] if env.in_reply_to else "", 1000),
+        [_clean(r, 1000) for r in env.references],
+        None,  # the thread, set by _threads_for
+        subject, date,
+        _clean(sender.name, 500) if sender else "",
+        _clean(sender.email, 500) if sender else "",
+        _addresses(env.to), _addresses(env.cc),
+        _direction(mailbox, folder, env),
+        min(p.message.size, 2**31 - 1),  # a 32-bit column; a server may claim anything
+        "\\Seen" in flags, "\\Flagged" in flags,
+        shareable(env, mailbox.excluded_domain_set),
+        p.message.truncated,
+    ]
+    return NewEmail(p.fingerprint, message_id, subject, date, p, row)
 
 
-def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
+def _participant_rows(email_id: int, env: Envelope) -> list[tuple[int, str, str, str]]:
+    """(email, role, name, address) of each distinct address per role."""
     rows = []
     for role, addresses in (("from", env.from_), ("to", env.to), ("cc", env.cc),
                             ("bcc", env.bcc), ("reply_to", env.reply_to)):
@@ -165,11 +125,13 @@ def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
         for address in addresses[:500]:
             if address.key and address.key not in seen:
                 seen.add(address.key)
-                rows.append(EmailParticipant(
-                    email=email, role=role, name=_clean(address.name, 500),
-                    address=_clean(address.key, 500),
-                ))
+                rows.append((email_id, role, _clean(address.name, 500), _clean(address.key, 500)))
     return rows
+
+
+def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
+    return [EmailParticipant(email=email, role=role, name=name, address=address)
+            for _, role, name, address in _participant_rows(email.pk, env)]
 
 
 def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict[str, Thread]:
@@ -250,16 +212,23 @@ def ingest_batch(
     messages: Sequence[FetchedMessage] = (),
     advance_cursor: Callable[[MailFolder], None],
     prepared: Sequence[Prepared] | None = None,
+    durable: bool = True,
 ) -> BatchResult:
     """Store ``messages`` and, in the same transaction, advance the cursor.
 
     If the batch cannot be stored as a whole, messages are stored one by one and those that
     still fail are kept as raw bytes in ``MessageError`` (the sync goes on without them).
+
+    ``durable=False`` (IMAP): the COMMIT does not wait for the WAL flush. A crash of
+    PostgreSQL may then lose the last batches, but always together with the cursor that
+    was advanced in the same transaction, and the mail is still on the server: the next run
+    fetches it again. POP3 must not use it: a DELE follows the commit.
     """
     if prepared is None:
         prepared = [prepare(m) for m in messages]
     try:
         with transaction.atomic():
+            _commit_mode(durable)
             result = _store(mailbox, folder, uidvalidity, prepared)
             _finish(mailbox, folder, advance_cursor, result)
             return result
@@ -269,6 +238,7 @@ def ingest_batch(
     for p in prepared:
         try:
             with transaction.atomic():
+                _commit_mode(durable)
                 one = _store(mailbox, folder, uidvalidity, [p])
             result.stored += one.stored
             result.located += one.located
@@ -284,6 +254,12 @@ def ingest_batch(
     with transaction.atomic():
         _finish(mailbox, folder, advance_cursor, result)
     return result
+
+
+def _commit_mode(durable: bool) -> None:
+    if not durable and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
 
 
 def _finish(mailbox: Mailbox, folder: MailFolder, advance_cursor: Callable[[MailFolder], None],
@@ -304,32 +280,36 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         Email.objects.filter(mailbox=mailbox, fingerprint__in={p.fingerprint for p in prepared})
         .values_list("fingerprint", "pk")
     )
-    new: dict[str, tuple[Email, Prepared]] = {}
+    new: dict[str, NewEmail] = {}
     for p in prepared:
         if p.fingerprint not in existing and p.fingerprint not in new:
-            new[p.fingerprint] = (_new_email(mailbox, folder, p), p)
-    threads = _threads_for(mailbox, [(e, p.envelope) for e, p in new.values()]) if new else {}
-    created = Email.objects.bulk_create([e for e, _ in new.values()], batch_size=500)
+            new[p.fingerprint] = _new_email(mailbox, folder, p)
+    created = list(new.values())
+    if created:
+        threads = _threads_for(mailbox, [(e, e.prepared.envelope) for e in created])
+        thread_at = EMAIL_FIELDS.index("thread")
+        for e in created:
+            e.row[thread_at] = e.thread.pk if e.thread else None
+        ids = insert_rows(Email, EMAIL_FIELDS, [e.row for e in created], returning="id")
+        for e, pk in zip(created, ids, strict=True):
+            e.pk = pk
     result.stored = len(created)
-    ids = {**existing, **{e.fingerprint: e.pk for e in created}}
+    ids_by_fp = {**existing, **{e.fingerprint: e.pk for e in created}}
 
-    write_sources([(e.pk, p.compressed, len(p.message.raw)) for e, p in new.values()])
-    EmailParticipant.objects.bulk_create(
-        [row for e, p in new.values() for row in _participants(e, p.envelope)], batch_size=2000
-    )
-    locations = EmailLocation.objects.bulk_create(
-        [EmailLocation(email_id=ids[p.fingerprint], folder=folder, uidvalidity=uidvalidity,
-                       uid=p.message.uid, flags=list(p.message.flags)) for p in prepared],
-        ignore_conflicts=True, batch_size=1000,
-    )
+    write_sources([(e.pk, e.prepared.compressed, e.prepared.raw_size) for e in created])
+    insert_rows(EmailParticipant, ("email", "role", "name", "address"),
+                [row for e in created for row in _participant_rows(e.pk, e.prepared.envelope)])
+    insert_rows(EmailLocation, ("email", "folder", "uidvalidity", "uid", "flags"),
+                [(ids_by_fp[p.fingerprint], folder.pk, uidvalidity, p.message.uid, list(p.message.flags))
+                 for p in prepared],
+                ignore_conflicts=True)
     result.located = max(0, len(prepared) - result.stored)
     # A known mail seen again somewhere (moved on the server) is no longer deleted.
     if existing:
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
-    del locations
-    if new:
+    if created:
         _finish_threads(mailbox, created, threads)
-        emails_associate(email_ids=[e.pk for e, _ in new.values()],
+        emails_associate(email_ids=[e.pk for e in created],
                          exclude_addresses=[mailbox.email_address])
     MessageError.objects.filter(
         folder=folder, uidvalidity=uidvalidity, uid__in=[p.message.uid for p in prepared],

@@ -25,12 +25,13 @@ import time as time_module
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.db.models import F, Max
 from django.utils import timezone
 
+from ..bulk import insert_rows
 from ..exceptions import MailProtocolError
 from ..models import Email, EmailLocation, MailFolder, Mailbox, MessageError, Pop3Message
 from ..protocols.base import FetchedMessage, ServerSettings
@@ -251,10 +252,11 @@ class Pop3Sync(SyncRun):
                                        delete_first=[k.listing.number for k in deletes])
             prepared = {
                 r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
-                                                 internal_date=None, raw=r.raw))
+                                                 internal_date=None, raw=r.raw)).without_raw()
                 for r in replies if not r.error and (r.complete or r.headers_only)
             }
-            return replies, prepared
+            # Only the compressed copy stays in memory (Prepared.raw_size keeps the length).
+            return [replace(r, raw=b"") for r in replies], prepared
 
         def submit(batch: list[Keyed], deletes: list[Keyed]) -> Future[Fetched]:
             # UIDs are handed out here, in order, in this thread.
@@ -352,22 +354,23 @@ class Pop3Sync(SyncRun):
     def _store(self, stored: list[tuple[Keyed, Pop3Retrieved, Prepared]]) -> None:
         """Ingest the batch; record its keys in the same transaction (the cursor callback)."""
         assert self.folder is not None
-        planned = [(p.message.uid, item, reply) for item, reply, p in stored]
+        planned = [(p.message.uid, item, reply, p.raw_size) for item, reply, p in stored]
         mailbox = self.mailbox
 
         def record(folder: MailFolder) -> None:
-            uids = [uid for uid, _, _ in planned]
+            uids = [uid for uid, _, _, _ in planned]
             emails = dict(
                 EmailLocation.objects.filter(folder=folder, uidvalidity=POP3_UIDVALIDITY, uid__in=uids)
                 .values_list("uid", "email_id")
             )
-            Pop3Message.objects.bulk_create(
-                [Pop3Message(mailbox=mailbox, key=item.key, key_kind=item.kind, email_id=emails.get(uid),
-                             size=item.listing.size or len(reply.raw), truncated=reply.headers_only)
-                 for uid, item, reply in planned],
+            insert_rows(
+                Pop3Message, ("mailbox", "key", "key_kind", "email", "size", "truncated"),
+                [(mailbox.pk, item.key, str(item.kind), emails.get(uid), item.listing.size or raw_size,
+                  reply.headers_only) for uid, item, reply, raw_size in planned],
                 ignore_conflicts=True,
             )
-            truncated = [(uid, item, reply) for uid, item, reply in planned if reply.headers_only]
+            truncated = [(uid, item, raw_size) for uid, item, reply, raw_size in planned
+                         if reply.headers_only]
             if truncated:
                 for uid, item, _ in truncated:
                     if uid in emails:  # the size of the message, not of what was kept
@@ -376,7 +379,7 @@ class Pop3Sync(SyncRun):
                         )
                 # The headers were not in the total announced at the start.
                 Mailbox.objects.filter(pk=mailbox.pk).update(
-                    bytes_total=F("bytes_total") + sum(len(reply.raw) for _, _, reply in truncated)
+                    bytes_total=F("bytes_total") + sum(raw_size for _, _, raw_size in truncated)
                 )
                 limit = _megabytes(mailbox.max_message_bytes)
                 MessageError.objects.bulk_create([

@@ -122,9 +122,12 @@ def test_uidvalidity_change_remaps_without_duplicates(dovecot, mail_user, imap_m
     assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
 
 
+@pytest.mark.parametrize("fetch", ["process", "thread"])
 def test_connection_cut_mid_fetch_then_rerun_loses_and_duplicates_nothing(
-    dovecot, mail_user, imap_mailbox, fault_proxy
+    dovecot, mail_user, imap_mailbox, fault_proxy, settings, fetch
 ):
+    # A large download is fetched in a child process, a small one in a thread: both.
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 10 if fetch == "process" else 0
     big = b"x" * 200_000
     for i in range(12):
         dovecot.deliver(mail_user, make_message(subject=f"Big {i}",

@@ -1,0 +1,77 @@
+"""Bulk INSERT of plain rows, without a model instance per row.
+
+The sync stores thousands of emails, participants, locations and links a second. Django's
+``bulk_create`` builds a model instance per row and runs every field's ``pre_save`` and
+``get_db_prep_save`` per row: on the IMAP bench that was about half of the storing
+process's CPU (bench/README.md). Here the caller gives the values it sets as tuples; every
+other field takes its default, adapted once per call; psycopg2's ``execute_values`` sends
+pages of rows. Other databases (the SQLite of ``scripts/run``) go through ``bulk_create``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import connection, models
+from django.utils import timezone
+
+PAGE_SIZE = 1000
+
+
+def insert_rows(model: type[models.Model], names: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                returning: str | None = None, ignore_conflicts: bool = False,
+                count: bool = False) -> Any:
+    """INSERT ``rows`` (values in the order of the field ``names``; a foreign key's value is
+    the id) into ``model``'s table. Returns the ``returning`` column of each row, in order
+    (not with ``ignore_conflicts``: skipped rows return nothing); with ``count``, the number
+    of rows inserted (with ``ignore_conflicts``: not counting those skipped)."""
+    if not rows:
+        return 0 if count else []
+    assert not (returning and ignore_conflicts), "rows skipped on conflict cannot be matched"
+    meta = model._meta
+    given = [meta.get_field(name) for name in names]
+    if connection.vendor != "postgresql":
+        objects = model.objects.bulk_create(
+            [model(**{f.attname: v for f, v in zip(given, row, strict=True)}) for row in rows],
+            ignore_conflicts=ignore_conflicts, batch_size=500,
+        )
+        if count:  # bulk_create cannot tell which rows a conflict skipped
+            return len(objects)
+        return [getattr(o, meta.get_field(returning).attname) for o in objects] if returning else []
+
+    from psycopg2.extras import Json, execute_values
+
+    given_set = set(given)
+    now = timezone.now()
+    rest = [f for f in meta.concrete_fields
+            if f not in given_set and not (f.primary_key and isinstance(f, models.AutoField))]
+    constants = tuple(
+        f.get_db_prep_save(now if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False)
+                           else f.get_default(), connection)
+        for f in rest
+    )
+    json_at = [i for i, f in enumerate(given) if isinstance(f, models.JSONField)]
+    if json_at:
+        def adapt(row: Sequence[Any]) -> tuple:
+            values = list(row)
+            for i in json_at:
+                values[i] = Json(values[i])
+            return (*values, *constants)
+    else:
+        def adapt(row: Sequence[Any]) -> tuple:
+            return (*row, *constants)
+
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in [*given, *rest])
+    sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES %s"
+    if ignore_conflicts:
+        sql += " ON CONFLICT DO NOTHING"
+    if returning or count:
+        column = meta.get_field(returning).column if returning else meta.pk.column
+        sql += f" RETURNING {quote(column)}"
+    with connection.cursor() as cursor:
+        result = execute_values(cursor.cursor, sql, [adapt(row) for row in rows],
+                                page_size=PAGE_SIZE, fetch=bool(returning or count))
+    if count:
+        return len(result)
+    return [r[0] for r in result] if returning else []

@@ -1,0 +1,99 @@
+"""Everything about a fetched message that needs no database: its envelope (the headers that
+association and threading need), its hashes and its compressed source.
+
+No Django here: this runs in the sync's fetch process (``mailsync.sync.fetcher``) or in its
+prefetch thread, beside the storing of the batch before it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+from ..mime import Envelope, derived_message_key, parse_envelope
+from ..protocols.base import FetchedMessage
+from ..storage import compress
+
+
+@dataclass
+class Prepared:
+    message: FetchedMessage  # its ``raw`` is b"" once handed over by the fetch process
+    envelope: Envelope
+    content_hash: str
+    fingerprint: str
+    compressed: bytes
+    raw_size: int = -1  # len(raw); kept when the raw bytes are dropped
+
+    def __post_init__(self) -> None:
+        if self.raw_size < 0:
+            self.raw_size = len(self.message.raw)
+
+    def without_raw(self) -> Prepared:
+        """The same, without the raw bytes (the compressed source holds them)."""
+        return replace(self, message=replace(self.message, raw=b""))
+
+
+# Headers added along the way by each delivery or by mail stores, not by the author: the
+# same mail has other values in each mailbox that receives it (RFC 5321 4.4, RFC 8617...).
+TRACE_HEADERS = frozenset({
+    b"received", b"delivered-to", b"return-path", b"x-original-to", b"x-received",
+    b"envelope-to", b"x-envelope-to", b"x-delivered-to", b"x-rcpt-to",
+    b"authentication-results", b"received-spf", b"arc-seal", b"arc-message-signature",
+    b"arc-authentication-results", b"x-spam-status", b"x-spam-score", b"x-spam-flag",
+    b"x-spam-level", b"x-spam-checker-version", b"x-virus-scanned", b"status", b"x-status",
+    b"x-keywords", b"x-uid", b"lines", b"content-length",
+})
+
+
+def _as_bytes(raw: object) -> bytes:
+    return raw if isinstance(raw, bytes) else bytes(raw)  # type: ignore[call-overload]
+
+
+def content_hash_lf(lf: bytes) -> str:
+    """``mime.content_hash`` of a message whose CRLFs are already LFs."""
+    return hashlib.sha256(lf).hexdigest()
+
+
+def _fingerprint_lf(envelope: Envelope, raw: bytes, lf: bytes) -> str:
+    if not envelope.message_id:
+        basis = f"derived\n{derived_message_key(envelope, raw)}"
+        return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = hashlib.sha256()
+    digest.update(f"mid\n{envelope.message_id}\n".encode("utf-8", "surrogatepass"))
+    # The message without its trace header fields, folded lines included (RFC 5322 2.2: a
+    # header ends at the first empty line). The body is hashed in place, not copied.
+    end = lf.find(b"\n\n")
+    head, body = (lf, memoryview(b"")) if end < 0 else (lf[:end + 1], memoryview(lf)[end + 1:])
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
+            if not skipping:
+                kept.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        skipping = name in TRACE_HEADERS
+        if not skipping:
+            kept.append(line)
+    digest.update(b"\n".join(kept))
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def fingerprint(envelope: Envelope, raw: bytes, chash: str | None = None) -> str:
+    """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
+    plus a hash of the message without its trace headers (Received, Delivered-To, ...),
+    which every delivery adds anew, so the same mail in a personal and a shared mailbox
+    would otherwise look like two. Two mails that merely share a Message-ID differ in some
+    header or the body and stay apart. (``chash`` is not used; kept for callers.)"""
+    raw = _as_bytes(raw)
+    return _fingerprint_lf(envelope, raw, raw.replace(b"\r\n", b"\n"))
+
+
+def prepare(message: FetchedMessage) -> Prepared:
+    """Envelope, hashes and compressed source of a message. CRLFs are turned into LFs once
+    for both hashes (that copy costs as much as both SHA-256 passes)."""
+    raw = _as_bytes(message.raw)
+    envelope = parse_envelope(raw)
+    lf = raw.replace(b"\r\n", b"\n")
+    return Prepared(message, envelope, content_hash_lf(lf), _fingerprint_lf(envelope, raw, lf),
+                    compress(raw))
