@@ -42,6 +42,7 @@ from bench.imap_sync import (  # noqa: E402  (after the sys.path fix)
     doveadm,
     drop_database,
     median_run,
+    ChildPeak,
     peak_mb,
     reset_mail_tables,
     reset_peak,
@@ -330,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         ceilings: list[Throughput] = []
         adapters: list[Throughput] = []
         runs: dict[bool, list[Run]] = {True: [], False: []}
+        child_peak: float | None = None
         fm_remove: list[Throughput] = []
         fm_keep: list[Throughput] = []
         rounds_start = time.perf_counter()
@@ -344,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
                 if refill() != written:
                     raise RuntimeError("the refilled maildrop is not complete")
                 reset_mail_tables()
-                run = mailroom_run(owner, server, user, delete=delete, expected=written)
+                with ChildPeak() as child:
+                    run = mailroom_run(owner, server, user, delete=delete, expected=written)
+                child_peak = max(child_peak or 0.0, child.mb)
                 expected_left = 0 if delete else written
                 if run.left_on_server != expected_left:
                     raise RuntimeError(f"{run.left_on_server} left on the server, not {expected_left}")
@@ -409,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         print(f"  peak RSS (VmHWM) in the first Mailroom run: {first.rss_peak:.0f} MB "
               f"(+{first.rss_peak - first.rss_before:.0f} MB over {first.rss_before:.0f} MB before); "
               "all runs: " + ", ".join(f"{r.rss_peak:.0f}" for r in runs[True] + runs[False]) + " MB")
+        if child_peak is not None:
+            print(f"  peak RSS of the POP3 process (a child of the worker, Pop3ChildSession): "
+                  f"{child_peak:.0f} MB")
         if big is not None:
             run, note = big
             print(f"  very large messages (2 x 30 MB, 1 x 120 MB; limit 50 MB): {note}; peak RSS "

@@ -1,4 +1,4 @@
-"""Fetch and prepare a large IMAP download in a separate process.
+"""Fetch and prepare a large IMAP or POP3 download in a separate process.
 
 Fetching (TLS, imaplib, IMAPClient's parser) and preparing (envelope, hashes, zstd) a batch is
 about as much Python work as storing it. In one process the GIL serializes the two even when
@@ -15,10 +15,13 @@ answers with pickled frames on its stdout:
     ("error", exception)           then it exits
     ("done",)
 
+For IMAP it opens its own connection: the caller closes its own first, so a mailbox still
+uses at most two connections (this one and the IDLE watcher's). For POP3 the child holds the
+session and answers the engine's commands one by one (``Pop3ChildSession``): ("ok", result)
+or ("error", exception) per command.
+
 Only the parent's own child writes that pipe, so unpickling it trusts nothing foreign. The
-child dies with its parent (PR_SET_PDEATHSIG, and a broken pipe at its next write). It opens
-its own IMAP connection: the caller closes its own first, so a mailbox still uses at most
-two connections (this one and the IDLE watcher's).
+child dies with its parent (PR_SET_PDEATHSIG, and a broken pipe at its next write).
 """
 from __future__ import annotations
 
@@ -28,14 +31,16 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..exceptions import MailProtocolError, MailTransientError
+from ..exceptions import MailError, MailProtocolError, MailServerUnreachable, MailTransientError
 from ..protocols.base import FetchedMessage, ServerSettings
 from ..protocols.imap import ImapSession
+from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
 from .pipeline import run_ahead
 from .prepare import Prepared, prepare
 
@@ -77,19 +82,11 @@ def fetch_in_child(job: FetchJob) -> Iterator[tuple[list[int], list[Prepared]]]:
     raised here after the batches before it were yielded.
 
     A thread of this process receives (unpickles) batch n+1 while the caller stores batch n."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    child = subprocess.Popen(  # noqa: S603  (our own module, no shell)
-        [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_PROJECT_ROOT, env=env,
-    )
+    child = _spawn()
     assert child.stdin is not None and child.stdout is not None
     try:
-        try:
-            pickle.dump(job, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            child.stdin.close()
-        except BrokenPipeError as exc:
-            raise MailTransientError("The fetch process did not start.") from exc
+        _send(child, job)
+        child.stdin.close()
         received = run_ahead(_received(child.stdout, job.uidvalidity), name="imap-receive")
         try:
             for item in received:
@@ -99,10 +96,37 @@ def fetch_in_child(job: FetchJob) -> Iterator[tuple[list[int], list[Prepared]]]:
                 child.kill()  # unblocks the receiving thread before it is joined
             received.close()
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        child.stdout.close()
+        _end(child)
+
+
+def _spawn() -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen(  # noqa: S603  (our own module, no shell)
+        [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_PROJECT_ROOT, env=env,
+    )
+
+
+def _send(child: subprocess.Popen, obj: object) -> None:
+    assert child.stdin is not None
+    try:
+        pickle.dump(obj, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        child.stdin.flush()
+    except (BrokenPipeError, ValueError) as exc:  # ValueError: the pipe was closed here
+        raise MailTransientError("The fetch process stopped unexpectedly.") from exc
+
+
+def _end(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def _received(stream: BinaryIO, uidvalidity: int) -> Iterator[tuple[list[int], list[Prepared]]]:
@@ -150,6 +174,132 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
     send(("done",))
 
 
+# -- POP3: the whole session in the child ---------------------------------------------------
+@dataclass
+class Pop3Job:
+    settings: ServerSettings
+
+
+def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequence[Pop3Request],
+                      delete_first: Sequence[int], uid_of: dict[int, int],
+                      ) -> tuple[list[Pop3Retrieved], dict[int, Prepared]]:
+    """RETR (or TOP) a batch and prepare what arrived whole (or as headers by request).
+    Only the compressed copy is kept: replies come back without their bytes."""
+    replies = session.retrieve(requests, delete_first=delete_first)
+    prepared = {
+        r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
+                                         internal_date=None, raw=r.raw)).without_raw()
+        for r in replies if not r.error and (r.complete or r.headers_only)
+    }
+    return [replace(r, raw=b"") for r in replies], prepared
+
+
+class Pop3ChildSession:
+    """A ``Pop3Session`` whose connection lives in a child process, which also prepares
+    (envelope, hashes, zstd) the messages it retrieves: the worker only stores them.
+
+    POP3 servers lock the maildrop for one session (RFC 1939 8), so the child holds the
+    only connection and runs every command the engine sends, DELE and QUIT included, in
+    the engine's order: the guarantee "DELE only after the commit" is the engine's, as with
+    a local session. ``abandon()`` (or the worker's death) kills the child: the server then
+    sees a dropped connection and applies no DELE.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Pop3ChildSession:
+        child = self._child = _spawn()
+        try:
+            _send(child, Pop3Job(self.settings))
+            self._result(child)
+        except BaseException:
+            self.abandon()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abandon()
+
+    @staticmethod
+    def _result(child: subprocess.Popen) -> object:
+        assert child.stdout is not None
+        frame = _receive(child.stdout)
+        if frame[0] == "error":
+            raise frame[1]
+        return frame[1]
+
+    def _call(self, *command: object) -> object:
+        with self._lock:
+            child = self._child
+            if child is None:
+                raise MailServerUnreachable(f"The connection to {self.settings.host} is closed.")
+            _send(child, command)
+            return self._result(child)
+
+    def listing(self) -> list[Pop3Listing]:
+        return self._call("listing")  # type: ignore[return-value]
+
+    def retrieve(self, requests: Sequence[Pop3Request], *,
+                 delete_first: Sequence[int] = ()) -> list[Pop3Retrieved]:
+        return self._call("retrieve", list(requests), list(delete_first))  # type: ignore[return-value]
+
+    def retrieve_prepared(self, requests: Sequence[Pop3Request], delete_first: Sequence[int],
+                          uid_of: dict[int, int]) -> tuple[list[Pop3Retrieved], dict[int, Prepared]]:
+        return self._call("retrieve_prepared", list(requests), list(delete_first), uid_of)  # type: ignore[return-value]
+
+    def delete(self, numbers: Sequence[int]) -> None:
+        self._call("delete", list(numbers))
+
+    def quit(self) -> None:
+        try:
+            self._call("quit")
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        child, self._child = self._child, None
+        if child is not None:
+            _end(child)  # a blocked _call in another thread then gets EOF
+
+
+def run_pop3(job: Pop3Job, send, commands: BinaryIO) -> None:  # noqa: ANN001
+    """Serve the parent's commands over one POP3 session until QUIT or the end of stdin."""
+    session = Pop3Session(job.settings)
+    try:
+        session.connect()
+        send(("ok", None))
+        while True:
+            try:
+                command = pickle.load(commands)  # noqa: S301  (written by our parent)
+            except EOFError:
+                return  # the parent is done or gone: no QUIT, no DELE applied
+            name, args = command[0], command[1:]
+            try:
+                if name == "listing":
+                    result: object = session.listing()
+                elif name == "retrieve":
+                    result = session.retrieve(args[0], delete_first=args[1])
+                elif name == "retrieve_prepared":
+                    result = retrieve_prepared(session, *args)
+                elif name == "delete":
+                    result = session.delete(args[0])
+                elif name == "quit":
+                    session.quit()
+                    send(("ok", None))
+                    return
+                else:
+                    raise MailProtocolError(f"Unknown command {name!r} for the POP3 process.")
+            except MailError as exc:
+                send(("error", _pickleable(exc)))
+                continue
+            send(("ok", result))
+    finally:
+        session.abandon()
+
+
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
@@ -186,7 +336,10 @@ def main() -> int:
 
     try:
         job = pickle.load(sys.stdin.buffer)  # noqa: S301  (written by our parent)
-        run_job(job, send)
+        if isinstance(job, Pop3Job):
+            run_pop3(job, send, sys.stdin.buffer)
+        else:
+            run_job(job, send)
     except BrokenPipeError:
         return 1  # the parent is gone
     except BaseException as exc:  # noqa: BLE001  (handed to the parent)

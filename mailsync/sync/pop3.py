@@ -25,9 +25,10 @@ import time as time_module
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -38,7 +39,8 @@ from ..protocols.base import FetchedMessage, ServerSettings
 from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
 from ..storage import decompress
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
-from .ingest import Prepared, ingest_batch, prepare
+from .fetcher import Pop3ChildSession, retrieve_prepared
+from .ingest import Prepared, ingest_batch
 from .lock import mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,10 @@ def assign_keys(listing: Sequence[Pop3Listing],
     return keyed
 
 
+class _Large(Exception):
+    """This download is large enough to be done in a child process (fetcher.py)."""
+
+
 @dataclass
 class _Known:
     downloaded_at: datetime
@@ -142,9 +148,13 @@ class Pop3Sync(SyncRun):
 
     # -- entry --------------------------------------------------------------------------------
     def _work(self) -> None:
+        factory = self.session_factory
         for _ in range(MAX_SESSIONS):
-            if self._session():
-                return
+            try:
+                if self._session(factory):
+                    return
+            except _Large:
+                factory = Pop3ChildSession
         raise MailProtocolError(
             "The server kept sending messages larger than it announced; try again later."
         )
@@ -157,15 +167,20 @@ class Pop3Sync(SyncRun):
         )
 
     # -- one connection -----------------------------------------------------------------------
-    def _session(self) -> bool:
+    def _session(self, factory: Callable[[ServerSettings], Pop3Session]) -> bool:
         """One connection: list, delete what the mode says, download what is new, QUIT.
 
         Returns False when the connection had to be given up after a reply over its size
-        cap (nothing is lost: the run reconnects and goes on).
+        cap (nothing is lost: the run reconnects and goes on). Raises _Large, before any
+        DELE, when the download is large enough for a child process (Pop3ChildSession).
         """
-        with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as session:
+        with factory(server_settings(self.mailbox, timeout=self.timeout)) as session:
             keyed = assign_keys(session.listing(), lambda items: self._hash_keys(session, items))
             known = self._known([k.key for k in keyed])
+            minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
+            if (factory is Pop3Session and minimum > 0
+                    and sum(k.key not in known for k in keyed) >= minimum):
+                raise _Large  # leaving without QUIT: nothing is marked, nothing removed
             marked: list[str] = []
             try:
                 expired = [k for k in keyed if k.key in known and self._remove(known[k.key])]
@@ -246,17 +261,14 @@ class Pop3Sync(SyncRun):
 
         def fetch(batch: list[Keyed], uids: list[int], deletes: list[Keyed]) -> Fetched:
             # The prefetch thread: the only user of the connection while it runs. Parsing
-            # the envelope, hashing and compressing happen here too (as for IMAP).
+            # the envelope, hashing and compressing happen here too (as for IMAP), or in the
+            # child process of a Pop3ChildSession.
             uid_of = {k.listing.number: uid for k, uid in zip(batch, uids, strict=True)}
-            replies = session.retrieve(self._requests(batch),
-                                       delete_first=[k.listing.number for k in deletes])
-            prepared = {
-                r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
-                                                 internal_date=None, raw=r.raw)).without_raw()
-                for r in replies if not r.error and (r.complete or r.headers_only)
-            }
-            # Only the compressed copy stays in memory (Prepared.raw_size keeps the length).
-            return [replace(r, raw=b"") for r in replies], prepared
+            requests = self._requests(batch)
+            delete_first = [k.listing.number for k in deletes]
+            if isinstance(session, Pop3ChildSession):
+                return session.retrieve_prepared(requests, delete_first, uid_of)
+            return retrieve_prepared(session, requests, delete_first, uid_of)
 
         def submit(batch: list[Keyed], deletes: list[Keyed]) -> Future[Fetched]:
             # UIDs are handed out here, in order, in this thread.

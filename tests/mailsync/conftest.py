@@ -69,7 +69,8 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
     )
 
 
-def kill_worker_midway(mailbox: Mailbox, *, after_emails: int, timeout: float = 30) -> None:
+def kill_worker_midway(mailbox: Mailbox, *, after_emails: int, timeout: float = 30,
+                       fetch_process: bool = False) -> None:
     """Run ``manage.py sync_mailbox`` in a real worker process and SIGKILL it once it has
     committed ``after_emails`` emails. Small batches and a pause after each commit (test
     hooks read by the engines) aim the kill between two batches."""
@@ -98,6 +99,42 @@ def kill_worker_midway(mailbox: Mailbox, *, after_emails: int, timeout: float = 
             assert worker.poll() is None, worker.stdout.read().decode()
             assert time.monotonic() < deadline, "the worker stored nothing"
             time.sleep(0.02)
+        helpers = _fetch_processes(worker.pid)
         worker.send_signal(signal.SIGKILL)
     finally:
         worker.wait(10)
+    # A download of 10 or more messages runs in a child process (MAILROOM_SYNC_PROCESS_MIN_MESSAGES
+    # is 10 in tests). It must not outlive the worker: it would hold the mailbox's connection.
+    # (``fetch_process``: it must be there at the kill; an IMAP one may have sent everything
+    # into the pipe and ended already.)
+    assert helpers or not fetch_process, "the worker did not use a fetch process"
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() and _is_fetch_process(pid) for pid in helpers):
+        assert time.monotonic() < deadline, "the fetch process outlived the killed worker"
+        time.sleep(0.05)
+
+
+def _is_fetch_process(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return b"mailsync.sync.fetcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _fetch_processes(parent: int) -> list[int]:
+    """The fetch processes (mailsync/sync/fetcher.py) that ``parent`` started."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == parent and _is_fetch_process(int(proc.name)):
+            found.append(int(proc.name))
+    return found

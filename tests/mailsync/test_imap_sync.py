@@ -374,6 +374,42 @@ def test_qresync_reports_expunges_and_flags_without_a_uid_comparison(dovecot, ma
     assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
 
 
+def test_message_fetch_fast_parser_matches_imapclient_or_steps_aside():
+    """The regex parser of the usual message FETCH reply gives what IMAPClient's parser
+    gives; any other shape returns None (IMAPClient parses it then)."""
+    from imapclient.response_parser import parse_fetch_response
+
+    from mailsync.protocols.imap import parse_message_fetch
+
+    body = b"Subject: hi\r\n\r\n(not an item) BODY[] {3}\r\n"
+    usual = [
+        (b'1 (UID 7 FLAGS (\\Seen $Forwarded) RFC822.SIZE %d INTERNALDATE "17-Jul-1996 02:44:25 -0700" '
+         b"BODY[] {%d}" % (len(body), len(body)), body), b")",
+        (b'2 (UID 9 MODSEQ (12) FLAGS () RFC822.SIZE 1 INTERNALDATE " 1-Jan-2024 00:00:00 +0000" '
+         b"BODY[] {1}", b"x"), b")",
+    ]
+    fast = parse_message_fetch(usual)
+    general = parse_fetch_response(usual, False, True)
+    assert fast is not None and set(fast) == {7, 9}
+    for uid in (7, 9):
+        for key in (b"FLAGS", b"RFC822.SIZE", b"INTERNALDATE", b"BODY[]"):
+            assert fast[uid][key] == general[uid][key], (uid, key)
+    assert fast[7][b"FLAGS"] == (b"\\Seen", b"$Forwarded")
+
+    unusual = [
+        # items after the literal
+        [(b"1 (BODY[] {1}", b"x"), b" UID 7 FLAGS (\\Seen))"],
+        # an unsolicited flag update between the messages
+        [usual[0], usual[1], b"5 (FLAGS (\\Seen))"],
+        # a literal shorter than announced, an unknown item, no UID
+        [(b"1 (UID 7 BODY[] {5}", b"x"), b")"],
+        [(b"1 (UID 7 X-GM-LABELS (a) BODY[] {1}", b"x"), b")"],
+        [(b"1 (FLAGS () BODY[] {1}", b"x"), b")"],
+    ]
+    for data in unusual:
+        assert parse_message_fetch(data) is None, data
+
+
 def test_uid_sets_parse_and_stay_bounded():
     from mailsync.exceptions import MailProtocolError
     from mailsync.protocols.imap import parse_uid_set, uid_ranges

@@ -28,6 +28,15 @@ from tests.testbed.dovecot import DovecotUser
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True, params=["thread", "process"])
+def pop3_fetch_mode(request, settings) -> str:
+    """Every test runs twice: with the session in this process (small downloads) and with
+    the session and the preparing in a child process (large ones: Pop3ChildSession), where
+    every command, DELE and QUIT included, crosses the pipe."""
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 0 if request.param == "thread" else 1
+    return request.param
+
+
 @pytest.fixture
 def pop3_mailbox(dovecot, mail_user) -> Mailbox:
     """An active POP3 mailbox over verified TLS (POP3S) on the private Dovecot, in the
@@ -250,7 +259,7 @@ def test_worker_killed_between_store_and_dele_then_rerun_matches_the_server(
     removes them all."""
     for i in range(40):
         dovecot.deliver(mail_user, make_message(subject=f"Kill {i}", body="x" * 20_000))
-    kill_worker_midway(pop3_mailbox, after_emails=8)
+    kill_worker_midway(pop3_mailbox, after_emails=8, fetch_process=True)
     partial = Email.objects.filter(mailbox=pop3_mailbox).count()
     assert 8 <= partial < 40
     assert Pop3Message.objects.filter(mailbox=pop3_mailbox).count() == partial
