@@ -99,8 +99,13 @@ def fetch_in_child(job: FetchJob) -> Iterator[tuple[list[int], list[Prepared]]]:
         _end(child)
 
 
+# The child needs none of the worker's secrets: it gets only the one mailbox's settings.
+_NOT_FOR_THE_CHILD = ("DJANGO_SECRET_KEY", "MAILROOM_ENCRYPTION_KEYS", "DATABASE_URL",
+                      "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+
+
 def _spawn() -> subprocess.Popen:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_THE_CHILD}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(  # noqa: S603  (our own module, no shell)
         [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
