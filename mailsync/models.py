@@ -199,7 +199,8 @@ class Pop3Message(models.Model):
 
 
 class Thread(models.Model):
-    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="threads")
+    # No index of its own: thread_unique_key (mailbox, key) serves lookups by mailbox.
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="threads", db_index=False)
     # The root Message-ID (first of References, else In-Reply-To, else the mail's own id).
     key = models.CharField(max_length=1000)
     subject = models.CharField(max_length=1000, blank=True)
@@ -228,7 +229,8 @@ class Email(models.Model):
         PARSED = "parsed", "Parsed"
         FAILED = "failed", "Failed"
 
-    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="emails")
+    # No index of its own: email_unique_fingerprint and email_mailbox_date start with it.
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="emails", db_index=False)
     # Message-ID + content hash (or a derived key): the same mail in two folders is one row;
     # two mails that merely share a Message-ID are not merged.
     fingerprint = models.CharField(max_length=200)
@@ -314,7 +316,8 @@ class EmailLocation(models.Model):
     """Where a message sits on the server: folder, UIDVALIDITY, UID and flags."""
 
     email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="locations")
-    folder = models.ForeignKey(MailFolder, on_delete=models.CASCADE, related_name="locations")
+    # No index of its own: location_unique_uid (folder, uidvalidity, uid) starts with it.
+    folder = models.ForeignKey(MailFolder, on_delete=models.CASCADE, related_name="locations", db_index=False)
     uidvalidity = models.BigIntegerField()
     uid = models.BigIntegerField()
     flags = models.JSONField(default=list, blank=True)
@@ -340,13 +343,18 @@ class EmailParticipant(models.Model):
     email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="participants")
     role = models.CharField(max_length=10, choices=Role.choices)
     name = models.CharField(max_length=500, blank=True)
-    address = models.CharField(max_length=500, db_index=True)  # lower-cased
+    address = models.CharField(max_length=500)  # lower-cased
+
+    class Meta:
+        # Equality lookups only (association): no varchar_pattern_ops twin for LIKE.
+        indexes = [models.Index(fields=["address"], name="participant_address")]
 
 
 class EmailLink(models.Model):
     """An email attached to a lead, a contact or a deal (exactly one of them)."""
 
-    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="links")
+    # No index of its own: the three unique constraints below start with it.
+    email = models.ForeignKey(Email, on_delete=models.CASCADE, related_name="links", db_index=False)
     lead = models.ForeignKey("crm.Lead", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
     contact = models.ForeignKey("crm.Contact", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
     deal = models.ForeignKey("crm.Deal", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")

@@ -43,7 +43,7 @@ def write_sources(rows: list[tuple[int, bytes, int]]) -> None:
         )
         return
     table = EmailSource._meta.db_table
-    with connection.cursor() as cursor:
+    with connection.cursor() as cursor, connection.wrap_database_errors:
         for start in range(0, len(rows), CHUNK):
             cursor.copy_expert(
                 f'COPY "{table}" ("email_id", "data", "size") FROM STDIN WITH (FORMAT binary)',

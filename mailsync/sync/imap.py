@@ -169,13 +169,19 @@ class ImapSync(SyncRun):
             folder.uidvalidity = selected.uidvalidity
             folder.save(update_fields=["uidvalidity"])
 
-        if folder.uid_low is None:
+        fresh = folder.uid_low is None
+        if fresh:
             self._initial(session, folder)
         else:
             self._new_mail(session, folder)
         if not folder.backfill_done:
             self._backfill(session, folder)
-        if session.qresync and folder.highestmodseq is not None and selected.highestmodseq is not None:
+        if fresh and folder.backfill_done:
+            # Every location was just written from a FETCH that carried its flags. What
+            # changed on the server meanwhile is found by the next run: CHANGEDSINCE the
+            # mod-sequence of this run's SELECT (stored below), or a full comparison.
+            pass
+        elif session.qresync and folder.highestmodseq is not None and selected.highestmodseq is not None:
             self._changes_qresync(session, folder)
         else:
             self._flags(session, folder, selected.highestmodseq)

@@ -26,7 +26,7 @@ from ..models import (
     Thread,
 )
 from ..protocols.base import FetchedMessage
-from ..bulk import insert_rows
+from ..bulk import copy_rows, insert_rows
 from .copy import write_sources
 from .prepare import Prepared, fingerprint, prepare
 
@@ -290,15 +290,15 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         thread_at = EMAIL_FIELDS.index("thread")
         for e in created:
             e.row[thread_at] = e.thread.pk if e.thread else None
-        ids = insert_rows(Email, EMAIL_FIELDS, [e.row for e in created], returning="id")
+        ids = copy_rows(Email, EMAIL_FIELDS, [e.row for e in created], with_ids=True)
         for e, pk in zip(created, ids, strict=True):
             e.pk = pk
     result.stored = len(created)
     ids_by_fp = {**existing, **{e.fingerprint: e.pk for e in created}}
 
     write_sources([(e.pk, e.prepared.compressed, e.prepared.raw_size) for e in created])
-    insert_rows(EmailParticipant, ("email", "role", "name", "address"),
-                [row for e in created for row in _participant_rows(e.pk, e.prepared.envelope)])
+    copy_rows(EmailParticipant, ("email", "role", "name", "address"),
+              [row for e in created for row in _participant_rows(e.pk, e.prepared.envelope)])
     insert_rows(EmailLocation, ("email", "folder", "uidvalidity", "uid", "flags"),
                 [(ids_by_fp[p.fingerprint], folder.pk, uidvalidity, p.message.uid, list(p.message.flags))
                  for p in prepared],

@@ -396,6 +396,13 @@ def test_message_fetch_fast_parser_matches_imapclient_or_steps_aside():
             assert fast[uid][key] == general[uid][key], (uid, key)
     assert fast[7][b"FLAGS"] == (b"\\Seen", b"$Forwarded")
 
+    # Sizes and flags (CONDSTORE) come without a literal
+    plain = [b"1 (UID 7 RFC822.SIZE 1234)", b"2 (UID 9 FLAGS (\\Seen \\Flagged) MODSEQ (42))"]
+    fast, general = parse_message_fetch(plain), parse_fetch_response(plain, False, True)
+    assert fast is not None and set(fast) == {7, 9}
+    assert fast[7][b"RFC822.SIZE"] == general[7][b"RFC822.SIZE"] == 1234
+    assert fast[9][b"FLAGS"] == general[9][b"FLAGS"] and fast[9][b"MODSEQ"] == general[9][b"MODSEQ"]
+
     unusual = [
         # items after the literal
         [(b"1 (BODY[] {1}", b"x"), b" UID 7 FLAGS (\\Seen))"],
@@ -405,6 +412,7 @@ def test_message_fetch_fast_parser_matches_imapclient_or_steps_aside():
         [(b"1 (UID 7 BODY[] {5}", b"x"), b")"],
         [(b"1 (UID 7 X-GM-LABELS (a) BODY[] {1}", b"x"), b")"],
         [(b"1 (FLAGS () BODY[] {1}", b"x"), b")"],
+        [b"1 (UID 7 X-GM-THRID 123)"],
     ]
     for data in unusual:
         assert parse_message_fetch(data) is None, data
