@@ -185,18 +185,37 @@ class Pop3Job:
     settings: ServerSettings
 
 
+# RETR is read in chunks of this many messages, the next chunk while this one is prepared.
+RETRIEVE_CHUNK = 50
+
+
 def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequence[Pop3Request],
                       delete_first: Sequence[int], uid_of: dict[int, int],
                       ) -> tuple[list[Pop3Retrieved], dict[int, Prepared]]:
     """RETR (or TOP) a batch and prepare what arrived whole (or as headers by request).
-    Only the compressed copy is kept: replies come back without their bytes."""
-    replies = session.retrieve(requests, delete_first=delete_first)
-    prepared = {
-        r.number: prepare(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
-                                         internal_date=None, raw=r.raw)).without_raw()
-        for r in replies if not r.error and (r.complete or r.headers_only)
-    }
-    return [replace(r, raw=b"") for r in replies], prepared
+    Only the compressed copy is kept: replies come back without their bytes. The next chunk
+    is read (a thread waiting on the server) while this one is parsed, hashed and compressed."""
+
+    def chunks() -> Iterator[list[Pop3Retrieved]]:
+        for start in range(0, len(requests), RETRIEVE_CHUNK):
+            chunk = requests[start:start + RETRIEVE_CHUNK]
+            replies = session.retrieve(chunk, delete_first=delete_first if start == 0 else ())
+            yield replies
+            if len(replies) < len(chunk) or (replies and not replies[-1].complete):
+                return  # a reply over its cap closed the session
+
+    out: list[Pop3Retrieved] = []
+    prepared: dict[int, Prepared] = {}
+    for replies in run_ahead(chunks(), name="pop3-retrieve"):
+        for index, r in enumerate(replies):
+            replies[index] = None  # each message's bytes go once it is prepared (large mail)
+            if not r.error and (r.complete or r.headers_only):
+                prepared[r.number] = prepare(FetchedMessage(
+                    uid=uid_of[r.number], flags=(), size=len(r.raw), internal_date=None, raw=r.raw,
+                )).without_raw()
+            out.append(replace(r, raw=b""))
+        del replies
+    return out, prepared
 
 
 class Pop3ChildSession:
