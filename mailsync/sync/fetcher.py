@@ -87,7 +87,8 @@ def fetch_in_child(job: FetchJob) -> Iterator[tuple[list[int], list[Prepared]]]:
     try:
         _send(child, job)
         child.stdin.close()
-        received = run_ahead(_received(child.stdout, job.uidvalidity), name="imap-receive")
+        # The next batch waits in the pipe, not in this process's memory.
+        received = run_ahead(_received(child.stdout, job.uidvalidity), name="imap-receive", depth=0)
         try:
             for item in received:
                 yield item
@@ -172,8 +173,9 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
         send(("selected", selected.uidvalidity))
         if selected.uidvalidity != job.uidvalidity:
             return
+        # Double buffering: the batch being prepared and the next one (memory: bench/README.md).
         fetched = run_ahead(((batch, fetch_batch(session, batch, job.sizes, job.limit))
-                             for batch in job.batches), name="imap-fetch")
+                             for batch in job.batches), name="imap-fetch", depth=0)
         for batch, messages in fetched:
             send(("batch", batch, [prepare(m).without_raw() for m in messages]))
     send(("done",))

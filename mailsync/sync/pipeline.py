@@ -10,24 +10,33 @@ T = TypeVar("T")
 _END = object()
 
 
-def run_ahead(items: Iterable[T], *, name: str) -> Iterator[T]:
+def run_ahead(items: Iterable[T], *, name: str, depth: int = 1) -> Iterator[T]:
     """Yield the items of ``items``, producing the next ones in a worker thread while the
-    consumer works on the current one (at most two produced and not yet consumed).
+    consumer works on the current one: at most ``depth`` + 1 produced and not yet consumed
+    (``depth=0``: double buffering, the next item waits until the consumer takes the last).
 
     An error in the producer is raised here, after the items before it were yielded. When
     the consumer stops early, the producer stops at its next item.
     """
     slots: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
+    taken = threading.Semaphore(0)
 
     def offer(item: object) -> bool:
         while not stop.is_set():
             try:
                 slots.put(item, timeout=0.5)
-                return True
+                break
             except queue.Full:
                 continue
-        return False
+        else:
+            return False
+        if depth == 0:  # wait until the consumer has it before producing the next
+            while not stop.is_set():
+                if taken.acquire(timeout=0.5):
+                    return True
+            return False
+        return True
 
     def produce() -> None:
         try:
@@ -44,6 +53,7 @@ def run_ahead(items: Iterable[T], *, name: str) -> Iterator[T]:
     try:
         while True:
             item = slots.get()
+            taken.release()
             if item is _END:
                 return
             if isinstance(item, BaseException):
