@@ -91,7 +91,7 @@ def _expand_uid_set(text: str) -> list[int]:
 _FETCH_HEAD_RE = re.compile(rb"\d+ \((.*?) ?BODY\[\] \{(\d+)\}", re.S)
 _FETCH_PLAIN_RE = re.compile(rb"\d+ \(([^{}]*)\)", re.S)
 _FETCH_ITEM_RE = re.compile(
-    rb'(UID|RFC822\.SIZE) (\d+)|MODSEQ \((\d+)\)|FLAGS \(([^()"{}]*)\)|INTERNALDATE "([^"]*)"(?: |\Z)'
+    rb'(UID|RFC822\.SIZE) (\d+)|MODSEQ \((\d+)\)|FLAGS \(([^()"{}\x00-\x1f]*)\)|INTERNALDATE "([^"]*)"(?: |\Z)'
 )
 
 
@@ -129,7 +129,9 @@ def parse_message_fetch(data: list) -> dict[int, dict] | None:
         uid = values.get(b"UID")
         if not isinstance(uid, int):
             return None
-        parsed[uid] = values
+        # Several responses for one UID are merged, as IMAPClient does: with QRESYNC a
+        # server may send a flag update (UID, FLAGS, MODSEQ) for a message after its body.
+        parsed.setdefault(uid, {}).update(values)
     return parsed
 
 

@@ -100,13 +100,15 @@ def fetch_in_child(job: FetchJob) -> Iterator[tuple[list[int], list[Prepared]]]:
         _end(child)
 
 
-# The child needs none of the worker's secrets: it gets only the one mailbox's settings.
-_NOT_FOR_THE_CHILD = ("DJANGO_SECRET_KEY", "MAILROOM_ENCRYPTION_KEYS", "DATABASE_URL",
-                      "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+# The child gets only what a Python process and TLS need from the worker's environment, and
+# the one mailbox's settings over its stdin: no secret of the worker's (keys, database URLs).
+_FOR_THE_CHILD = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "SSL_CERT_FILE",
+                            "SSL_CERT_DIR", "MAILROOM_LOG_LEVEL", "SYSTEMROOT"})
 
 
 def _spawn() -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_THE_CHILD}
+    env = {k: v for k, v in os.environ.items()
+           if k in _FOR_THE_CHILD or k.startswith(("LC_", "PYTHON"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(  # noqa: S603  (our own module, no shell)
         [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
@@ -156,7 +158,8 @@ def _received(stream: BinaryIO, uidvalidity: int) -> Iterator[tuple[list[int], l
 def _receive(stream: BinaryIO) -> tuple:
     try:
         frame = pickle.load(stream)  # noqa: S301  (our own child process writes this pipe)
-    except EOFError as exc:
+    except (EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:
+        # Ended, or killed in the middle of a frame (the OOM killer, a SIGKILL): retried.
         raise MailTransientError("The fetch process stopped unexpectedly.") from exc
     if not isinstance(frame, tuple) or not frame:
         raise MailProtocolError("The fetch process sent something unexpected.")

@@ -176,10 +176,11 @@ class ImapSync(SyncRun):
             self._new_mail(session, folder)
         if not folder.backfill_done:
             self._backfill(session, folder)
-        if fresh and folder.backfill_done:
+        if fresh and folder.backfill_done and session.qresync:
             # Every location was just written from a FETCH that carried its flags. What
-            # changed on the server meanwhile is found by the next run: CHANGEDSINCE the
-            # mod-sequence of this run's SELECT (stored below), or a full comparison.
+            # changed on the server meanwhile (flags, expunges) is found by the next run:
+            # QRESYNC, CHANGEDSINCE the mod-sequence of this run's SELECT (stored below).
+            # Without QRESYNC, an expunge need not raise HIGHESTMODSEQ: the pass runs.
             pass
         elif session.qresync and folder.highestmodseq is not None and selected.highestmodseq is not None:
             self._changes_qresync(session, folder)

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -232,7 +232,7 @@ def ingest_batch(
             result = _store(mailbox, folder, uidvalidity, prepared)
             _finish(mailbox, folder, advance_cursor, result)
             return result
-    except (IntegrityError, ValueError) as exc:
+    except (IntegrityError, DataError, ValueError) as exc:
         log.warning("mailbox %s: batch failed (%s); storing one by one", mailbox.pk, type(exc).__name__)
     result = BatchResult()
     for p in prepared:
@@ -243,7 +243,7 @@ def ingest_batch(
             result.stored += one.stored
             result.located += one.located
             result.bytes += one.bytes
-        except (IntegrityError, ValueError) as exc:
+        except (IntegrityError, DataError, ValueError) as exc:
             result.failed += 1
             result.bytes += p.message.size
             MessageError.objects.update_or_create(

@@ -396,6 +396,13 @@ def test_message_fetch_fast_parser_matches_imapclient_or_steps_aside():
             assert fast[uid][key] == general[uid][key], (uid, key)
     assert fast[7][b"FLAGS"] == (b"\\Seen", b"$Forwarded")
 
+    # With QRESYNC on, a server may send a flag update for a message after its body, in the
+    # same reply: both are kept (the body is not lost), the later flags win, as IMAPClient does
+    updated = usual[:2] + [b"2 (UID 7 MODSEQ (5) FLAGS (\\Seen \\Flagged))"]
+    fast, general = parse_message_fetch(updated), parse_fetch_response(updated, False, True)
+    assert fast is not None and fast[7][b"BODY[]"] == body == general[7][b"BODY[]"]
+    assert fast[7][b"FLAGS"] == general[7][b"FLAGS"] == (b"\\Seen", b"\\Flagged")
+
     # Sizes and flags (CONDSTORE) come without a literal
     plain = [b"1 (UID 7 RFC822.SIZE 1234)", b"2 (UID 9 FLAGS (\\Seen \\Flagged) MODSEQ (42))"]
     fast, general = parse_message_fetch(plain), parse_fetch_response(plain, False, True)
@@ -413,6 +420,7 @@ def test_message_fetch_fast_parser_matches_imapclient_or_steps_aside():
         [(b"1 (UID 7 X-GM-LABELS (a) BODY[] {1}", b"x"), b")"],
         [(b"1 (FLAGS () BODY[] {1}", b"x"), b")"],
         [b"1 (UID 7 X-GM-THRID 123)"],
+        [b"1 (UID 7 FLAGS (\\Seen \x00evil))"],  # control characters: IMAPClient decides
     ]
     for data in unusual:
         assert parse_message_fetch(data) is None, data
