@@ -167,6 +167,67 @@ def test_connection_cut_mid_fetch_then_rerun_loses_and_duplicates_nothing(
         assert len(decompress(email.source_data.data)) == email.size
 
 
+@pytest.mark.parametrize("fetch", ["process", "thread"])
+def test_a_large_download_holds_one_sync_connection_at_a_time(
+    dovecot, mail_user, imap_mailbox, fault_proxy, settings, fetch, monkeypatch
+):
+    """With the IDLE watcher's, a mailbox may hold two connections: the sync never holds two
+    itself. For a large download the worker closes its own connection before the fetch
+    process opens one, and opens it again (for the rest of the run) after that one ended."""
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 10 if fetch == "process" else 0
+    for i in range(12):
+        dovecot.deliver(mail_user, make_message(subject=f"Count {i}"))
+    proxy = fault_proxy(dovecot.host, dovecot.imaps_port)
+    imap_mailbox.incoming_port = proxy.port
+    imap_mailbox.save()
+    import mailsync.sync.imap as engine
+
+    monkeypatch.setattr(engine, "BATCH_MESSAGES", 3)
+    report = sync(imap_mailbox)
+
+    assert report.new == 12
+    assert proxy.peak_open == 1
+    # process: the worker's, the fetch process's, the worker's again
+    assert proxy.connections == (3 if fetch == "process" else 1)
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+
+
+def test_the_fetch_process_gets_no_secret_of_the_worker(monkeypatch):
+    """Only the one mailbox's settings reach the fetch process (over its stdin): not the
+    worker's keys or database URL. Read from the running child's /proc/<pid>/environ."""
+    from mailsync.sync import fetcher
+
+    monkeypatch.setenv("DJANGO_SECRET_KEY", "worker-secret")
+    monkeypatch.setenv("MAILROOM_ENCRYPTION_KEYS", "worker-keys")
+    monkeypatch.setenv("DATABASE_URL", "postgres://user:pw@db/x")
+    monkeypatch.setenv("SSL_CERT_FILE", "/tmp/ca.pem")
+    child = fetcher._spawn()  # waits for its job on stdin
+    try:
+        from pathlib import Path
+
+        env = dict(item.split("=", 1) for item in
+                   Path(f"/proc/{child.pid}/environ").read_text().split("\0") if "=" in item)
+    finally:
+        fetcher._end(child)
+    assert "DJANGO_SECRET_KEY" not in env and "MAILROOM_ENCRYPTION_KEYS" not in env
+    assert "DATABASE_URL" not in env
+    assert env["SSL_CERT_FILE"] == "/tmp/ca.pem" and env["PYTHONPATH"]
+
+
+def test_a_fetch_process_killed_mid_frame_is_a_transient_error():
+    """A child killed while writing a batch leaves half a frame: the sync is retried later."""
+    import io
+    import pickle
+
+    from mailsync.exceptions import MailTransientError
+    from mailsync.sync import fetcher
+
+    frame = pickle.dumps(("batch", [1], [b"x" * 10_000]), protocol=pickle.HIGHEST_PROTOCOL)
+    for torn in (frame[:len(frame) // 2], b""):
+        with pytest.raises(MailTransientError):
+            fetcher._receive(io.BytesIO(torn))
+
+
 def test_wrong_password_is_a_clear_error_without_retry(dovecot, mail_user, imap_mailbox):
     imap_mailbox.password = "wrong"
     imap_mailbox.save()

@@ -52,10 +52,12 @@ class _Connection:
         self._lock = threading.Lock()
         self._closed = False
         self._pumps_left = 2
+        self.client_open = True  # until the client closes its side (or the proxy cuts)
 
     def close(self, how: CutMode = "close") -> None:
         """Close both sides: a FIN (EOF) or, with how="reset", an RST."""
         self.done.set()
+        self.client_open = False
         with self._lock:
             if self._closed:
                 return
@@ -100,6 +102,7 @@ class FaultProxy:
         self._threads: list[threading.Thread] = []
         self._bytes: dict[Direction, int] = {"up": 0, "down": 0}
         self._accepted = 0
+        self._peak_open = 0
         self._cuts = 0
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"faultproxy-{self.port}", daemon=True
@@ -127,6 +130,12 @@ class FaultProxy:
         """Connections accepted so far."""
         with self._cond:
             return self._accepted
+
+    @property
+    def peak_open(self) -> int:
+        """The most connections whose client had not closed its side yet, at any accept."""
+        with self._cond:
+            return self._peak_open
 
     @property
     def cuts(self) -> int:
@@ -221,6 +230,8 @@ class FaultProxy:
                 self._accepted += 1
                 self._connections = [c for c in self._connections if not c.done.is_set()]
                 self._connections.append(connection)
+                self._peak_open = max(self._peak_open,
+                                      sum(1 for c in self._connections if c.client_open))
                 pumps = [
                     threading.Thread(
                         target=self._pump,
@@ -294,6 +305,8 @@ class FaultProxy:
                     connection.close(cut)
                     return
         finally:
+            if direction == "up":  # the client closed (or the connection was cut)
+                connection.client_open = False
             connection.pump_finished()
 
     def _send_all(

@@ -94,6 +94,23 @@ def test_pass_through_counts_bytes(fault_proxy: MakeProxy, blob_server: tuple[st
     assert proxy.connections == 1
 
 
+def test_peak_open_counts_connections_open_at_once(
+    fault_proxy: MakeProxy, blob_server: tuple[str, int]
+) -> None:
+    proxy = fault_proxy(*blob_server)
+    for _ in range(2):  # one after the other: never two at once
+        with connect(proxy) as sock:
+            sock.sendall(b"ping\n")
+            assert recv_exactly(sock, 5) == b"ping\n"
+        time.sleep(0.2)  # the proxy sees the close within its poll interval
+    assert proxy.peak_open == 1
+    with connect(proxy) as first, connect(proxy) as second:
+        for sock in (first, second):
+            sock.sendall(b"ping\n")
+            assert recv_exactly(sock, 5) == b"ping\n"
+    assert proxy.peak_open == 2 and proxy.connections == 4
+
+
 def test_cut_down_after_exact_bytes_gives_eof(
     fault_proxy: MakeProxy, blob_server: tuple[str, int]
 ) -> None:
