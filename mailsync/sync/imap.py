@@ -29,7 +29,7 @@ from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from .fetcher import FetchJob, fetch_batch, fetch_in_child
-from .pipeline import run_ahead
+from .pipeline import batched, run_ahead
 from .ingest import ingest_batch, prepare
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # (a batch is held twice: raw and compressed) and the work lost to a cut connection.
 BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
 BATCH_BYTES = 12 * 1024 * 1024
-FIRST_BATCH_MESSAGES = 50
 # Tests that kill a worker mid-sync slow each commit down to aim the kill between two.
 _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # Flags are fetched for this many UIDs per command where CONDSTORE is missing.
@@ -59,20 +58,8 @@ def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> I
 
 
 def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
-    """Batches of at most BATCH_MESSAGES and BATCH_BYTES; the first one smaller, so that
-    storing starts while the rest is still being fetched (the pipeline fills sooner)."""
-    batch: list[int] = []
-    total = 0
-    limit = min(BATCH_MESSAGES, FIRST_BATCH_MESSAGES)
-    for uid in uids:
-        size = sizes.get(uid, 0)
-        if batch and (len(batch) >= limit or total + size > BATCH_BYTES):
-            yield batch
-            batch, total, limit = [], 0, BATCH_MESSAGES
-        batch.append(uid)
-        total += size
-    if batch:
-        yield batch
+    return batched(uids, lambda uid: sizes.get(uid, 0), max_items=BATCH_MESSAGES,
+                   max_bytes=BATCH_BYTES)
 
 
 class ImapSync(SyncRun):

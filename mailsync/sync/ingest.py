@@ -28,11 +28,11 @@ from ..models import (
 from ..protocols.base import FetchedMessage
 from ..bulk import copy_rows, insert_rows
 from .copy import write_sources
-from .prepare import Prepared, fingerprint, prepare
+from .prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prepared", "fingerprint", "ingest_batch", "prepare"]
+__all__ = ["Prepared", "ingest_batch", "prepare"]
 
 
 def _clean(value: str, limit: int) -> str:

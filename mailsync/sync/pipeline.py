@@ -1,13 +1,34 @@
-"""Run an iterator one step ahead of its consumer, in a thread (no Django here)."""
+"""Batches, and an iterator run ahead of its consumer in a thread (no Django here)."""
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
+# The first batch of a download is this small, so that storing starts while the rest is
+# still being fetched (the pipeline fills sooner).
+FIRST_BATCH = 50
+
+
+def batched(items: Iterable[T], size_of: Callable[[T], int], *, max_items: int,
+            max_bytes: int) -> Iterator[list[T]]:
+    """Consecutive batches of at most ``max_items`` items and about ``max_bytes`` (a single
+    larger item makes a batch of its own); the first at most FIRST_BATCH items."""
+    batch: list[T] = []
+    total = 0
+    limit = min(max_items, FIRST_BATCH)
+    for item in items:
+        size = size_of(item)
+        if batch and (len(batch) >= limit or total + size > max_bytes):
+            yield batch
+            batch, total, limit = [], 0, max_items
+        batch.append(item)
+        total += size
+    if batch:
+        yield batch
 
 
 def run_ahead(items: Iterable[T], *, name: str, depth: int = 1) -> Iterator[T]:

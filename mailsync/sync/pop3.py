@@ -41,6 +41,7 @@ from ..storage import decompress
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .fetcher import Pop3ChildSession, retrieve_prepared
 from .ingest import Prepared, ingest_batch
+from .pipeline import batched
 from .lock import mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 # same trade-off as IMAP (bulk INSERTs amortized; memory and work lost to a cut bounded).
 BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
 BATCH_BYTES = 24 * 1024 * 1024
-FIRST_BATCH_MESSAGES = 50
 # Tests that kill a worker between storing and DELE slow each commit down to aim the kill.
 _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # TOP n 0 of a message: headers only. A 20,000-address To header is ~600 KB.
@@ -115,20 +115,7 @@ class _Known:
 
 
 def _batches(items: Sequence[Keyed], size_of: Callable[[Keyed], int]) -> Iterator[list[Keyed]]:
-    """Batches of at most BATCH_MESSAGES and BATCH_BYTES; the first one smaller, so that
-    storing starts while the rest is still being downloaded."""
-    batch: list[Keyed] = []
-    total = 0
-    limit = min(BATCH_MESSAGES, FIRST_BATCH_MESSAGES)
-    for item in items:
-        size = size_of(item)
-        if batch and (len(batch) >= limit or total + size > BATCH_BYTES):
-            yield batch
-            batch, total, limit = [], 0, BATCH_MESSAGES
-        batch.append(item)
-        total += size
-    if batch:
-        yield batch
+    return batched(items, size_of, max_items=BATCH_MESSAGES, max_bytes=BATCH_BYTES)
 
 
 def _megabytes(size: int) -> str:

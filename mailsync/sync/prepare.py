@@ -48,12 +48,12 @@ def _as_bytes(raw: object) -> bytes:
     return raw if isinstance(raw, bytes) else bytes(raw)  # type: ignore[call-overload]
 
 
-def content_hash_lf(lf: bytes) -> str:
-    """``mime.content_hash`` of a message whose CRLFs are already LFs."""
-    return hashlib.sha256(lf).hexdigest()
-
-
-def _fingerprint_lf(envelope: Envelope, raw: bytes, lf: bytes) -> str:
+def fingerprint(envelope: Envelope, raw: bytes, lf: bytes) -> str:
+    """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
+    plus a hash of the message (``lf``: CRLFs turned into LFs) without its trace headers
+    (Received, Delivered-To, ...), which every delivery adds anew, so the same mail in a
+    personal and a shared mailbox would otherwise look like two. Two mails that merely share
+    a Message-ID differ in some header or the body and stay apart."""
     if not envelope.message_id:
         basis = f"derived\n{derived_message_key(envelope, raw)}"
         return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()
@@ -79,21 +79,11 @@ def _fingerprint_lf(envelope: Envelope, raw: bytes, lf: bytes) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(envelope: Envelope, raw: bytes, chash: str | None = None) -> str:
-    """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
-    plus a hash of the message without its trace headers (Received, Delivered-To, ...),
-    which every delivery adds anew, so the same mail in a personal and a shared mailbox
-    would otherwise look like two. Two mails that merely share a Message-ID differ in some
-    header or the body and stay apart. (``chash`` is not used; kept for callers.)"""
-    raw = _as_bytes(raw)
-    return _fingerprint_lf(envelope, raw, raw.replace(b"\r\n", b"\n"))
-
-
 def prepare(message: FetchedMessage) -> Prepared:
     """Envelope, hashes and compressed source of a message. CRLFs are turned into LFs once
     for both hashes (that copy costs as much as both SHA-256 passes)."""
     raw = _as_bytes(message.raw)
     envelope = parse_envelope(raw)
     lf = raw.replace(b"\r\n", b"\n")
-    return Prepared(message, envelope, content_hash_lf(lf), _fingerprint_lf(envelope, raw, lf),
-                    compress(raw))
+    content_hash = hashlib.sha256(lf).hexdigest()  # mime.content_hash, without a second copy
+    return Prepared(message, envelope, content_hash, fingerprint(envelope, raw, lf), compress(raw))

@@ -201,17 +201,22 @@ def test_the_fetch_process_gets_no_secret_of_the_worker(monkeypatch):
     monkeypatch.setenv("MAILROOM_ENCRYPTION_KEYS", "worker-keys")
     monkeypatch.setenv("DATABASE_URL", "postgres://user:pw@db/x")
     monkeypatch.setenv("SSL_CERT_FILE", "/tmp/ca.pem")
+    import time
+    from pathlib import Path
+
     child = fetcher._spawn()  # waits for its job on stdin
     try:
-        from pathlib import Path
-
-        env = dict(item.split("=", 1) for item in
-                   Path(f"/proc/{child.pid}/environ").read_text().split("\0") if "=" in item)
+        deadline = time.monotonic() + 5
+        while not (raw := Path(f"/proc/{child.pid}/environ").read_text()):
+            assert child.poll() is None, f"the fetch process ended ({child.returncode})"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
     finally:
         fetcher._end(child)
     assert "DJANGO_SECRET_KEY" not in env and "MAILROOM_ENCRYPTION_KEYS" not in env
     assert "DATABASE_URL" not in env
-    assert env["SSL_CERT_FILE"] == "/tmp/ca.pem" and env["PYTHONPATH"]
+    assert env.get("SSL_CERT_FILE") == "/tmp/ca.pem" and env.get("PYTHONPATH"), sorted(env)
 
 
 def test_a_fetch_process_killed_mid_frame_is_a_transient_error():
