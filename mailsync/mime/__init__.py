@@ -1,5 +1,5 @@
 """Pure MIME parsing for mail sync: bytes in, frozen dataclasses out. No Django here."""
-from mailsync.mime.envelope import Envelope, content_hash, derived_message_key, parse_envelope
+from mailsync.mime.envelope import Envelope, content_hash, derived_message_key, parse_envelope, wire_form
 from mailsync.mime.headers import Address, normalize_message_id
 from mailsync.mime.message import Attachment, ParsedMessage, parse_message
 from mailsync.mime.sanitize import SanitizedHtml, html_to_text, sanitize_html
@@ -17,4 +17,5 @@ __all__ = [
     "parse_envelope",
     "parse_message",
     "sanitize_html",
+    "wire_form",
 ]

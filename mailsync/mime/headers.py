@@ -245,17 +245,22 @@ class Address:
 
     name: str  # decoded display name ('' if none); NUL and CR/LF removed
     email: str  # addr-spec as written; domain lower-cased
+    # Normalized for matching: lower-case, stripped; '' if not a plausible address. Computed
+    # once, where the header is parsed (the sync's fetch process), and pickled along.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """Normalized for matching: lower-case, stripped; '' if not a plausible address."""
-        email = self.email.strip().lower()
-        if len(email) > 254 or email.count("@") != 1:
-            return ""
-        local, domain = email.split("@")
-        if not _PLAUSIBLE_LOCAL_RE.match(local) or not _PLAUSIBLE_DOMAIN_RE.match(domain):
-            return ""
-        return email
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", _address_key(self.email))
+
+
+def _address_key(address: str) -> str:
+    email = address.strip().lower()
+    if len(email) > 254 or email.count("@") != 1:
+        return ""
+    local, domain = email.split("@")
+    if not _PLAUSIBLE_LOCAL_RE.match(local) or not _PLAUSIBLE_DOMAIN_RE.match(domain):
+        return ""
+    return email
 
 
 def _cut_address_list(value: str, cap: int) -> str:

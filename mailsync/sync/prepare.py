@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 
-from ..mime import Envelope, derived_message_key, parse_envelope
+from ..mime import Envelope, derived_message_key, parse_envelope, wire_form
 from ..protocols.base import FetchedMessage
 from ..storage import compress
 
@@ -48,9 +48,9 @@ def _as_bytes(raw: object) -> bytes:
     return raw if isinstance(raw, bytes) else bytes(raw)  # type: ignore[call-overload]
 
 
-def fingerprint(envelope: Envelope, raw: bytes, lf: bytes) -> str:
+def fingerprint(envelope: Envelope, raw: bytes, wire: bytes) -> str:
     """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
-    plus a hash of the message (``lf``: CRLFs turned into LFs) without its trace headers
+    plus a hash of the message (``wire``: its ``wire_form``) without its trace headers
     (Received, Delivered-To, ...), which every delivery adds anew, so the same mail in a
     personal and a shared mailbox would otherwise look like two. Two mails that merely share
     a Message-ID differ in some header or the body and stay apart."""
@@ -61,11 +61,12 @@ def fingerprint(envelope: Envelope, raw: bytes, lf: bytes) -> str:
     digest.update(f"mid\n{envelope.message_id}\n".encode("utf-8", "surrogatepass"))
     # The message without its trace header fields, folded lines included (RFC 5322 2.2: a
     # header ends at the first empty line). The body is hashed in place, not copied.
-    end = lf.find(b"\n\n")
-    head, body = (lf, memoryview(b"")) if end < 0 else (lf[:end + 1], memoryview(lf)[end + 1:])
+    end = wire.find(b"\r\n\r\n")
+    head, body = ((wire, memoryview(b"")) if end < 0
+                  else (wire[:end + 2], memoryview(wire)[end + 2:]))
     kept: list[bytes] = []
     skipping = False
-    for line in head.split(b"\n"):
+    for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
             if not skipping:
                 kept.append(line)
@@ -74,16 +75,15 @@ def fingerprint(envelope: Envelope, raw: bytes, lf: bytes) -> str:
         skipping = name in TRACE_HEADERS
         if not skipping:
             kept.append(line)
-    digest.update(b"\n".join(kept))
+    digest.update(b"\r\n".join(kept))
     digest.update(body)
     return digest.hexdigest()
 
 
 def prepare(message: FetchedMessage) -> Prepared:
-    """Envelope, hashes and compressed source of a message. CRLFs are turned into LFs once
-    for both hashes (that copy costs as much as both SHA-256 passes)."""
+    """Envelope, hashes and compressed source of a message."""
     raw = _as_bytes(message.raw)
     envelope = parse_envelope(raw)
-    lf = raw.replace(b"\r\n", b"\n")
-    content_hash = hashlib.sha256(lf).hexdigest()  # mime.content_hash, without a second copy
-    return Prepared(message, envelope, content_hash, fingerprint(envelope, raw, lf), compress(raw))
+    wire = wire_form(raw)
+    content_hash = hashlib.sha256(wire).hexdigest()  # = mime.content_hash(raw)
+    return Prepared(message, envelope, content_hash, fingerprint(envelope, raw, wire), compress(raw))

@@ -1,0 +1,83 @@
+"""Migration 0007: emails stored with the old hashes (taken of a CRLF -> LF copy) get the hashes
+the sync computes now (of the CRLF form), so a mail fetched again is still recognized and not
+stored twice; and back again."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from django.apps import apps
+
+from mailsync.models import Email, EmailSource
+from mailsync.protocols.base import FetchedMessage
+from mailsync.storage import compress
+from mailsync.sync.prepare import prepare
+from tests.corpus import corpus_files
+from tests.factories import MailboxFactory
+
+migration = importlib.import_module("mailsync.migrations.0007_wire_form_hashes")
+
+RAW = (b"Received: from mx.example.net by mx.example.com; Mon, 6 May 2024 10:00:00 +0000\r\n"
+       b"Message-ID: <offer-1@client.example>\r\n"
+       b"From: Ann Buyer <ann@client.example>\r\nTo: sales@example.com\r\n"
+       b"Subject: Our offer\r\nDate: Mon, 6 May 2024 09:59:00 +0000\r\n\r\n"
+       b"Hello,\r\n.\r\nsee the offer.\r\n")
+NO_ID = RAW.replace(b"Message-ID: <offer-1@client.example>\r\n", b"")
+
+
+def _old(raw: bytes, fingerprint: str) -> tuple[str, str]:
+    from mailsync.mime import parse_envelope
+
+    return migration.hashes(raw, parse_envelope(raw).message_id, fingerprint, crlf=False)
+
+
+def test_the_migration_computes_what_the_sync_computes():
+    """Its frozen copy of the hashing agrees with prepare() today, on the shared corpus too."""
+    from mailsync.mime import parse_envelope
+
+    for raw in [RAW, NO_ID, RAW.replace(b"\r\n", b"\n")] + [p.read_bytes() for p in corpus_files()]:
+        p = prepare(FetchedMessage(uid=1, flags=(), size=len(raw), internal_date=None, raw=raw))
+        assert migration.hashes(raw, parse_envelope(raw).message_id, p.fingerprint, crlf=True) \
+            == (p.content_hash, p.fingerprint)
+
+
+def test_old_and_new_hashes_differ_and_lf_copies_match_in_both():
+    content, fp = migration.hashes(RAW, "offer-1@client.example", "", crlf=True)
+    old_content, old_fp = migration.hashes(RAW, "offer-1@client.example", "", crlf=False)
+    assert content != old_content and fp != old_fp
+    lf = RAW.replace(b"\r\n", b"\n")
+    assert migration.hashes(lf, "offer-1@client.example", "", crlf=True) == (content, fp)
+    assert migration.hashes(lf, "offer-1@client.example", "", crlf=False) == (old_content, old_fp)
+    # A trace header does not change who the mail is
+    moved = b"Delivered-To: other@example.com\r\n" + RAW
+    assert migration.hashes(moved, "offer-1@client.example", "", crlf=True)[1] == fp
+
+
+@pytest.mark.django_db
+def test_stored_emails_are_rehashed_forwards_and_back():
+    mailbox = MailboxFactory()
+    stored = {}
+    for n, raw in enumerate([RAW, NO_ID]):
+        p = prepare(FetchedMessage(uid=n + 1, flags=(), size=len(raw), internal_date=None, raw=raw))
+        old_content, old_fp = _old(raw, p.fingerprint)
+        email = Email.objects.create(mailbox=mailbox, fingerprint=old_fp, content_hash=old_content,
+                                     direction="received")
+        EmailSource.objects.create(email=email, data=compress(raw), size=len(raw))
+        stored[email.pk] = (p, old_content, old_fp)
+    without_source = Email.objects.create(mailbox=mailbox, fingerprint="kept", content_hash="kept",
+                                          direction="received")
+
+    migration.forwards(apps, None)
+    for pk, (p, _, _) in stored.items():
+        email = Email.objects.get(pk=pk)
+        assert (email.content_hash, email.fingerprint) == (p.content_hash, p.fingerprint)
+    # Without a Message-ID the fingerprint is a derived key, the same before and after
+    no_id = Email.objects.get(pk=list(stored)[1])
+    assert no_id.fingerprint == stored[no_id.pk][2]
+    without_source.refresh_from_db()
+    assert (without_source.fingerprint, without_source.content_hash) == ("kept", "kept")
+
+    migration.backwards(apps, None)
+    for pk, (_, old_content, old_fp) in stored.items():
+        email = Email.objects.get(pk=pk)
+        assert (email.content_hash, email.fingerprint) == (old_content, old_fp)
