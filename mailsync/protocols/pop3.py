@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import poplib
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..exceptions import (
     MailTLSError,
 )
 from .base import ServerSettings, check_public_host, tls_context, translate_network_error
+from .tls import MemoryTLS
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,37 @@ def _parse_int(text: bytes) -> int | None:
     return value if value >= 0 else None
 
 
+class _POP3(poplib.POP3):
+    """poplib's client with TLS over memory BIOs (``MemoryTLS``: large reads) from the first
+    byte (``context``, port 995) or after STLS."""
+
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext | None) -> None:
+        self._tls_context = context
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = super()._create_socket(timeout)
+        if self._tls_context is None:
+            return sock
+        try:
+            return MemoryTLS(sock, self._tls_context, self.host)  # type: ignore[return-value]
+        except BaseException:
+            sock.close()
+            raise
+
+    def stls(self, context: ssl.SSLContext | None = None) -> bytes:
+        """As poplib's (RFC 2595), with ``MemoryTLS``."""
+        if self._tls_established or self._tls_context is not None:
+            raise poplib.error_proto("-ERR TLS session already established")
+        if "STLS" not in self.capa():
+            raise poplib.error_proto("-ERR STLS not supported by server")
+        resp = self._shortcmd("STLS")
+        self.sock = MemoryTLS(self.sock, context or tls_context(), self.host)  # type: ignore[assignment]
+        self.file = self.sock.makefile("rb")
+        self._tls_established = True
+        return resp
+
+
 class Pop3Session:
     """One logged-in POP3 connection. Use as a context manager.
 
@@ -158,11 +191,8 @@ class Pop3Session:
             raise MailConfigError(f"Unknown security setting {s.security!r}.")
         check_public_host(s)
         try:
-            if s.security == "ssl":
-                client: poplib.POP3 = poplib.POP3_SSL(s.host, s.port, timeout=s.timeout,
-                                                      context=tls_context())
-            else:
-                client = poplib.POP3(s.host, s.port, timeout=s.timeout)
+            client = _POP3(s.host, s.port, s.timeout,
+                           tls_context() if s.security == "ssl" else None)
             self.client = client
             if s.security == "starttls":
                 try:

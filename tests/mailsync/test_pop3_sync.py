@@ -5,6 +5,8 @@ the server holding exactly what the mode says (read back with doveadm)."""
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import time
 from datetime import timedelta
 
@@ -15,7 +17,9 @@ from mailsync import selectors, services, tasks
 from mailsync.exceptions import MailAuthError, MailServerUnreachable, MailTLSError
 from mailsync.mime import content_hash
 from mailsync.models import Email, Mailbox, MessageError, Pop3Message
+from mailsync.protocols.base import tls_context
 from mailsync.protocols.pop3 import Pop3Session, check_login
+from mailsync.protocols.tls import MemoryTLS
 from mailsync.storage import decompress
 from mailsync.sync import pop3 as engine
 from mailsync.sync.imap import server_settings
@@ -341,6 +345,28 @@ def test_stls_on_the_plain_port_with_certificate_verification(dovecot, mail_user
     with pytest.raises(MailTLSError, match="not trusted"):
         sync(pop3_mailbox)
     assert crm_subjects(pop3_mailbox) == ["Over STLS"]
+
+
+def test_pop3s_verifies_the_certificate_and_the_host_name(dovecot, mail_user, pop3_mailbox,
+                                                        monkeypatch):
+    """Port 995 (TLS from the first byte, mailsync/protocols/tls.py): an untrusted certificate
+    or a name it was not issued for stops the connection before the password is sent."""
+    dovecot.deliver(mail_user, make_message(subject="Kept on the server"))
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    with pytest.raises(MailTLSError, match="not trusted"):
+        check_login(server_settings(pop3_mailbox))
+    monkeypatch.undo()
+
+    # A name the certificate was not issued for (the handshake of MemoryTLS itself)
+    with socket.create_connection((dovecot.host, dovecot.pop3s_port), timeout=10) as sock:
+        with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+            MemoryTLS(sock, tls_context(), "mail.example.com")
+    # The certificate it was issued for: the greeting arrives through the memory BIOs
+    with socket.create_connection((dovecot.host, dovecot.pop3s_port), timeout=10) as sock:
+        tls = MemoryTLS(sock, tls_context(), dovecot.host)
+        assert tls.makefile("rb").readline().startswith(b"+OK")
+    assert crm_subjects(pop3_mailbox) == []
+    assert dovecot.folder_state(mail_user).count == 1
 
 
 def test_message_over_the_size_limit_is_kept_as_headers_with_a_notice(dovecot, mail_user, pop3_mailbox):
