@@ -14,6 +14,7 @@ from datetime import date, datetime, timezone
 from types import TracebackType
 
 from imapclient import IMAPClient
+from imapclient.tls import IMAP4_TLS
 from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imapclient import seq_to_parenstr_upper
 from imapclient.datetime_util import parse_to_datetime
@@ -29,6 +30,7 @@ from .base import (
     tls_context,
     translate_network_error,
 )
+from .tls import MemoryTLS
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +203,35 @@ def parse_uid_set(text: str, *, limit: int = 10_000_000) -> set[int]:
     return uids
 
 
+class _IMAP4MemoryTLS(IMAP4_TLS):
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port),
+                                        timeout=self._timeout if timeout is None else timeout)
+        try:
+            return MemoryTLS(sock, self.ssl_context, self.host)  # type: ignore[return-value]
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _MemoryTLSClient(IMAPClient):
+    """IMAPClient over ``MemoryTLS`` (port 993): large reads for the fetch process's bulk
+    download. Not for IDLE, which polls the socket (records read into memory are invisible
+    to a poll)."""
+
+    def _create_IMAP4(self) -> imaplib.IMAP4:
+        return _IMAP4MemoryTLS(self.host, self.port, self.ssl_context,
+                               getattr(self._timeout, "connect", None))
+
+
 class ImapSession:
     """One logged-in IMAP connection. Use as a context manager."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, *, memory_tls: bool = False) -> None:
+        """``memory_tls``: TLS through memory BIOs (``mailsync.protocols.tls``) for a bulk
+        download over SSL/TLS; never for a session that IDLEs."""
         self.settings = settings
+        self.memory_tls = memory_tls
         self.client: IMAPClient | None = None
         self.capabilities: frozenset[bytes] = frozenset()
         self.qresync = False
@@ -224,8 +250,8 @@ class ImapSession:
         check_public_host(s)
         try:
             if s.security == "ssl":
-                client = IMAPClient(s.host, port=s.port, ssl=True, ssl_context=tls_context(),
-                                    timeout=s.timeout)
+                client = (_MemoryTLSClient if self.memory_tls else IMAPClient)(
+                    s.host, port=s.port, ssl=True, ssl_context=tls_context(), timeout=s.timeout)
             else:
                 client = IMAPClient(s.host, port=s.port, ssl=False, timeout=s.timeout)
                 if s.security == "starttls":

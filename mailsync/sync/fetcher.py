@@ -171,7 +171,7 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
     """Fetch in a thread, prepare and send in this one: the fetch waits on the server and on
     TLS much of the time, which leaves the GIL to the envelope parser. (Compressing in the
     parent instead was measured slower: bench/README.md.)"""
-    with ImapSession(job.settings) as session:
+    with ImapSession(job.settings, memory_tls=True) as session:
         selected = session.select(job.folder, readonly=True)
         send(("selected", selected.uidvalidity))
         if selected.uidvalidity != job.uidvalidity:
