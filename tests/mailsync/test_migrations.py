@@ -1,4 +1,4 @@
-"""Migration 0007: emails stored with the old hashes (taken of a CRLF -> LF copy) get the hashes
+"""Data migrations. 0007: emails stored with the old hashes (taken of a CRLF -> LF copy) get the hashes
 the sync computes now (of the CRLF form), so a mail fetched again is still recognized and not
 stored twice; and back again."""
 from __future__ import annotations
@@ -81,3 +81,19 @@ def test_stored_emails_are_rehashed_forwards_and_back():
     for pk, (_, old_content, old_fp) in stored.items():
         email = Email.objects.get(pk=pk)
         assert (email.content_hash, email.fingerprint) == (old_content, old_fp)
+
+
+@pytest.mark.django_db
+def test_compressed_columns_are_not_compressed_again_by_postgresql():
+    """Migration 0008: zstd output is stored EXTERNAL (no pglz attempt on every value)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid WHERE (c.relname, a.attname) IN "
+            "(('mailsync_emailsource', 'data'), ('mailsync_attachmentblob', 'data'), "
+            "('mailsync_messageerror', 'raw'))")
+        storage = {(table, column): mode for table, column, mode in cursor.fetchall()}
+    assert storage == {("mailsync_emailsource", "data"): "e", ("mailsync_attachmentblob", "data"): "e",
+                       ("mailsync_messageerror", "raw"): "e"}
