@@ -4,9 +4,14 @@
 # recomputed from their raw source, so that a mail fetched again (a UIDVALIDITY change, a copy
 # in another folder or mailbox, the Sent copy of a mail sent from the CRM) is still recognized.
 #
-# The hashing is written out here, both ways, so that this migration keeps meaning what it
-# meant when later code changes. Fingerprints of mail without a Message-ID (a derived key of
+# The hashing is written out here, both ways, so that later changes to prepare.py do not change
+# what this migration computes (the Message-ID still comes from the live parse_envelope, and the
+# source from the live decompress). Fingerprints of mail without a Message-ID (a derived key of
 # Date, From, Subject, To and the body) did not change; only their content hash does.
+#
+# Not atomic: each chunk commits on its own, so rows are not locked until the end and memory
+# stays bounded (chunks of at most CHUNK rows and CHUNK_BYTES of raw source). Rerunning after an
+# interruption is safe: the hashes are recomputed from the source, rows already done are equal.
 
 import hashlib
 import logging
@@ -16,6 +21,7 @@ from django.db import IntegrityError, migrations, transaction
 log = logging.getLogger(__name__)
 
 CHUNK = 500
+CHUNK_BYTES = 64 * 1024 * 1024  # raw size; the compressed data is smaller
 TRACE_HEADERS = frozenset({
     b"received", b"delivered-to", b"return-path", b"x-original-to", b"x-received",
     b"envelope-to", b"x-envelope-to", b"x-delivered-to", b"x-rcpt-to",
@@ -27,7 +33,7 @@ TRACE_HEADERS = frozenset({
 
 
 def crlf_form(raw: bytes) -> bytes:
-    if raw.count(b"\r") == raw.count(b"\n"):
+    if raw.count(b"\n") == raw.count(b"\r\n"):  # every LF has its CR
         return raw
     return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
@@ -69,11 +75,18 @@ def _rehash(apps, *, crlf: bool) -> None:
     EmailSource = apps.get_model("mailsync", "EmailSource")
     last = 0
     while True:
-        chunk = list(EmailSource.objects.filter(email_id__gt=last).order_by("email_id")
-                     .values_list("email_id", "data")[:CHUNK])
-        if not chunk:
+        sizes = list(EmailSource.objects.filter(email_id__gt=last).order_by("email_id")
+                     .values_list("email_id", "size")[:CHUNK])
+        if not sizes:
             return
-        last = chunk[-1][0]
+        ids, total = [], 0
+        for email_id, size in sizes:
+            if ids and total + size > CHUNK_BYTES:
+                break
+            ids.append(email_id)
+            total += size
+        last = ids[-1]
+        chunk = list(EmailSource.objects.filter(email_id__in=ids).values_list("email_id", "data"))
         emails = Email.objects.in_bulk([email_id for email_id, _ in chunk])
         changed = []
         for email_id, data in chunk:
@@ -111,6 +124,8 @@ def backwards(apps, schema_editor) -> None:
 
 
 class Migration(migrations.Migration):
+
+    atomic = False
 
     dependencies = [
         ('mailsync', '0006_drop_redundant_indexes'),

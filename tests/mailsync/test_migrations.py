@@ -53,6 +53,27 @@ def test_old_and_new_hashes_differ_and_lf_copies_match_in_both():
     assert migration.hashes(moved, "offer-1@client.example", "", crlf=True)[1] == fp
 
 
+def _prepared(raw: bytes):
+    return prepare(FetchedMessage(uid=1, flags=(), size=len(raw), internal_date=None, raw=raw))
+
+
+def test_bare_line_ends_neither_merge_two_mails_nor_split_copies_of_one():
+    """Found in review: deciding "already CRLF" by equal CR and LF counts let bare CRs balance
+    bare LFs; two mails then hid their From/Subject in a dropped Received line and shared a
+    fingerprint (the second would never be stored)."""
+    a = (b"Message-ID: <m@x>\r\nReceived: by mx\nFrom: boss@corp.example\nSubject: Pay invoice 1"
+         b"\r\n\r\nSee\r attached\r.\r\n")
+    b = a.replace(b"boss@corp.example", b"eve@evil.example").replace(b"invoice 1", b"invoice 2")
+    assert a.count(b"\r") == a.count(b"\n")
+    assert _prepared(a).fingerprint != _prepared(b).fingerprint
+    assert _prepared(a).content_hash != _prepared(b).content_hash
+    # A CRLF mail with a bare CR and a bare LF in its body matches its LF copy
+    mixed = RAW.replace(b"see the offer.", b"see\rthe\noffer.")
+    lf = mixed.replace(b"\r\n", b"\n")
+    assert (_prepared(mixed).content_hash, _prepared(mixed).fingerprint) == \
+        (_prepared(lf).content_hash, _prepared(lf).fingerprint)
+
+
 @pytest.mark.django_db
 def test_stored_emails_are_rehashed_forwards_and_back():
     mailbox = MailboxFactory()
@@ -85,7 +106,7 @@ def test_stored_emails_are_rehashed_forwards_and_back():
 
 @pytest.mark.django_db
 def test_compressed_columns_are_not_compressed_again_by_postgresql():
-    """Migration 0008: zstd output is stored EXTERNAL (no pglz attempt on every value)."""
+    """Migrations 0002 and 0008: zstd output is stored EXTERNAL (no pglz attempt on every value)."""
     from django.db import connection
 
     with connection.cursor() as cursor:
