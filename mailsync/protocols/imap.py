@@ -207,11 +207,7 @@ class _IMAP4MemoryTLS(IMAP4_TLS):
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
         sock = socket.create_connection((self.host, self.port),
                                         timeout=self._timeout if timeout is None else timeout)
-        try:
-            return MemoryTLS(sock, self.ssl_context, self.host)  # type: ignore[return-value]
-        except BaseException:
-            sock.close()
-            raise
+        return MemoryTLS.over(sock, self.ssl_context, self.host)  # type: ignore[return-value]
 
 
 class _MemoryTLSClient(IMAPClient):

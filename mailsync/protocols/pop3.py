@@ -139,17 +139,22 @@ class _POP3(poplib.POP3):
 
     def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext | None) -> None:
         self._tls_context = context
-        super().__init__(host, port, timeout)
+        try:
+            super().__init__(host, port, timeout)
+        except BaseException:
+            if getattr(self, "sock", None) is not None:  # the greeting failed: no socket left open
+                self.file = getattr(self, "file", None)
+                try:
+                    self.close()
+                except OSError:
+                    pass
+            raise
 
     def _create_socket(self, timeout: float) -> socket.socket:
         sock = super()._create_socket(timeout)
         if self._tls_context is None:
             return sock
-        try:
-            return MemoryTLS(sock, self._tls_context, self.host)  # type: ignore[return-value]
-        except BaseException:
-            sock.close()
-            raise
+        return MemoryTLS.over(sock, self._tls_context, self.host)  # type: ignore[return-value]
 
     def stls(self, context: ssl.SSLContext | None = None) -> bytes:
         """As poplib's (RFC 2595), with ``MemoryTLS``."""

@@ -51,7 +51,22 @@ class MemoryTLS:
                 self._flush()
                 if not self._fill():
                     raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF during the TLS handshake") from None
+            except ssl.SSLError:
+                try:
+                    self._flush()  # the alert (e.g. bad certificate) tells the server why
+                except OSError:
+                    pass
+                raise
         self._flush()
+
+    @classmethod
+    def over(cls, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> MemoryTLS:
+        """TLS on ``sock``, which is closed if the handshake fails."""
+        try:
+            return cls(sock, context, server_hostname)
+        except BaseException:
+            sock.close()
+            raise
 
     # -- the wire ------------------------------------------------------------------------------
     def _flush(self) -> None:

@@ -25,8 +25,10 @@ class HostileServer:
     """Answers like a POP3 server, except that RETR 1 never ends and message 2 claims to be
     a petabyte. Counts the bytes it managed to push before the client hung up."""
 
-    def __init__(self, *, endless_status: bool = False) -> None:
+    def __init__(self, *, endless_status: bool = False, greeting: bytes = b"+OK hostile\r\n") -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.greeting = greeting
+        self.hung_up = threading.Event()  # the client closed its end
         self.port = self.listener.getsockname()[1]
         self.endless_status = endless_status
         self.streamed = 0
@@ -52,7 +54,12 @@ class HostileServer:
         }
         try:
             with conn, conn.makefile("rb") as reader:
-                conn.sendall(b"+OK hostile\r\n")
+                conn.sendall(self.greeting)
+                if self.greeting.startswith(b"-ERR"):
+                    conn.settimeout(5)
+                    if conn.recv(1) == b"":
+                        self.hung_up.set()
+                    return
                 for line in reader:
                     command = line.decode().strip()
                     self.commands.append(command.split()[0])
@@ -124,3 +131,14 @@ def test_endless_status_line_is_refused(hostile):
             session.listing()
         # poplib reads at most 2,049 bytes of a line; then the connection is given up.
         assert session.client is None
+
+
+def test_a_refused_greeting_is_a_clear_error_and_the_socket_is_closed(hostile):
+    server = hostile(greeting=b"-ERR too many connections\r\n")
+    settings = ServerSettings("127.0.0.1", server.port, "none", "user", "password", timeout=5,
+                              allow_private_hosts=True)
+    with pytest.raises(MailProtocolError, match="too many connections") as excinfo:
+        Pop3Session(settings).connect()
+    # While the error (and its traceback) is still held, the connection is already closed.
+    assert server.hung_up.wait(3)
+    assert excinfo.value is not None
