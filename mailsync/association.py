@@ -6,14 +6,15 @@ LOWER(email) and LOWER(secondary_email) of leads and contacts.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from django.db import connection
 from django.db.models import Q
 from django.db.models.functions import Lower
 
 from crm.models import Contact, Deal, Lead, OwnedRecord
 
-from .bulk import insert_rows
+from .bulk import insert_rows, rows_where_in
 from .models import EmailLink, EmailParticipant
 
 # Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc).
@@ -24,38 +25,62 @@ def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[
     found: dict[str, list[int]] = defaultdict(list)
     if not addresses:
         return found
-    rows = (
-        model.objects.annotate(e1=Lower("email"), e2=Lower("secondary_email"))
-        .filter(Q(e1__in=addresses) | Q(e2__in=addresses))
-        .values_list("pk", "e1", "e2")
-    )
+    if connection.vendor == "postgresql":
+        # The addresses as one array parameter (see bulk.rows_where_in); the functional
+        # indexes on LOWER(...) serve "= ANY".
+        meta = model._meta
+        quote = connection.ops.quote_name
+        e1, e2 = (quote(meta.get_field(f).column) for f in ("email", "secondary_email"))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT {quote(meta.pk.column)}, LOWER({e1}), LOWER({e2}) FROM {quote(meta.db_table)} "
+                f"WHERE LOWER({e1}) = ANY(%s) OR LOWER({e2}) = ANY(%s)",
+                [list(addresses), list(addresses)],
+            )
+            rows = cursor.fetchall()
+    else:
+        rows = list(
+            model.objects.annotate(e1=Lower("email"), e2=Lower("secondary_email"))
+            .filter(Q(e1__in=addresses) | Q(e2__in=addresses))
+            .values_list("pk", "e1", "e2")
+        )
     for pk, e1, e2 in rows:
         for address in {e1, e2} & addresses:
             found[address].append(pk)
     return found
 
 
-def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[str] = ()) -> int:
+def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[str] = (),
+                     addresses: Mapping[int, Iterable[str]] | None = None,
+                     quoted: Mapping[int, Iterable[str]] | None = None) -> int:
     """Link the given emails to every lead and contact one of their addresses belongs to,
-    and to those contacts' deals. Idempotent. Returns the number of new links."""
+    and to those contacts' deals. Idempotent. Returns the number of new links.
+
+    The sync, which has just written them, passes each email's participant ``addresses``
+    (normalized, every role) and the Message-IDs it ``quoted`` (In-Reply-To, References):
+    then they are not read back from the database."""
     email_ids = list(email_ids)
     if not email_ids:
         return 0
     excluded = {a.lower() for a in exclude_addresses}
     by_email: dict[int, set[str]] = defaultdict(set)
-    for email_id, address in EmailParticipant.objects.filter(
-        email_id__in=email_ids, role__in=MATCH_ROLES
-    ).values_list("email_id", "address"):
-        if address and address not in excluded:
-            by_email[email_id].add(address)
-    addresses = set().union(*by_email.values()) if by_email else set()
-    leads = _by_address(Lead, addresses)
-    contacts = _by_address(Contact, addresses)
+    if addresses is None:
+        addresses = defaultdict(list)
+        for email_id, address in EmailParticipant.objects.filter(
+            email_id__in=email_ids, role__in=MATCH_ROLES
+        ).values_list("email_id", "address"):
+            addresses[email_id].append(address)
+    for email_id in email_ids:
+        for address in addresses.get(email_id, ()):
+            if address and address not in excluded:
+                by_email[email_id].add(address)
+    wanted = set().union(*by_email.values()) if by_email else set()
+    leads = _by_address(Lead, wanted)
+    contacts = _by_address(Contact, wanted)
     deals: dict[int, list[int]] = defaultdict(list)
     contact_ids = {pk for pks in contacts.values() for pk in pks}
-    for deal_id, contact_id in Deal.objects.filter(contact_id__in=contact_ids).values_list(
-        "pk", "contact_id"
-    ):
+    for deal_id, contact_id in rows_where_in(Deal, ("id", "contact"), where={},
+                                             field="contact", values=contact_ids):
         deals[contact_id].append(deal_id)
 
     # (email, lead, contact, deal) rows: one record each
@@ -68,26 +93,27 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
         links += [(email_id, None, pk, None) for pk in c_ids]
         links += [(email_id, None, None, pk) for pk in d_ids]
     links += [(link.email_id, link.lead_id, link.contact_id, link.deal_id)
-              for link in _reply_links(email_ids)]
+              for link in _reply_links(email_ids, quoted)]
     return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
                        ignore_conflicts=True, count=True)
 
 
-def _reply_links(email_ids: list[int]) -> list[EmailLink]:
+def _reply_links(email_ids: list[int], quoted: Mapping[int, Iterable[str]] | None) -> list[EmailLink]:
     """Replies to mail sent from the CRM join the records that mail was sent from, whatever
     address they come from: their In-Reply-To/References quote its Message-ID (which names
     the record and carries a random part, so it cannot be guessed to attach mail elsewhere)."""
     from .models import Email
 
-    quoted: dict[int, set[str]] = {}
-    for email_id, in_reply_to, references in Email.objects.filter(pk__in=email_ids).values_list(
-        "pk", "in_reply_to", "references"
-    ):
-        ids = {i for i in [in_reply_to, *(references or [])] if i and i.startswith("crm.")}
-        if ids:
-            quoted[email_id] = ids
-    if not quoted:
+    if quoted is None:
+        quoted = {email_id: [in_reply_to, *(references or [])]
+                  for email_id, in_reply_to, references in Email.objects.filter(
+                      pk__in=email_ids).values_list("pk", "in_reply_to", "references")}
+    ours = {email_id: ids for email_id, ids in (
+        (email_id, {i for i in quoted.get(email_id, ()) if i and i.startswith("crm.")})
+        for email_id in email_ids) if ids}
+    if not ours:
         return []
+    quoted = ours
     all_ids = set().union(*quoted.values())
     parents: dict[str, list[tuple[int | None, int | None, int | None]]] = defaultdict(list)
     for message_id, lead, contact, deal in EmailLink.objects.filter(

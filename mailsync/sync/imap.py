@@ -28,7 +28,7 @@ from ..exceptions import MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
-from .fetcher import FetchJob, fetch_batch, fetch_in_child
+from .fetcher import FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
 from .ingest import ingest_batch, prepare
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
@@ -71,6 +71,7 @@ class ImapSync(SyncRun):
         self.session_factory = session_factory
         self.session: ImapSession | None = None
         self._own_session = False
+        self._spare = None  # a fetch process started ahead (initial sync)
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -83,8 +84,20 @@ class ImapSync(SyncRun):
         if self.session is not None:
             self._sync_folders(self.session)
             return
-        with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
-            self._sync_folders(own)
+        if self._can_use_fetch_process() and self._download_likely():
+            self._spare = spawn_ahead()
+        try:
+            with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
+                self._sync_folders(own)
+        finally:
+            discard(self._spare)
+            self._spare = None
+
+    def _download_likely(self) -> bool:
+        """A first sync, or one resuming an unfinished backfill: worth starting the fetch
+        process before the server is asked (a no-change resync must not pay for it)."""
+        folders = MailFolder.objects.filter(mailbox=self.mailbox)
+        return not folders.exists() or folders.filter(backfill_done=False).exists()
 
     def _sync_folders(self, session: ImapSession) -> None:
         for folder in self._folders(session):
@@ -245,7 +258,8 @@ class ImapSync(SyncRun):
             session.close()
             job = FetchJob(server_settings(self.mailbox, timeout=self.timeout), folder.name,
                            folder.uidvalidity, batches, sizes, limit)
-            self._store_batches(folder, fetch_in_child(job), advance_to)
+            spare, self._spare = self._spare, None
+            self._store_batches(folder, fetch_in_child(job, spare), advance_to)
             session.connect()
             again = session.select(folder.name, readonly=True)
             if again.uidvalidity != folder.uidvalidity:
@@ -260,14 +274,15 @@ class ImapSync(SyncRun):
 
         self._store_batches(folder, _prefetch(fetch, batches), advance_to)
 
+    def _can_use_fetch_process(self) -> bool:
+        return (self._own_session and self.session_factory is ImapSession
+                and settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES > 0)
+
     def _use_fetch_process(self, batches: list[list[int]]) -> bool:
-        minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
         return (
-            self._own_session
-            and self.session_factory is ImapSession
-            and minimum > 0
+            self._can_use_fetch_process()
             and len(batches) > 1
-            and sum(len(batch) for batch in batches) >= minimum
+            and sum(len(batch) for batch in batches) >= settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
         )
 
     def _store_batches(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],

@@ -26,7 +26,7 @@ from ..models import (
     Thread,
 )
 from ..protocols.base import FetchedMessage
-from ..bulk import copy_rows, insert_rows
+from ..bulk import copy_rows, insert_rows, rows_where_in
 from .copy import write_sources
 from .prepare import Prepared, prepare
 
@@ -138,8 +138,14 @@ def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict
     """Find or create the threads of new mails (before they are inserted, so thread_id goes
     in with the row): two queries per batch whatever its size."""
     keys = {_clean(thread_key(env, email.fingerprint), 1000) for email, env in emails}
-    Thread.objects.bulk_create([Thread(mailbox=mailbox, key=k) for k in keys], ignore_conflicts=True)
-    threads = {t.key: t for t in Thread.objects.filter(mailbox=mailbox, key__in=keys)}
+    insert_rows(Thread, ("mailbox", "key"), [(mailbox.pk, k) for k in sorted(keys)],
+                ignore_conflicts=True)
+    threads = {
+        key: Thread(id=pk, mailbox_id=mailbox.pk, key=key, subject=subject, last_date=last_date)
+        for pk, key, subject, last_date in rows_where_in(
+            Thread, ("id", "key", "subject", "last_date"), where={"mailbox": mailbox.pk},
+            field="key", values=keys)
+    }
     for email, env in emails:
         email.thread = threads[_clean(thread_key(env, email.fingerprint), 1000)]
     return threads
@@ -151,11 +157,12 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
     healing = {email.message_id: email.thread for email in emails
                if email.message_id and email.thread and email.thread.key != email.message_id}
     if healing:
-        for orphan in Thread.objects.filter(mailbox=mailbox, key__in=healing.keys()):
-            root = healing[orphan.key]
-            if orphan.pk != root.pk:
-                Email.objects.filter(thread=orphan).update(thread=root)
-                orphan.delete()
+        for orphan_id, key in rows_where_in(Thread, ("id", "key"), where={"mailbox": mailbox.pk},
+                                            field="key", values=healing.keys()):
+            root = healing[key]
+            if orphan_id != root.pk:
+                Email.objects.filter(thread_id=orphan_id).update(thread=root)
+                Thread.objects.filter(pk=orphan_id).delete()
     changed = []
     for email in emails:
         thread = email.thread
@@ -276,10 +283,8 @@ def _finish(mailbox: Mailbox, folder: MailFolder, advance_cursor: Callable[[Mail
 def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
            prepared: Sequence[Prepared]) -> BatchResult:
     result = BatchResult(bytes=sum(p.message.size for p in prepared))
-    existing = dict(
-        Email.objects.filter(mailbox=mailbox, fingerprint__in={p.fingerprint for p in prepared})
-        .values_list("fingerprint", "pk")
-    )
+    existing = dict(rows_where_in(Email, ("fingerprint", "id"), where={"mailbox": mailbox.pk},
+                                  field="fingerprint", values={p.fingerprint for p in prepared}))
     new: dict[str, NewEmail] = {}
     for p in prepared:
         if p.fingerprint not in existing and p.fingerprint not in new:
@@ -297,8 +302,13 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     ids_by_fp = {**existing, **{e.fingerprint: e.pk for e in created}}
 
     write_sources([(e.pk, e.prepared.compressed, e.prepared.raw_size) for e in created])
-    copy_rows(EmailParticipant, ("email", "role", "name", "address"),
-              [row for e in created for row in _participant_rows(e.pk, e.prepared.envelope)])
+    participants: list[tuple[int, str, str, str]] = []
+    addresses: dict[int, set[str]] = {}
+    for e in created:
+        rows = _participant_rows(e.pk, e.prepared.envelope)
+        participants += rows
+        addresses[e.pk] = {address for _, _, _, address in rows}
+    copy_rows(EmailParticipant, ("email", "role", "name", "address"), participants)
     insert_rows(EmailLocation, ("email", "folder", "uidvalidity", "uid", "flags"),
                 [(ids_by_fp[p.fingerprint], folder.pk, uidvalidity, p.message.uid, list(p.message.flags))
                  for p in prepared],
@@ -309,10 +319,24 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
     if created:
         _finish_threads(mailbox, created, threads)
+        in_reply_to, references = EMAIL_FIELDS.index("in_reply_to"), EMAIL_FIELDS.index("references")
         emails_associate(email_ids=[e.pk for e in created],
-                         exclude_addresses=[mailbox.email_address])
-    MessageError.objects.filter(
-        folder=folder, uidvalidity=uidvalidity, uid__in=[p.message.uid for p in prepared],
-        resolved_at__isnull=True,
-    ).update(resolved_at=timezone.now())
+                         exclude_addresses=[mailbox.email_address], addresses=addresses,
+                         quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created})
+    _resolve_message_errors(folder, uidvalidity, [p.message.uid for p in prepared])
     return result
+
+
+def _resolve_message_errors(folder: MailFolder, uidvalidity: int, uids: list[int]) -> None:
+    """Per-message errors of these UIDs are resolved: they were stored now."""
+    if connection.vendor != "postgresql":
+        MessageError.objects.filter(folder=folder, uidvalidity=uidvalidity, uid__in=uids,
+                                    resolved_at__isnull=True).update(resolved_at=timezone.now())
+        return
+    # One array parameter instead of a placeholder per UID (see bulk.rows_where_in).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {connection.ops.quote_name(MessageError._meta.db_table)} SET resolved_at = %s "
+            "WHERE folder_id = %s AND uidvalidity = %s AND uid = ANY(%s) AND resolved_at IS NULL",
+            [timezone.now(), folder.pk, uidvalidity, uids],
+        )
