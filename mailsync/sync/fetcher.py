@@ -195,7 +195,7 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
         fetched = run_ahead(((batch, fetch_batch(session, batch, job.sizes, job.limit))
                              for batch in job.batches), name="imap-fetch", depth=0)
         for batch, messages in fetched:
-            send(("batch", batch, [prepare(m).without_raw() for m in messages]))
+            send(("batch", batch, [prepare(m, keep_raw=False) for m in messages]))
     send(("done",))
 
 
@@ -232,7 +232,7 @@ def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequenc
             if not r.error and (r.complete or r.headers_only):
                 prepared[r.number] = prepare(FetchedMessage(
                     uid=uid_of[r.number], flags=(), size=len(r.raw), internal_date=None, raw=r.raw,
-                )).without_raw()
+                ), keep_raw=False)
             out.append(replace(r, raw=b""))
         del replies
     return out, prepared

@@ -53,7 +53,7 @@ def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> I
     Only the worker thread touches the IMAP connection while this runs. An error in it is
     raised here, in order, after the batches before it were yielded.
     """
-    return run_ahead(((batch, [prepare(m).without_raw() for m in fetch(batch)]) for batch in batches),
+    return run_ahead(((batch, [prepare(m, keep_raw=False) for m in fetch(batch)]) for batch in batches),
                      name="imap-prefetch")
 
 

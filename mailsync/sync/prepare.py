@@ -80,10 +80,13 @@ def fingerprint(envelope: Envelope, raw: bytes, wire: bytes) -> str:
     return digest.hexdigest()
 
 
-def prepare(message: FetchedMessage) -> Prepared:
-    """Envelope, hashes and compressed source of a message."""
+def prepare(message: FetchedMessage, *, keep_raw: bool = True) -> Prepared:
+    """Envelope, hashes and compressed source of a message; ``keep_raw=False`` is
+    ``prepare(message).without_raw()`` without the second dataclass copy."""
     raw = _as_bytes(message.raw)
     envelope = parse_envelope(raw)
     wire = wire_form(raw)
     content_hash = hashlib.sha256(wire).hexdigest()  # = mime.content_hash(raw)
-    return Prepared(message, envelope, content_hash, fingerprint(envelope, raw, wire), compress(raw))
+    kept = message if keep_raw else replace(message, raw=b"")
+    return Prepared(kept, envelope, content_hash, fingerprint(envelope, raw, wire), compress(raw),
+                    raw_size=len(raw))
