@@ -485,6 +485,8 @@ class Throughput:
     messages: int
     bytes: int
     seconds: float
+    user: float = 0.0  # CPU seconds of a child process (mbsync), where measured
+    system: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -580,10 +582,12 @@ def mbsync_run(server, user, ca, workdir: Path, expected: int, round_no: int = 0
         SyncState *
         """))
     os.chmod(config, 0o600)
+    before = os.times()
     start = time.perf_counter()
     result = subprocess.run(["mbsync", "-c", str(config), "-q", "bench"], stdin=subprocess.DEVNULL,
                             capture_output=True, timeout=SUBPROCESS_TIMEOUT, check=False)
     seconds = time.perf_counter() - start
+    after = os.times()
     if result.returncode != 0:
         raise RuntimeError(f"mbsync failed ({result.returncode}): "
                            f"{result.stderr.decode(errors='replace').strip()[-500:]}")
@@ -591,7 +595,11 @@ def mbsync_run(server, user, ca, workdir: Path, expected: int, round_no: int = 0
     if len(files) != expected:
         raise RuntimeError(f"mbsync stored {len(files)} of {expected} messages")
     total = sum(p.stat().st_size for p in files)
-    return Throughput(len(files), total, seconds)  # the Maildir goes with the work directory
+    # The Maildir goes with the work directory. mbsync's own CPU, user and system: its
+    # system time (creating and syncing 2,000 files) is most of its run and varies from run
+    # to run on this VM far more than anything else measured here.
+    return Throughput(len(files), total, seconds, after.children_user - before.children_user,
+                      after.children_system - before.children_system)
 
 
 # == memory =======================================================================================
@@ -916,6 +924,36 @@ class QueryStats:
         return [(key, seconds, self.count[key]) for key, seconds in ranked]
 
 
+# == CPU per process ==============================================================================
+_DOVECOT_COMMS = ("imap", "dovecot", "auth", "log", "config", "anvil", "stats", "lmtp")
+
+
+def _proc_cpu(prefixes: tuple[str, ...]) -> float:
+    """User + system CPU seconds of the live processes whose name starts with a prefix, with
+    the children they reaped (PostgreSQL's postmaster reaps its ended backends)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            if stat[stat.index("(") + 1:stat.rindex(")")].startswith(prefixes):
+                fields = stat[stat.rindex(")") + 2:].split()
+                total += sum(int(f) for f in fields[11:15]) / tick
+    return total
+
+
+def cpu_snapshot() -> dict[str, float]:
+    own = os.times()
+    return {"worker": own.user + own.system, "fetch process": own.children_user + own.children_system,
+            "PostgreSQL": _proc_cpu(("postgres",)), "Dovecot": _proc_cpu(_DOVECOT_COMMS)}
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    now = cpu_snapshot()
+    return {key: now[key] - before[key] for key in before}
+
+
 # == the Mailroom measurements ====================================================================
 @dataclass
 class SyncRun:
@@ -928,6 +966,7 @@ class SyncRun:
     phases: dict[str, float]
     calls: dict[str, int]
     queries: QueryStats
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process (cpu_snapshot)
 
 
 def mailroom_sync(mailbox, timers: Timers) -> SyncRun:  # noqa: ANN001
@@ -941,14 +980,17 @@ def mailroom_sync(mailbox, timers: Timers) -> SyncRun:  # noqa: ANN001
     rss_before = rss_mb()
     reset_peak()
     with connection.execute_wrapper(queries):
+        cpu = cpu_snapshot()
         start = time.perf_counter()
         report = ImapSync(mailbox).run()
         seconds = time.perf_counter() - start
+        cpu = cpu_since(cpu)
     peak = peak_mb()
     phases, calls = timers.snapshot()
     mailbox.refresh_from_db()
     return SyncRun(Throughput(report.new + report.located, mailbox.bytes_done, seconds),
-                   rss_before, peak, rss_mb(), report.new, report.failed, phases, calls, queries)
+                   rss_before, peak, rss_mb(), report.new, report.failed, phases, calls, queries,
+                   cpu)
 
 
 def adapter_only(mailbox) -> Throughput:  # noqa: ANN001
@@ -1232,6 +1274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mbsync and args.no_mbsync:
             mbsync, mbsync_note = None, "skipped (--no-mbsync)"
         mb_runs: list[Throughput] = []
+        mb_dovecot: list[float] = []
         round_ratios: list[float] = []
         for i in range(max(1, args.runs)):
             if runs and time.perf_counter() + runs[-1].throughput.seconds * 1.5 + 40 > deadline:
@@ -1247,9 +1290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child_peak = child.mb
             if mbsync:
                 try:
+                    dovecot_before = _proc_cpu(_DOVECOT_COMMS)
                     mb_runs.append(mbsync_run(server, user, ca, workdir, written, i))
+                    mb_dovecot.append(_proc_cpu(_DOVECOT_COMMS) - dovecot_before)
                     round_ratios.append(run.throughput.rate / mb_runs[-1].rate)
-                    say(f"mbsync {i + 1}: {mb_runs[-1].rate:,.0f} msg/s; ratio {round_ratios[-1]:.2f}")
+                    say(f"mbsync {i + 1}: {mb_runs[-1].rate:,.0f} msg/s (CPU user "
+                        f"{mb_runs[-1].user:.2f} s, system {mb_runs[-1].system:.2f} s); "
+                        f"ratio {round_ratios[-1]:.2f}")
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     mbsync, mbsync_note = None, f"failed: {exc}"
                     say(f"mbsync {mbsync_note}")
@@ -1276,7 +1323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mbsync_result: Throughput | None = median_run(mb_runs) if mb_runs else None
         if mb_runs and len(mb_runs) == len(runs):
             mbsync_note = (f"median of {len(mb_runs)}, each right after a Mailroom run; Mailroom/mbsync "
-                           f"per round: " + ", ".join(f"{r:.2f}" for r in round_ratios))
+                           f"per round: " + ", ".join(f"{r:.2f}" for r in round_ratios)
+                           + "; mbsync CPU user/system per round: "
+                           + ", ".join(f"{r.user:.2f}/{r.system:.2f}" for r in mb_runs) + " s")
 
         resync, unchanged = no_change_resync(mailbox, args.resync_runs)
         resync_open = no_change_check_open(mailbox, args.resync_runs)
@@ -1346,6 +1395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ", ".join(f"{r.rss_peak:.0f}" for r in runs[1:]) + " MB")
         print(f"  peak RSS of the fetch process (a child of the worker, mailsync/sync/fetcher.py): "
               f"{child_peak:.0f} MB")
+        if sync.cpu:
+            print("  CPU seconds per process, median initial sync: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sync.cpu.items())
+                  + f" = {sum(sync.cpu.values()):.2f} (on {os.cpu_count()} cores)")
+        if mb_runs and len(mb_dovecot) == len(mb_runs):
+            mb_mid = sorted(range(len(mb_runs)), key=lambda k: mb_runs[k].seconds)[len(mb_runs) // 2]
+            m = mb_runs[mb_mid]
+            print(f"  CPU seconds, median mbsync run: mbsync user {m.user:.2f}, system {m.system:.2f}, "
+                  f"Dovecot {mb_dovecot[mb_mid]:.2f} = {m.user + m.system + mb_dovecot[mb_mid]:.2f}")
         if idle_push:
             print(f"  IDLE: delivery -> on_change median {ms(statistics.median(idle_push))} "
                   f"(max {ms(max(idle_push))}); delivery -> stored by ImapSync median "

@@ -96,8 +96,8 @@ class ImapSync(SyncRun):
     def _download_likely(self) -> bool:
         """A first sync, or one resuming an unfinished backfill: worth starting the fetch
         process before the server is asked (a no-change resync must not pay for it)."""
-        folders = MailFolder.objects.filter(mailbox=self.mailbox)
-        return not folders.exists() or folders.filter(backfill_done=False).exists()
+        done = list(MailFolder.objects.filter(mailbox=self.mailbox).values_list("backfill_done", flat=True))
+        return not done or not all(done)
 
     def _sync_folders(self, session: ImapSession) -> None:
         for folder in self._folders(session):

@@ -13,7 +13,7 @@ from mailsync import services
 from mailsync.exceptions import MailAuthError, MailboxBusy, MailServerUnreachable
 from mailsync.models import Email, EmailLink, EmailLocation, Mailbox
 from mailsync.sync.imap import ImapSync
-from tests.factories import ContactFactory, DealFactory
+from tests.factories import ContactFactory, DealFactory, MailboxFactory, UserFactory
 from tests.corpus import corpus_files
 from tests.mailsync.conftest import kill_worker_midway, make_message
 
@@ -190,6 +190,45 @@ def test_a_large_download_holds_one_sync_connection_at_a_time(
     # process: the worker's, the fetch process's, the worker's again
     assert proxy.connections == (3 if fetch == "process" else 1)
     assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+
+
+def test_an_initial_sync_starts_its_fetch_process_early_and_a_resync_starts_none(
+    dovecot, mail_user, imap_mailbox, settings, monkeypatch
+):
+    """The fetch process of a first sync starts before LOGIN (its start-up overlaps the
+    worker's SEARCH); the sync then uses that one, never two; a spare that found no download
+    is not left running; a resync of synced folders starts no process at all."""
+    import mailsync.sync.fetcher as fetcher
+
+    spawned = []
+    real_spawn = fetcher._spawn
+
+    def counting_spawn():
+        spawned.append(real_spawn())
+        return spawned[-1]
+
+    monkeypatch.setattr(fetcher, "_spawn", counting_spawn)
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 10
+    for i in range(12):
+        dovecot.deliver(mail_user, make_message(subject=f"Early {i}"))
+
+    assert sync(imap_mailbox).new == 12
+    assert len(spawned) == 1  # started ahead, then given the INBOX download
+    assert spawned[0].poll() is not None
+
+    dovecot.deliver(mail_user, make_message(subject="One more"))
+    assert sync(imap_mailbox).new == 1
+    assert len(spawned) == 1
+
+    other = MailboxFactory(  # another user's mailbox on the same server account
+        owner=UserFactory(), email_address=mail_user.email, incoming_host=dovecot.host,
+        incoming_port=dovecot.imaps_port, incoming_security="ssl", username=mail_user.username,
+        password=mail_user.password, is_active=True,
+    )
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 1000  # a first sync with no large download
+    assert sync(other).new == 13
+    assert len(spawned) == 2
+    assert spawned[1].poll() is not None  # the unused spare was ended with the run
 
 
 def test_the_fetch_process_gets_no_secret_of_the_worker(monkeypatch):
