@@ -89,6 +89,48 @@ def test_incremental_new_mail_flags_and_expunge_from_server(dovecot, mail_user, 
     assert Email.objects.filter(mailbox=imap_mailbox, deleted_at__isnull=True).count() == 5
 
 
+def _session_without(*hidden: str):
+    """An ImapSession that does not see some of the server's capabilities: Dovecot plays a
+    server that offers less (Gmail: CONDSTORE without QRESYNC; Outlook.com: neither)."""
+    from mailsync.protocols.imap import ImapSession
+
+    class Lesser(ImapSession):
+        def has(self, capability: str) -> bool:
+            return capability not in hidden and super().has(capability)
+
+    return Lesser
+
+
+@pytest.mark.parametrize("hidden", [("QRESYNC",), ("QRESYNC", "CONDSTORE")],
+                         ids=["condstore-only", "neither"])
+def test_servers_without_qresync_still_see_flags_expunges_and_new_mail(
+    dovecot, mail_user, imap_mailbox, hidden
+):
+    factory = _session_without(*hidden)
+    for i in range(5):
+        dovecot.deliver(mail_user, make_message(subject=f"First {i}"))
+    assert sync(imap_mailbox, session_factory=factory).new == 5
+    uids = dovecot.folder_state(mail_user).uids
+
+    # Only a flag changed: UIDNEXT and EXISTS are as before, the change must still be seen.
+    dovecot.set_flags(mail_user, "INBOX", uids[3], ["\\Flagged"])
+    report = sync(imap_mailbox, session_factory=factory)
+    assert report.flag_changes == 1 and report.new == report.expunged == 0
+    assert Email.objects.get(locations__uid=uids[3], mailbox=imap_mailbox).flagged
+
+    dovecot.deliver(mail_user, make_message(subject="Late arrival"))
+    dovecot.set_flags(mail_user, "INBOX", uids[0], ["\\Seen"])
+    dovecot.expunge(mail_user, "INBOX", uids[1])
+    report = sync(imap_mailbox, session_factory=factory)
+
+    assert report.new == 1 and report.flag_changes == 1 and report.expunged == 1
+    assert crm_view(imap_mailbox) == server_view(dovecot, mail_user)
+    assert Email.objects.get(subject="First 1", mailbox=imap_mailbox).deleted_at is not None
+    if "CONDSTORE" not in hidden:
+        # CONDSTORE alone: the unchanged mailbox is still recognized by STATUS alone
+        assert sync(imap_mailbox, session_factory=factory).unchanged_folders == 2
+
+
 def test_move_on_server_keeps_one_email_with_its_new_location(dovecot, mail_user, imap_mailbox):
     dovecot.deliver(mail_user, make_message(subject="Will move"))
     sync(imap_mailbox)
