@@ -84,18 +84,25 @@ class ImapSync(SyncRun):
         if self.session is not None:
             self._sync_folders(self.session)
             return
+        spare = None
         if self._can_use_fetch_process() and self._download_likely():
-            self._spare = spawn_ahead()
+            spare = self._spare = spawn_ahead()
         try:
             with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
                 self._sync_folders(own)
         finally:
-            discard(self._spare)
+            # Also when it was handed over: a generator never started runs no finally
+            # (an exception between the handover and its first batch). Ending an ended
+            # process only reaps it.
+            discard(spare)
             self._spare = None
 
     def _download_likely(self) -> bool:
         """A first sync, or one resuming an unfinished backfill: worth starting the fetch
-        process before the server is asked (a no-change resync must not pay for it)."""
+        process before the server is asked (a no-change resync must not pay for it), unless
+        today's download budget is already spent (the run stops at its first batch)."""
+        if self.budget is not None and self.mailbox.budget_bytes_used >= self.budget:
+            return False
         done = list(MailFolder.objects.filter(mailbox=self.mailbox).values_list("backfill_done", flat=True))
         return not done or not all(done)
 
