@@ -62,24 +62,50 @@ class CopiedMessages:
     uids: dict[int, int]
 
 
-def check_public_host(settings: ServerSettings) -> None:
-    """Refuse to connect where a user-entered host name points into our own network."""
-    if settings.allow_private_hosts:
-        return
+def _checked_addresses(settings: ServerSettings) -> list[tuple]:
+    """getaddrinfo of the host, refused if any address is loopback, private or link-local."""
     import ipaddress
 
     from ..exceptions import MailConfigError
 
     try:
-        infos = socket.getaddrinfo(settings.host, settings.port, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                   proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise translate_network_error(exc, settings.host) from exc
-    for info in infos:
-        if not ipaddress.ip_address(info[4][0]).is_global:
-            raise MailConfigError(
-                f"{settings.host} points to a private or local address.",
-                hint="Use the provider's public server name.",
-            )
+    if not settings.allow_private_hosts:
+        for info in infos:
+            if not ipaddress.ip_address(info[4][0]).is_global:
+                raise MailConfigError(
+                    f"{settings.host} points to a private or local address.",
+                    hint="Use the provider's public server name.",
+                )
+    return infos
+
+
+def check_public_host(settings: ServerSettings) -> None:
+    """Refuse a user-entered host name that points into our own network (when the mailbox is
+    saved; connections go through ``open_checked_socket``, which checks again)."""
+    _checked_addresses(settings)
+
+
+def open_checked_socket(settings: ServerSettings, timeout: float | None = None) -> socket.socket:
+    """A TCP connection to ``settings.host``, to one of the very addresses that passed the
+    SSRF check: the name is resolved once, so it cannot be re-pointed at a private address
+    between the check and the connect (DNS rebinding with a zero TTL). TLS still verifies
+    the certificate against the host name, which the callers pass as server_hostname."""
+    timeout = settings.timeout if timeout is None else timeout
+    error: OSError | None = None
+    for family, kind, proto, _, address in _checked_addresses(settings):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:  # as socket.create_connection: try the next address
+            sock.close()
+            error = exc
+    raise error or OSError(f"{settings.host} has no address")
 
 
 def tls_context() -> ssl.SSLContext:

@@ -4,17 +4,20 @@ Pure I/O: it knows nothing of the ORM. The engine in ``mailsync.sync`` decides w
 """
 from __future__ import annotations
 
+import functools
 import imaplib
 import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timezone
 from types import TracebackType
 
 from imapclient import IMAPClient
+from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.tls import IMAP4_TLS
+from imapclient.tls import wrap_socket as tls_wrap_socket
 from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imapclient import seq_to_parenstr_upper
 from imapclient.datetime_util import parse_to_datetime
@@ -23,10 +26,10 @@ from imapclient.response_parser import parse_fetch_response
 from ..exceptions import MailAuthError, MailConfigError, MailProtocolError, MailTLSError
 from .base import (
     CopiedMessages,
-    check_public_host,
     FetchedMessage,
     FolderStatus,
     ServerSettings,
+    open_checked_socket,
     tls_context,
     translate_network_error,
 )
@@ -203,21 +206,60 @@ def parse_uid_set(text: str, *, limit: int = 10_000_000) -> set[int]:
     return uids
 
 
-class _IMAP4MemoryTLS(IMAP4_TLS):
+Connector = Callable[[float | None], socket.socket]
+
+
+class _PinnedIMAP4(IMAP4WithTimeout):
+    """Plain IMAP (and STARTTLS, which imaplib wraps with server_hostname = the host name)
+    over a socket from ``open_checked_socket``."""
+
+    def __init__(self, host: str, port: int, timeout: float | None, connector: Connector) -> None:
+        self._connector = connector
+        super().__init__(host, port, timeout)
+
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port),
-                                        timeout=self._timeout if timeout is None else timeout)
+        return self._connector(self._timeout if timeout is None else timeout)
+
+
+class _PinnedIMAP4TLS(IMAP4_TLS):
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                 timeout: float | None, connector: Connector) -> None:
+        self._connector = connector
+        super().__init__(host, port, ssl_context, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = self._connector(self._timeout if timeout is None else timeout)
+        try:
+            return tls_wrap_socket(sock, self.ssl_context, self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _IMAP4MemoryTLS(_PinnedIMAP4TLS):
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = self._connector(self._timeout if timeout is None else timeout)
         return MemoryTLS.over(sock, self.ssl_context, self.host)  # type: ignore[return-value]
 
 
-class _MemoryTLSClient(IMAPClient):
-    """IMAPClient over ``MemoryTLS`` (port 993): large reads for the fetch process's bulk
-    download. Not for IDLE, which polls the socket (records read into memory are invisible
-    to a poll)."""
+class _Client(IMAPClient):
+    """IMAPClient whose TCP connection comes from ``open_checked_socket`` (the SSRF check
+    and the connect see the same address). ``memory_tls``: TLS over ``MemoryTLS`` (port
+    993), large reads for the fetch process's bulk download; not for IDLE, which polls the
+    socket (records read into memory are invisible to a poll)."""
+
+    def __init__(self, *args: object, connector: Connector, memory_tls: bool = False,
+                 **kwargs: object) -> None:
+        self._connector = connector
+        self._memory_tls = memory_tls
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def _create_IMAP4(self) -> imaplib.IMAP4:
-        return _IMAP4MemoryTLS(self.host, self.port, self.ssl_context,
-                               getattr(self._timeout, "connect", None))
+        timeout = getattr(self._timeout, "connect", None)
+        if self.ssl:
+            cls = _IMAP4MemoryTLS if self._memory_tls else _PinnedIMAP4TLS
+            return cls(self.host, self.port, self.ssl_context, timeout, self._connector)
+        return _PinnedIMAP4(self.host, self.port, timeout, self._connector)
 
 
 class ImapSession:
@@ -243,13 +285,14 @@ class ImapSession:
 
     def connect(self) -> None:
         s = self.settings
-        check_public_host(s)
+        connector = functools.partial(open_checked_socket, s)
         try:
             if s.security == "ssl":
-                client = (_MemoryTLSClient if self.memory_tls else IMAPClient)(
-                    s.host, port=s.port, ssl=True, ssl_context=tls_context(), timeout=s.timeout)
+                client = _Client(s.host, port=s.port, ssl=True, ssl_context=tls_context(),
+                                 timeout=s.timeout, connector=connector, memory_tls=self.memory_tls)
             else:
-                client = IMAPClient(s.host, port=s.port, ssl=False, timeout=s.timeout)
+                client = _Client(s.host, port=s.port, ssl=False, timeout=s.timeout,
+                                 connector=connector)
                 if s.security == "starttls":
                     if b"STARTTLS" not in client.capabilities():
                         client.shutdown()

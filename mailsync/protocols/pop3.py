@@ -11,11 +11,12 @@ pipelined where the server allows it (RFC 2449 PIPELINING).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import poplib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -27,7 +28,7 @@ from ..exceptions import (
     MailServerUnreachable,
     MailTLSError,
 )
-from .base import ServerSettings, check_public_host, tls_context, translate_network_error
+from .base import ServerSettings, open_checked_socket, tls_context, translate_network_error
 from .tls import MemoryTLS
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,10 @@ class _POP3(poplib.POP3):
     """poplib's client with TLS over memory BIOs (``MemoryTLS``: large reads) from the first
     byte (``context``, port 995) or after STLS."""
 
-    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext | None) -> None:
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext | None,
+                 connector: Callable[[float], socket.socket]) -> None:
         self._tls_context = context
+        self._connector = connector  # open_checked_socket: the address the SSRF check saw
         try:
             super().__init__(host, port, timeout)
         except BaseException:
@@ -151,7 +154,7 @@ class _POP3(poplib.POP3):
             raise
 
     def _create_socket(self, timeout: float) -> socket.socket:
-        sock = super()._create_socket(timeout)
+        sock = self._connector(timeout)
         if self._tls_context is None:
             return sock
         return MemoryTLS.over(sock, self._tls_context, self.host)  # type: ignore[return-value]
@@ -194,10 +197,10 @@ class Pop3Session:
         s = self.settings
         if s.security not in ("ssl", "starttls", "none"):
             raise MailConfigError(f"Unknown security setting {s.security!r}.")
-        check_public_host(s)
         try:
             client = _POP3(s.host, s.port, s.timeout,
-                           tls_context() if s.security == "ssl" else None)
+                           tls_context() if s.security == "ssl" else None,
+                           functools.partial(open_checked_socket, s))
             self.client = client
             if s.security == "starttls":
                 try:

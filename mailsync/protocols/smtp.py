@@ -30,7 +30,7 @@ from ..exceptions import (
     MailTLSError,
     MailUserError,
 )
-from .base import ServerSettings, check_public_host, tls_context, translate_network_error
+from .base import ServerSettings, open_checked_socket, tls_context, translate_network_error
 
 T = TypeVar("T")
 
@@ -97,17 +97,23 @@ def check_address(address: str) -> str:
 def _client(settings: ServerSettings) -> aiosmtplib.SMTP:
     if settings.security not in {"ssl", "starttls", "none"}:
         raise MailConfigError(f"Unknown SMTP security {settings.security!r}.")
-    check_public_host(settings)
-    return aiosmtplib.SMTP(
-        hostname=settings.host,
-        port=settings.port,
-        use_tls=settings.security == "ssl",
-        start_tls=settings.security == "starttls",
-        validate_certs=True,
-        tls_context=tls_context(),
-        timeout=settings.timeout,
-        local_hostname=EHLO_NAME,
-    )
+    # Connected here, to the address the SSRF check saw (open_checked_socket); TLS verifies
+    # the certificate against the host name. Blocking is fine: the loop is this send's own.
+    sock = open_checked_socket(settings)
+    try:
+        return aiosmtplib.SMTP(
+            hostname=settings.host,
+            sock=sock,
+            use_tls=settings.security == "ssl",
+            start_tls=settings.security == "starttls",
+            validate_certs=True,
+            tls_context=tls_context(),
+            timeout=settings.timeout,
+            local_hostname=EHLO_NAME,
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
@@ -216,11 +222,17 @@ async def _check_login(settings: ServerSettings) -> None:
     try:
         await _login(client, settings)
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except Exception:  # noqa: BLE001  (closing must not mask the cause)
-                client.close()
+        await _close(client)
+
+
+async def _close(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        try:
+            await client.quit()
+        except Exception:  # noqa: BLE001  (closing must not mask the cause)
+            client.close()
+    if client.sock is not None:
+        client.sock.close()  # never connected (TLS failed, say): the socket is still ours
 
 
 async def _send(settings: ServerSettings, message: EmailMessage, sender: str,
@@ -231,11 +243,7 @@ async def _send(settings: ServerSettings, message: EmailMessage, sender: str,
         # send_message drops Bcc from what is transmitted; the envelope still carries it.
         await client.send_message(message, sender=sender, recipients=list(recipients))
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except Exception:  # noqa: BLE001
-                client.close()
+        await _close(client)
 
 
 def check_login(settings: ServerSettings) -> None:
