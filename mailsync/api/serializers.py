@@ -114,8 +114,22 @@ class EmailDetailSerializer(EmailListSerializer):
         return self._sanitized(obj).blocked_remote_images if obj.html else 0
 
     def get_links(self, obj: Email) -> list[dict[str, int | None]]:
+        """The records the mail is attached to, those the viewer may see: a colleague who sees
+        it through a shared deal is not told which other records it belongs to."""
+        from crm.models import Contact, Deal, Lead
+        from crm.selectors import records_visible_to
+
+        links = list(obj.links.all())
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        visible: dict[str, set[int]] = {}
+        for field, model in (("lead", Lead), ("contact", Contact), ("deal", Deal)):
+            ids = {getattr(link, f"{field}_id") for link in links} - {None}
+            visible[field] = set(records_visible_to(user, model.objects.filter(pk__in=ids))
+                                 .values_list("pk", flat=True)) if ids and user else set()
         return [{"lead": link.lead_id, "contact": link.contact_id, "deal": link.deal_id}
-                for link in obj.links.all()]
+                for link in links
+                if any(getattr(link, f"{field}_id") in visible[field] for field in visible)]
 
 
 class EmailUpdateSerializer(serializers.Serializer):

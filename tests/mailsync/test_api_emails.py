@@ -186,6 +186,22 @@ def test_colleague_sees_mail_of_a_shared_deal(api, scene):
     assert subjects(api.get(f"/api/v1/emails/?deal={scene.deal.pk}")) == {"Quote request", "Our offer"}
 
 
+def test_detail_links_only_records_the_viewer_can_see(api, scene):
+    """A colleague who sees the mail through a shared deal is not told which contact (not
+    shared with them) it also belongs to; the owner sees both."""
+    crm_services.record_share(actor=scene.owner, record=scene.deal, user=scene.colleague)
+    quote = scene.email("Quote request")
+
+    api.force_authenticate(scene.colleague)
+    links = api.get(f"/api/v1/emails/{quote.pk}/").json()["links"]
+    assert links == [{"lead": None, "contact": None, "deal": scene.deal.pk}]
+
+    api.force_authenticate(scene.owner)
+    links = api.get(f"/api/v1/emails/{quote.pk}/").json()["links"]
+    assert {(link["contact"], link["deal"]) for link in links} == {
+        (scene.contact.pk, None), (None, scene.deal.pk)}
+
+
 def test_excluding_a_domain_later_hides_mail_already_synced_from_colleagues(api, scene):
     crm_services.record_share(actor=scene.owner, record=scene.contact, user=scene.colleague)
     api.force_authenticate(scene.owner)
