@@ -246,12 +246,21 @@ def mailbox_folders_view(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "mailsync/_folders.html", {"names": names, "error": error})
 
 
+def _folders_key(mailbox: Mailbox) -> str:
+    return f"mailsync:folders:{mailbox.pk}:{mailbox.modified_at.timestamp()}"
+
+
+def _cached_server_folders(mailbox: Mailbox) -> list[str] | None:
+    """The server's folders if listed in the last 10 minutes, without asking the server."""
+    return cache.get(_folders_key(mailbox))
+
+
 def _server_folders(mailbox: Mailbox) -> tuple[list[str], str]:
     known = list(MailFolder.objects.filter(mailbox=mailbox).order_by("name")
                  .values_list("name", flat=True))
     if mailbox.protocol != Mailbox.Protocol.IMAP:
         return known, ""
-    key = f"mailsync:folders:{mailbox.pk}:{mailbox.modified_at.timestamp()}"
+    key = _folders_key(mailbox)
     names = cache.get(key)
     if names is None:
         from .protocols.imap import ImapSession
@@ -450,8 +459,12 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
 
         sanitized = sanitize_html(email.html)
     folders: list[str] = []
+    folders_later = False
     if is_owner and email.mailbox.protocol == Mailbox.Protocol.IMAP:
-        folders = _server_folders(email.mailbox)[0]
+        # Never a live LIST here: a slow or unreachable server must not hold up the page.
+        # On a cold cache the Move list is loaded by the page (email_move_folders_view).
+        cached = _cached_server_folders(email.mailbox)
+        folders, folders_later = cached or [], cached is None
     current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
     return render(request, "mailsync/email_detail.html", {
         "email": email, "record": record, "ref": record_ref(record) if record else "",
@@ -461,9 +474,23 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         "participants": {role: list(email.participants.filter(role=role))
                          for role in ("to", "cc", "bcc", "reply_to")},
         "folders": [f for f in folders if f not in current], "current_folders": current,
+        "folders_later": folders_later,
         "can_send": bool(senders.sender_choices(request.user)),
         "can_retry": email.send_state == Email.SendState.FAILED or sending.send_is_stuck(email),
         "images": request.GET.get("images") == "1",
+    })
+
+
+@login_required
+def email_move_folders_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """The Move list of an email page, asked of the server after the page is shown."""
+    email = _visible_email(request, pk)
+    if email.mailbox.owner_id != request.user.pk or email.mailbox.protocol != Mailbox.Protocol.IMAP:
+        raise Http404("No such email.")
+    names, error = _server_folders(email.mailbox)
+    current = {loc.folder.name for loc in email.locations.select_related("folder")}
+    return render(request, "mailsync/_move_folders.html", {
+        "folders": [f for f in names if f not in current], "error": error,
     })
 
 

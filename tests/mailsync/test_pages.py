@@ -295,8 +295,23 @@ def test_email_actions_reach_the_imap_server(dovecot, mail_user, imap_mailbox):
     email = Email.objects.get(mailbox=imap_mailbox)
     url = f"/mail/{email.pk}/actions/"
 
+    # The page never waits for the server: on a cold cache it loads the Move list afterwards
+    from django.core.cache import cache
+    from mailsync.protocols.imap import ImapSession
+
+    cache.clear()
+    real_connect = ImapSession.connect
+    ImapSession.connect = lambda self: pytest.fail("the email page asked the IMAP server")
+    try:
+        page = owner_client.get(f"/mail/{email.pk}/").content.decode()
+    finally:
+        ImapSession.connect = real_connect
+    assert f'hx-get="/mail/{email.pk}/move-folders/"' in page and "<option" not in page
+    fragment = owner_client.get(f"/mail/{email.pk}/move-folders/").content.decode()
+    assert '<option value="Archive">' in fragment  # folders listed from the server
+    assert '<option value="INBOX">' not in fragment  # where it already is
     page = owner_client.get(f"/mail/{email.pk}/").content.decode()
-    assert '<option value="Archive">' in page  # folders listed from the server
+    assert '<option value="Archive">' in page  # listed in the page while the cache holds them
 
     owner_client.post(url, {"action": "flag"})
     [uid] = dovecot.folder_state(mail_user).uids
@@ -318,6 +333,7 @@ def test_email_actions_reach_the_imap_server(dovecot, mail_user, imap_mailbox):
     admin.post(f"/mail/{email2.pk}/actions/", {"action": "flag"})
     email2.refresh_from_db()
     assert not email2.flagged
+    assert admin.get(f"/mail/{email2.pk}/move-folders/").status_code == 404  # nor list its folders
 
 
 def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user):
