@@ -194,8 +194,13 @@ def test_email_view_is_sanitized_sandboxed_and_shows_real_addresses(client, user
     attachment = Attachment.objects.create(email=email, blob=blob, filename="invoice.pdf",
                                            content_type="text/html", size=18)
 
-    page = client.get(f"/mail/{email.pk}/?record=contact:{contact.pk}").content.decode()
+    response = client.get(f"/mail/{email.pk}/?record=contact:{contact.pk}")
+    page = response.content.decode()
     assert "&lt;attacker@evil.example&gt;" in page  # the real address next to the fake name
+    # The page itself runs no script but its own files (crm/security.py), no remote image
+    page_csp = response["Content-Security-Policy"]
+    assert "script-src 'self';" in page_csp and "img-src 'self' data:;" in page_csp
+    assert "frame-ancestors 'none'" in page_csp
     assert "1 remote image blocked" in page and "Load images" in page
     assert 'sandbox="allow-same-origin allow-popups allow-popups-to-escape-sandbox"' in page
 

@@ -51,11 +51,17 @@ def page(browser, live_server):  # noqa: ANN001, ANN201
     context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 800})
     context.set_default_timeout(10_000)
     tab = context.new_page()
+    # The pages run under a Content-Security-Policy (crm/security.py): anything it blocks
+    # (an inline script, a style, an image from elsewhere) shows as a console error.
+    blocked: list[str] = []
+    tab.on("console", lambda message: blocked.append(message.text)
+           if "Content Security Policy" in message.text else None)
     yield tab
     # Let the last navigation finish before the database is flushed behind the live server.
     tab.wait_for_load_state("networkidle")
     tab.goto("about:blank")
     context.close()
+    assert not blocked, f"the page broke its Content-Security-Policy: {blocked[:3]}"
 
 
 @pytest.fixture
