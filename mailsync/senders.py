@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable
+from datetime import timedelta
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
@@ -178,29 +179,40 @@ def organization_email_send_confirmation(*, actor: User, org_email: Organization
             "outgoing (SMTP) server first."]})
     token = secrets.token_urlsafe(32)
     org_email.verification_token = _token_hash(token)
-    org_email.save(update_fields=["verification_token"])
+    org_email.verification_sent_at = timezone.now()
+    org_email.save(update_fields=["verification_token", "verification_sent_at"])
     link = link_for(token)
     text = (f"Hello,\n\n{actor.get_full_name() or actor.username} added {org_email.address} "
             f"as an organization email of the CRM, to send as “{org_email.display_name}”.\n\n"
-            f"To confirm that this address may be used, open:\n{link}\n\n"
+            f"To confirm that this address may be used, open (within {VERIFICATION_DAYS} "
+            f"days):\n{link}\n\n"
             "If you did not expect this, ignore this message: the address stays unusable.\n")
     return email_send(actor=actor, from_address=senders[0].address, to=org_email.address,
                       subject=f"Confirm {org_email.address} as an organization email",
                       text=text, message_id_tag=verification_tag(org_email))
 
 
+# A confirmation link stops working after this many days (a new one can be sent).
+VERIFICATION_DAYS = 7
+
+
 def organization_email_by_token(token: str) -> OrganizationEmail | None:
+    """The unverified address this link confirms; None if the link is unknown, used,
+    replaced by a newer one or older than VERIFICATION_DAYS."""
     if not token or len(token) > 200:
         return None
-    return OrganizationEmail.objects.filter(verification_token=_token_hash(token),
-                                            verified_at__isnull=True).first()
+    return OrganizationEmail.objects.filter(
+        verification_token=_token_hash(token), verified_at__isnull=True,
+        verification_sent_at__gte=timezone.now() - timedelta(days=VERIFICATION_DAYS),
+    ).first()
 
 
 @transaction.atomic
 def organization_email_verify(*, token: str) -> OrganizationEmail:
     org_email = organization_email_by_token(token)
     if org_email is None:
-        raise ValidationError("This confirmation link is not valid (used already or replaced by a newer one).")
+        raise ValidationError("This confirmation link is not valid (used already, replaced by a "
+                              "newer one, or expired).")
     org_email.verified_at = timezone.now()
     org_email.verification_token = ""
     org_email.save(update_fields=["verified_at", "verification_token"])

@@ -11,6 +11,8 @@ class OrganizationEmail(models.Model):
     address = models.EmailField(unique=True)
     display_name = models.CharField(max_length=255)
     verification_token = models.CharField(max_length=64, blank=True)
+    # When the current link was sent: it works for VERIFICATION_DAYS (mailsync.senders).
+    verification_sent_at = models.DateTimeField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"

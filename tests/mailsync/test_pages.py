@@ -262,9 +262,23 @@ def test_organization_emails_are_for_administrators_and_verified_by_post(client,
     org = OrganizationEmail.objects.create(address="team@example.test", display_name="Team")
     from mailsync import senders
 
+    from datetime import timedelta
+
+    from django.utils import timezone
+
     token = "t" * 40
-    OrganizationEmail.objects.filter(pk=org.pk).update(verification_token=senders._token_hash(token))
     anonymous = Client()
+    # A link older than a week no longer works (the administrator can send a new one)
+    OrganizationEmail.objects.filter(pk=org.pk).update(
+        verification_token=senders._token_hash(token),
+        verification_sent_at=timezone.now() - timedelta(days=senders.VERIFICATION_DAYS, minutes=1))
+    expired = anonymous.get(f"/confirm-email/{token}/")
+    assert expired.status_code == 404 and "more than 7 days old" in expired.content.decode()
+    anonymous.post(f"/confirm-email/{token}/")
+    org.refresh_from_db()
+    assert not org.is_verified
+
+    OrganizationEmail.objects.filter(pk=org.pk).update(verification_sent_at=timezone.now())
     shown = anonymous.get(f"/confirm-email/{token}/")
     assert shown.status_code == 200 and "Confirm this address" in shown.content.decode()
     org.refresh_from_db()
