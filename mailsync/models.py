@@ -157,20 +157,12 @@ class MailFolder(models.Model):
 
 
 class MailboxAlias(models.Model):
-    """An extra "from" address of a mailbox, offered when sending once it is confirmed by a
-    link mailed to it (mailsync.senders): nobody sends as an address they cannot read."""
+    """An extra "from" address of a mailbox, offered when sending."""
 
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="aliases")
     address = models.EmailField()
     display_name = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
-    verification_token = models.CharField(max_length=64, blank=True)  # a hash of the link's
-    verification_sent_at = models.DateTimeField(null=True, blank=True)
-    verified_at = models.DateTimeField(null=True, blank=True)
-
-    @property
-    def is_verified(self) -> bool:
-        return self.verified_at is not None
 
     class Meta:
         constraints = [

@@ -1,17 +1,16 @@
-"""The addresses a user may send as: their mailboxes' primary addresses, the confirmed
-additional ("alias") addresses of those mailboxes, and verified organization emails.
+"""The addresses a user may send as: their mailboxes' primary addresses, the additional
+("alias") addresses of those mailboxes, and verified organization emails.
 
-Aliases (added by the mailbox's owner) and organization emails (sales@, support@, added by
-administrators) are usable once a confirmation link sent to the address through the normal
-sending path is confirmed: nobody sends as an address they cannot read.
+Organization emails (sales@, support@) are added by administrators and verified by a
+confirmation link sent to the address through the normal sending path.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
+from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
@@ -60,7 +59,7 @@ def sender_choices(user: User) -> list[Sender]:
         name = mailbox.display_name or user.get_full_name()
         choices.append(Sender(mailbox.email_address, name, mailbox, "mailbox"))
         choices += [Sender(a.address, a.display_name or name, mailbox, "alias")
-                    for a in mailbox.aliases.all() if a.is_verified]
+                    for a in mailbox.aliases.all()]
     if mailboxes:
         choices += [Sender(o.address, o.display_name, mailboxes[0], "organization")
                     for o in organization_emails_for(user)]
@@ -106,57 +105,17 @@ def _clean_name(name: str) -> str:
 
 
 @transaction.atomic
-def mailbox_alias_add(*, actor: User, mailbox: Mailbox, address: str, display_name: str = "",
-                      link_for: Callable[[str], str] | None = None) -> MailboxAlias:
-    """Add an extra From address to a mailbox. It is offered when sending once confirmed:
-    with ``link_for`` (and an outgoing server) the confirmation link is sent at once."""
+def mailbox_alias_add(*, actor: User, mailbox: Mailbox, address: str,
+                      display_name: str = "") -> MailboxAlias:
+    """Add an extra From address to a mailbox (offered when sending)."""
     if mailbox.owner_id != actor.pk and not actor.is_administrator:
         raise RecordPermissionDenied("Only the owner of a mailbox may change it.")
     address = _clean_address(address)
     if address.lower() == mailbox.email_address.lower() or mailbox.aliases.filter(
             address__iexact=address).exists():
         raise ValidationError({"address": ["This mailbox already has this address."]})
-    alias = MailboxAlias.objects.create(mailbox=mailbox, address=address,
-                                        display_name=_clean_name(display_name))
-    if link_for is not None and mailbox.smtp_host:
-        mailbox_alias_send_confirmation(actor=actor, alias=alias, link_for=link_for)
-    return alias
-
-
-@transaction.atomic
-def mailbox_alias_send_confirmation(*, actor: User, alias: MailboxAlias,
-                                    link_for: Callable[[str], str]) -> Email:
-    """Send (again) the confirmation link to the alias, from the mailbox itself. A new link
-    replaces the old one; only a hash of it is stored."""
-    from .sending import email_send  # noqa: PLC0415
-
-    mailbox = alias.mailbox
-    if mailbox.owner_id != actor.pk and not actor.is_administrator:
-        raise RecordPermissionDenied("Only the owner of a mailbox may change it.")
-    if alias.is_verified:
-        raise ValidationError({"address": ["This address is confirmed already."]})
-    if not mailbox.smtp_host:
-        raise ValidationError({"address": [
-            "The confirmation link is sent from this mailbox: add its outgoing (SMTP) server "
-            "first."]})
-    token = _new_token(alias)
-    text = (f"Hello,\n\n{mailbox.email_address} wants to send as {alias.address} from the "
-            f"CRM.\n\nTo confirm that this address may be used, open (within "
-            f"{VERIFICATION_DAYS} days):\n{link_for(token)}\n\n"
-            "If you did not expect this, ignore this message: the address stays unusable.\n")
-    return email_send(actor=mailbox.owner, from_address=mailbox.email_address, to=alias.address,
-                      subject=f"Confirm {alias.address} as an address of {mailbox.email_address}",
-                      text=text, message_id_tag=f"crm.alias.{alias.pk}")
-
-
-def mailbox_alias_by_token(token: str) -> MailboxAlias | None:
-    """The unconfirmed alias this link confirms (None: unknown, used, replaced or expired)."""
-    return _by_token(MailboxAlias.objects.select_related("mailbox"), token)
-
-
-@transaction.atomic
-def mailbox_alias_verify(*, token: str) -> MailboxAlias:
-    return _verify(mailbox_alias_by_token(token))
+    return MailboxAlias.objects.create(mailbox=mailbox, address=address,
+                                       display_name=_clean_name(display_name))
 
 
 def mailbox_alias_delete(*, actor: User, alias: MailboxAlias) -> None:
@@ -165,44 +124,11 @@ def mailbox_alias_delete(*, actor: User, alias: MailboxAlias) -> None:
     alias.delete()
 
 
-# -- confirmation links (aliases and organization emails) ------------------------------------
-
-# A confirmation link stops working after this many days (a new one can be sent).
-VERIFICATION_DAYS = 7
-
+# -- organization emails ---------------------------------------------------------------------
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
-
-def _new_token(target: MailboxAlias | OrganizationEmail) -> str:
-    token = secrets.token_urlsafe(32)
-    target.verification_token = _token_hash(token)
-    target.verification_sent_at = timezone.now()
-    target.save(update_fields=["verification_token", "verification_sent_at"])
-    return token
-
-
-def _by_token(queryset, token: str):  # noqa: ANN001, ANN202
-    if not token or len(token) > 200:
-        return None
-    return queryset.filter(
-        verification_token=_token_hash(token), verified_at__isnull=True,
-        verification_sent_at__gte=timezone.now() - timedelta(days=VERIFICATION_DAYS),
-    ).first()
-
-
-def _verify(target):  # noqa: ANN001, ANN202
-    if target is None:
-        raise ValidationError("This confirmation link is not valid (used already, replaced by a "
-                              "newer one, or expired).")
-    target.verified_at = timezone.now()
-    target.verification_token = ""
-    target.save(update_fields=["verified_at", "verification_token"])
-    return target
-
-
-# -- organization emails ---------------------------------------------------------------------
 
 def _check_admin(actor: User) -> None:
     if not actor.is_administrator:
@@ -251,7 +177,11 @@ def organization_email_send_confirmation(*, actor: User, org_email: Organization
         raise ValidationError({"address": [
             "The confirmation link is sent from your mailbox: connect a mailbox with an "
             "outgoing (SMTP) server first."]})
-    link = link_for(_new_token(org_email))
+    token = secrets.token_urlsafe(32)
+    org_email.verification_token = _token_hash(token)
+    org_email.verification_sent_at = timezone.now()
+    org_email.save(update_fields=["verification_token", "verification_sent_at"])
+    link = link_for(token)
     text = (f"Hello,\n\n{actor.get_full_name() or actor.username} added {org_email.address} "
             f"as an organization email of the CRM, to send as “{org_email.display_name}”.\n\n"
             f"To confirm that this address may be used, open (within {VERIFICATION_DAYS} "
@@ -262,15 +192,31 @@ def organization_email_send_confirmation(*, actor: User, org_email: Organization
                       text=text, message_id_tag=verification_tag(org_email))
 
 
+# A confirmation link stops working after this many days (a new one can be sent).
+VERIFICATION_DAYS = 7
+
+
 def organization_email_by_token(token: str) -> OrganizationEmail | None:
     """The unverified address this link confirms; None if the link is unknown, used,
     replaced by a newer one or older than VERIFICATION_DAYS."""
-    return _by_token(OrganizationEmail.objects.all(), token)
+    if not token or len(token) > 200:
+        return None
+    return OrganizationEmail.objects.filter(
+        verification_token=_token_hash(token), verified_at__isnull=True,
+        verification_sent_at__gte=timezone.now() - timedelta(days=VERIFICATION_DAYS),
+    ).first()
 
 
 @transaction.atomic
 def organization_email_verify(*, token: str) -> OrganizationEmail:
-    return _verify(organization_email_by_token(token))
+    org_email = organization_email_by_token(token)
+    if org_email is None:
+        raise ValidationError("This confirmation link is not valid (used already, replaced by a "
+                              "newer one, or expired).")
+    org_email.verified_at = timezone.now()
+    org_email.verification_token = ""
+    org_email.save(update_fields=["verified_at", "verification_token"])
+    return org_email
 
 
 def organization_email_delete(*, actor: User, org_email: OrganizationEmail) -> None:

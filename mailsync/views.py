@@ -117,8 +117,7 @@ def mailbox_add_view(request: HttpRequest) -> HttpResponse:
             with transaction.atomic():
                 mailbox = services.mailbox_create(actor=request.user, data=form.mailbox_data())
                 for address in form.cleaned_data["aliases"]:
-                    senders.mailbox_alias_add(actor=request.user, mailbox=mailbox, address=address,
-                                              link_for=_alias_link(request))
+                    senders.mailbox_alias_add(actor=request.user, mailbox=mailbox, address=address)
         except MailError as exc:
             connection_error = explain(exc)
         except ValidationError as exc:
@@ -283,50 +282,13 @@ def alias_add_view(request: HttpRequest, pk: int) -> HttpResponse:
     form = AliasForm(request.POST)
     if form.is_valid():
         try:
-            alias = senders.mailbox_alias_add(actor=request.user, mailbox=mailbox,
-                                              link_for=_alias_link(request), **form.cleaned_data)
+            senders.mailbox_alias_add(actor=request.user, mailbox=mailbox, **form.cleaned_data)
+            messages.success(request, f"Added {form.cleaned_data['address']}.")
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
-        else:
-            messages.success(request, f"Added {alias.address}: a confirmation link was sent to it; "
-                                      "you can send as it once the link is confirmed."
-                             if alias.verification_sent_at else
-                             f"Added {alias.address}. Add this mailbox's outgoing (SMTP) server, "
-                             "then send the confirmation link.")
     else:
         messages.error(request, "Enter a valid email address.")
     return redirect(reverse("mail-mailbox", args=[mailbox.pk]) + "#aliases")
-
-
-def _alias_link(request: HttpRequest):  # noqa: ANN202
-    return lambda token: request.build_absolute_uri(reverse("mail-alias-verify", args=[token]))
-
-
-@login_required
-@require_POST
-def alias_resend_view(request: HttpRequest, pk: int, alias_id: int) -> HttpResponse:
-    mailbox = _own_mailbox(request, pk)
-    alias = get_object_or_404(MailboxAlias, pk=alias_id, mailbox=mailbox)
-    try:
-        senders.mailbox_alias_send_confirmation(actor=request.user, alias=alias,
-                                                link_for=_alias_link(request))
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    else:
-        messages.success(request, f"A new confirmation link was sent to {alias.address}.")
-    return redirect(reverse("mail-mailbox", args=[mailbox.pk]) + "#aliases")
-
-
-@require_http_methods(["GET", "POST"])
-def alias_verify_view(request: HttpRequest, token: str) -> HttpResponse:
-    """The alias's confirmation link: GET shows a button (link scanners open links), POST
-    confirms."""
-    alias = senders.mailbox_alias_by_token(token)
-    done = None
-    if request.method == "POST" and alias is not None:
-        done = senders.mailbox_alias_verify(token=token)
-    return render(request, "mailsync/alias_verify.html", {"alias": alias, "done": done},
-                  status=200 if alias or done else 404)
 
 
 @login_required

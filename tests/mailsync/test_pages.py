@@ -257,40 +257,6 @@ def test_unmatched_mail_view_and_add_as_contact_attaches_past_mail(client, user)
     assert "From Linus" not in client.get("/mail/").content.decode()
 
 
-def test_an_alias_is_usable_only_once_its_link_is_confirmed_by_post(client, user):
-    from django.utils import timezone as clock
-
-    from mailsync import senders
-    from mailsync.models import MailboxAlias
-
-    mailbox = MailboxFactory(owner=user)  # no outgoing server yet: no link can be sent
-    client.post(f"/setup/email/{mailbox.pk}/aliases/", {"address": "sales@example.test",
-                                                        "display_name": "Sales"})
-    alias = mailbox.aliases.get()
-    assert not alias.is_verified
-    page = client.get(f"/setup/email/{mailbox.pk}/").content.decode()
-    assert "not confirmed yet" in page and "Send link" in page
-    sent = client.post(f"/setup/email/{mailbox.pk}/aliases/{alias.pk}/resend/", follow=True)
-    assert "add its outgoing (SMTP) server first" in sent.content.decode()
-
-    token = "a" * 40
-    anonymous = Client()
-    MailboxAlias.objects.filter(pk=alias.pk).update(
-        verification_token=senders._token_hash(token),
-        verification_sent_at=clock.now() - timedelta(days=senders.VERIFICATION_DAYS, minutes=1))
-    assert anonymous.get(f"/confirm-alias/{token}/").status_code == 404  # expired
-    MailboxAlias.objects.filter(pk=alias.pk).update(verification_sent_at=clock.now())
-    shown = anonymous.get(f"/confirm-alias/{token}/")
-    assert shown.status_code == 200 and "Confirm this address" in shown.content.decode()
-    alias.refresh_from_db()
-    assert not alias.is_verified  # a link scanner's GET confirms nothing
-    anonymous.post(f"/confirm-alias/{token}/")
-    alias.refresh_from_db()
-    assert alias.is_verified
-    assert anonymous.get(f"/confirm-alias/{token}/").status_code == 404  # used
-    assert "not confirmed yet" not in client.get(f"/setup/email/{mailbox.pk}/").content.decode()
-
-
 def test_organization_emails_are_for_administrators_and_verified_by_post(client, user):
     assert client.get("/setup/email/organization/").status_code == 403
     org = OrganizationEmail.objects.create(address="team@example.test", display_name="Team")

@@ -279,30 +279,15 @@ def test_from_addresses_aliases_and_organization_emails(
                            subject="x", text="y")
     with pytest.raises(ValidationError):
         senders.mailbox_alias_add(actor=owner, mailbox=sender_mailbox, address="x@y.example\r\nBcc: z")
-    # An alias: a confirmation link goes to it, and nobody sends as it before it is confirmed
-    with django_capture_on_commit_callbacks(execute=True):
-        alias = senders.mailbox_alias_add(
-            actor=owner, mailbox=sender_mailbox, address="sales@example.test", display_name="Sales",
-            link_for=lambda token: f"https://crm.example/confirm-alias/{token}/")
-    link_mail = smtp_outbox.wait_for(1)[0]
-    assert link_mail.rcpt_tos == ("sales@example.test",)
-    assert link_mail.mail_from == sender_mailbox.email_address
-    alias_token = re.search(r"confirm-alias/([\w-]+)/", parsed(link_mail.raw).get_content()).group(1)
-    assert "sales@example.test" not in {c.address for c in senders.sender_choices(owner)}
-    with pytest.raises(ValidationError):
-        sending.email_send(actor=owner, from_address="sales@example.test", to="a@b.example",
-                           subject="x", text="y")
-    assert senders.mailbox_alias_verify(token=alias_token).pk == alias.pk
-    with pytest.raises(ValidationError):
-        senders.mailbox_alias_verify(token=alias_token)  # a link works once
+    senders.mailbox_alias_add(actor=owner, mailbox=sender_mailbox, address="sales@example.test",
+                              display_name="Sales")
     with django_capture_on_commit_callbacks(execute=True):
         sending.email_send(actor=owner, from_address="sales@example.test", to="a@b.example",
                            subject="From the alias", text="y")
-    sent = smtp_outbox.wait_for(2)[1]
-    message = parsed(sent.raw)
+    message = parsed(smtp_outbox.wait_for(1)[0].raw)
     assert str(message["From"]) == "Sales <sales@example.test>"
     # Bounces come back to the synced mailbox whatever the From
-    assert sent.mail_from == sender_mailbox.email_address
+    assert smtp_outbox.messages[0].mail_from == sender_mailbox.email_address
 
     # An organization email: unusable until the link sent to it is opened
     admin = AdministratorFactory()
@@ -318,7 +303,7 @@ def test_from_addresses_aliases_and_organization_emails(
         org = senders.organization_email_add(
             actor=admin, address="team@example.test", display_name="Acme Team",
             link_for=lambda token: f"https://crm.example/confirm-email/{token}/")
-    confirmation = smtp_outbox.wait_for(3)[2]
+    confirmation = smtp_outbox.wait_for(2)[1]
     assert confirmation.rcpt_tos == ("team@example.test",)
     assert confirmation.mail_from == admin_box.email_address
     text = parsed(confirmation.raw).get_content()
@@ -335,7 +320,7 @@ def test_from_addresses_aliases_and_organization_emails(
     with django_capture_on_commit_callbacks(execute=True):
         sending.email_send(actor=owner, from_address="team@example.test", to="a@b.example",
                            reply_to="team@example.test", subject="As the team", text="y")
-    message = parsed(smtp_outbox.wait_for(4)[3].raw)
+    message = parsed(smtp_outbox.wait_for(3)[2].raw)
     assert str(message["From"]) == "Acme Team <team@example.test>"
     assert str(message["Reply-To"]) == "Acme Team <team@example.test>"
 
