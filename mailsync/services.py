@@ -4,7 +4,6 @@ Pages, the API, Celery tasks, the IDLE watcher and management commands call thes
 """
 from __future__ import annotations
 
-import ipaddress
 from datetime import timedelta
 import logging
 import socket
@@ -30,7 +29,7 @@ from .models import (
     MailFolder,
     Mailbox,
 )
-from .protocols.base import CopiedMessages
+from .protocols.base import CopiedMessages, is_public_address
 from .protocols.imap import check_login
 from .protocols.pop3 import check_login as pop3_check_login
 from .storage import compress, decompress
@@ -53,8 +52,7 @@ def _check_host(host: str) -> None:
     except socket.gaierror as exc:
         raise ValidationError({"incoming_host": [f"The server {host} was not found."]}) from exc
     for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
+        if not is_public_address(info[4][0]):
             raise ValidationError(
                 {"incoming_host": [f"{host} is a private or local address; use the provider's public server."]}
             )

@@ -362,7 +362,10 @@ def org_email_verify_view(request: HttpRequest, token: str) -> HttpResponse:
     org = senders.organization_email_by_token(token)
     done = None
     if request.method == "POST" and org is not None:
-        done = senders.organization_email_verify(token=token)
+        try:
+            done = senders.organization_email_verify(token=token)
+        except ValidationError:  # used or expired a moment ago
+            org = None
     return render(request, "mailsync/org_email_verify.html", {"org": org, "done": done},
                   status=200 if org or done else 404)
 
@@ -464,7 +467,11 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         # Never a live LIST here: a slow or unreachable server must not hold up the page.
         # On a cold cache the Move list is loaded by the page (email_move_folders_view).
         cached = _cached_server_folders(email.mailbox)
-        folders, folders_later = cached or [], cached is None
+        folders_later = cached is None
+        # Meanwhile (and without JavaScript) the folders the sync knows are offered.
+        folders = cached if cached is not None else list(
+            MailFolder.objects.filter(mailbox=email.mailbox).order_by("name")
+            .values_list("name", flat=True))
     current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
     return render(request, "mailsync/email_detail.html", {
         "email": email, "record": record, "ref": record_ref(record) if record else "",

@@ -79,9 +79,11 @@ class MailboxViewSet(viewsets.ModelViewSet):
 
 
 class EmailFilter(filters.FilterSet):
-    lead = filters.NumberFilter(field_name="links__lead", distinct=True)
-    contact = filters.NumberFilter(field_name="links__contact", distinct=True)
-    deal = filters.NumberFilter(field_name="links__deal", distinct=True)
+    # Only records the user may see: else ?contact=<id> would tell which hidden contact a
+    # visible mail belongs to, one id at a time (found in review).
+    lead = filters.NumberFilter(method="filter_record")
+    contact = filters.NumberFilter(method="filter_record")
+    deal = filters.NumberFilter(method="filter_record")
     folder = filters.CharFilter(field_name="locations__folder__name", distinct=True)
     date_after = filters.IsoDateTimeFilter(field_name="date", lookup_expr="gte")
     date_before = filters.IsoDateTimeFilter(field_name="date", lookup_expr="lt")
@@ -90,6 +92,14 @@ class EmailFilter(filters.FilterSet):
     class Meta:
         model = Email
         fields = ["mailbox", "direction", "source", "flagged", "thread"]
+
+    def filter_record(self, queryset, name: str, value: int):  # noqa: ANN001, ANN201
+        from crm.models import Contact, Deal, Lead
+        from crm.selectors import records_visible_to
+
+        model = {"lead": Lead, "contact": Contact, "deal": Deal}[name]
+        visible = records_visible_to(self.request.user, model.objects.filter(pk=value))
+        return queryset.filter(**{f"links__{name}__in": visible.values("pk")}).distinct()
 
 
 class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,

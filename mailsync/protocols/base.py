@@ -75,12 +75,35 @@ def _checked_addresses(settings: ServerSettings) -> list[tuple]:
         raise translate_network_error(exc, settings.host) from exc
     if not settings.allow_private_hosts:
         for info in infos:
-            if not ipaddress.ip_address(info[4][0]).is_global:
+            if not is_public_address(info[4][0]):
                 raise MailConfigError(
                     f"{settings.host} points to a private or local address.",
                     hint="Use the provider's public server name.",
                 )
     return infos
+
+
+# NAT64 (RFC 6052) carries an IPv4 address in its last 32 bits: 64:ff9b::a9fe:a9fe reaches
+# 169.254.169.254 on a NAT64 network although Python calls the IPv6 address global.
+_NAT64 = ("64:ff9b::/96", "64:ff9b:1::/48")
+
+
+def is_public_address(text: str) -> bool:
+    """A global address, and so is every IPv4 address it wraps (IPv4-mapped or -compatible,
+    6to4, Teredo, NAT64): a wrapped 127.0.0.1 or 10.x is not public (found in review)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if not address.is_global:
+        return False
+    if address.version == 4:
+        return True
+    embedded = [address.ipv4_mapped, address.sixtofour,
+                address.teredo[1] if address.teredo else None]
+    if any(address in ipaddress.ip_network(net) for net in _NAT64) or (
+            address.packed[:12] == bytes(12)):  # IPv4-compatible ::a.b.c.d (deprecated)
+        embedded.append(ipaddress.IPv4Address(address.packed[-4:]))
+    return all(ip is None or ip.is_global for ip in embedded)
 
 
 def check_public_host(settings: ServerSettings) -> None:
@@ -97,13 +120,15 @@ def open_checked_socket(settings: ServerSettings, timeout: float | None = None) 
     timeout = settings.timeout if timeout is None else timeout
     error: OSError | None = None
     for family, kind, proto, _, address in _checked_addresses(settings):
-        sock = socket.socket(family, kind, proto)
-        try:
+        sock = None
+        try:  # as socket.create_connection: on any failure, try the next address
+            sock = socket.socket(family, kind, proto)  # fails where IPv6 is disabled, say
             sock.settimeout(timeout)
             sock.connect(address)
             return sock
-        except OSError as exc:  # as socket.create_connection: try the next address
-            sock.close()
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
             error = exc
     raise error or OSError(f"{settings.host} has no address")
 

@@ -195,6 +195,9 @@ def test_detail_links_only_records_the_viewer_can_see(api, scene):
     api.force_authenticate(scene.colleague)
     links = api.get(f"/api/v1/emails/{quote.pk}/").json()["links"]
     assert links == [{"lead": None, "contact": None, "deal": scene.deal.pk}]
+    # nor by filtering on the hidden contact's id (found in review)
+    assert api.get(f"/api/v1/emails/?contact={scene.contact.pk}").json()["count"] == 0
+    assert subjects(api.get(f"/api/v1/emails/?deal={scene.deal.pk}")) == {"Quote request", "Our offer"}
 
     api.force_authenticate(scene.owner)
     links = api.get(f"/api/v1/emails/{quote.pk}/").json()["links"]

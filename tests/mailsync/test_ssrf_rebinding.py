@@ -14,7 +14,7 @@ import pytest
 
 from mailsync.exceptions import MailError
 from mailsync.protocols import base, smtp
-from mailsync.protocols.base import ServerSettings
+from mailsync.protocols.base import ServerSettings, is_public_address
 from mailsync.protocols.imap import ImapSession
 from mailsync.protocols.pop3 import Pop3Session
 
@@ -99,3 +99,37 @@ def test_a_private_answer_is_still_refused_before_any_connect(monkeypatch):
     with pytest.raises(MailError, match="private or local"):
         ImapSession(_settings(993, "ssl")).connect()
     assert fake.connected == []
+
+
+@pytest.mark.parametrize("address,public", [
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("64:ff9b::808:808", True),
+    ("10.0.0.1", False), ("127.0.0.1", False), ("169.254.169.254", False), ("::1", False),
+    ("fe80::1%eth0", False),
+    # IPv6 forms that wrap a private IPv4 address (Python calls some of them global)
+    ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::a00:1", False), ("2002:7f00:1::", False),
+    ("::ffff:127.0.0.1", False), ("::127.0.0.1", False),
+])
+def test_wrapped_private_addresses_are_not_public(address, public):
+    assert is_public_address(address) is public
+
+
+def test_an_address_family_this_host_cannot_open_does_not_stop_the_next_address(monkeypatch):
+    """As socket.create_connection: a name with an AAAA record on a host without IPv6
+    still reaches its IPv4 address (found in review)."""
+    fake = _Rebinding()
+    fake.getaddrinfo = lambda host, port, *a, **k: [  # type: ignore[method-assign]
+        (real_socket.AF_INET6, real_socket.SOCK_STREAM, real_socket.IPPROTO_TCP, "",
+         ("2001:4860:4860::8888", port, 0, 0)),
+        (real_socket.AF_INET, real_socket.SOCK_STREAM, real_socket.IPPROTO_TCP, "", (PUBLIC, port))]
+    real_factory = fake.socket
+
+    def no_ipv6(family=real_socket.AF_INET, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if family == real_socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_factory(family, *args, **kwargs)
+
+    fake.socket = no_ipv6  # type: ignore[method-assign]
+    monkeypatch.setattr(base, "socket", fake)
+    with pytest.raises(MailError):
+        ImapSession(_settings(993, "ssl")).connect()
+    assert fake.connected == [PUBLIC]  # the IPv4 address was tried
