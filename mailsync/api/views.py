@@ -2,6 +2,9 @@
 ``mailsync.services``."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from django.db.models import Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
@@ -13,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from .. import selectors, services, tasks
+from ..exceptions import MailServerUnreachable
 from ..models import Attachment, Email, EmailLink, EmailLocation, Mailbox
 from ..storage import decompress
 from . import serializers as s
@@ -102,6 +106,18 @@ class EmailFilter(filters.FilterSet):
         return queryset.filter(**{f"links__{name}__in": visible.values("pk")}).distinct()
 
 
+@contextmanager
+def _on_the_mail_server() -> Iterator[None]:
+    """Actions on mail already synced: the connection settings worked, so a server that
+    cannot be reached now is an outage (502, retry later), not bad input (400, the status a
+    wrong host or port gets when settings are entered)."""
+    try:
+        yield
+    except MailServerUnreachable as exc:
+        exc.http_status = 502
+        raise
+
+
 class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                    viewsets.GenericViewSet):
     """Synced and sent emails you may see. PATCH and DELETE reach the IMAP server."""
@@ -135,12 +151,14 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         email = self.get_object()
         data = s.EmailUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        services.email_update(actor=request.user, email=email, **data.validated_data)
+        with _on_the_mail_server():
+            services.email_update(actor=request.user, email=email, **data.validated_data)
         email = self.get_queryset().get(pk=email.pk)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data)
 
     def perform_destroy(self, instance: Email) -> None:
-        services.email_delete(actor=self.request.user, email=instance)
+        with _on_the_mail_server():
+            services.email_delete(actor=self.request.user, email=instance)
 
     @extend_schema(request={"application/json": s.EmailSendSerializer,
                             "multipart/form-data": s.EmailSendSerializer},

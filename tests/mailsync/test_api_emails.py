@@ -388,6 +388,26 @@ def test_delete_moves_to_trash_on_the_server_and_hides_it_in_the_crm(api, scene)
     assert "Quote request" not in subjects(api.get("/api/v1/emails/"))
 
 
+def test_a_mail_server_that_is_down_is_a_502_and_nothing_changes(api, scene):
+    """Settings that worked and a server that does not answer now: an outage the client may
+    retry (502), not a 400 that says the request was wrong."""
+    import socket
+
+    api.force_authenticate(scene.owner)
+    quote = scene.email("Quote request")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    Mailbox.objects.filter(pk=scene.mailbox.pk).update(incoming_port=port)
+
+    response = api.patch(f"/api/v1/emails/{quote.pk}/", {"seen": True}, format="json")
+    assert response.status_code == 502, response.content
+    assert response.json()["code"] == "unreachable"
+    assert api.delete(f"/api/v1/emails/{quote.pk}/").status_code == 502
+    quote.refresh_from_db()
+    assert not quote.seen and quote.deleted_at is None
+
+
 def test_colleague_cannot_change_or_delete_someone_elses_mail(api, scene):
     crm_services.record_share(actor=scene.owner, record=scene.contact, user=scene.colleague)
     api.force_authenticate(scene.colleague)
