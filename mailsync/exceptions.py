@@ -56,3 +56,10 @@ class MailboxOutOfDate(MailTransientError):
 
     code = "out_of_date"
     http_status = 409
+
+
+class MailboxHoldsMail(ServiceError):
+    """Deleting this mailbox would remove mail from the CRM: the caller must say so."""
+
+    code = "holds_mail"
+    http_status = 409

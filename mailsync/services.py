@@ -18,7 +18,7 @@ from django.utils import timezone
 from crm.exceptions import RecordPermissionDenied
 from crm.models import User
 
-from .exceptions import MailboxOutOfDate
+from .exceptions import MailboxHoldsMail, MailboxOutOfDate
 from .mime import parse_message
 from .models import (
     Attachment,
@@ -165,6 +165,29 @@ def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
 
     smtp_test(mailbox=mailbox)
     return folders
+
+
+def mailbox_delete(*, actor: User, mailbox: Mailbox, delete_emails: bool = False) -> int:
+    """Delete a mailbox and, with it, the mail synced or sent through it from the CRM (never
+    from the mail server). A mailbox that holds mail is deleted only with
+    ``delete_emails=True``: its mail may sit on records other users rely on. Not while it
+    syncs (MailboxBusy: a run would write into the rows being removed). Returns the number
+    of emails removed."""
+    from .sync.lock import mailbox_lock
+
+    _check_owner(actor, mailbox)
+    emails = Email.objects.filter(mailbox=mailbox)
+    count = emails.count()
+    if count and not delete_emails:
+        on_records = emails.filter(links__isnull=False).distinct().count()
+        raise MailboxHoldsMail(
+            f"{mailbox.email_address} holds {count} emails ({on_records} on records). Deleting "
+            "it removes them from the CRM (not from the mail server).",
+            hint="Repeat with delete_emails=true to delete them too, or deactivate the mailbox "
+                 "(activate another one) to stop syncing and keep its mail.")
+    with mailbox_lock(mailbox.pk), transaction.atomic():
+        mailbox.delete()
+    return count
 
 
 @transaction.atomic

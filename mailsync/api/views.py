@@ -44,6 +44,17 @@ class MailboxViewSet(viewsets.ModelViewSet):
             actor=self.request.user, mailbox=serializer.instance, data=serializer.validated_data
         )
 
+    @extend_schema(parameters=[OpenApiParameter(
+        "delete_emails", bool, description="Required (true) when the mailbox holds mail: its "
+        "synced and sent emails are removed from the CRM with it (never from the mail server). "
+        "Without it such a mailbox is a 409 that says how many emails and how many on records.")])
+    def destroy(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
+        """Delete the mailbox. Not while it syncs (409)."""
+        services.mailbox_delete(
+            actor=request.user, mailbox=self.get_object(),
+            delete_emails=request.query_params.get("delete_emails") in {"1", "true"})
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
     @extend_schema(request=None, responses=inline_serializer(
         "MailboxTest", {"ok": serializers.BooleanField(), "folders": serializers.ListField()}))
     @action(detail=True, methods=["post"])

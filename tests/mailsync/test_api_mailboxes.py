@@ -313,3 +313,46 @@ def test_creating_the_first_mailbox_through_the_api_starts_its_first_sync(
     status = api.get(f"/api/v1/mailboxes/{created.json()['id']}/status/").json()
     assert status["state"] == "completed" and status["messages_done"] == 1
     assert [e["subject"] for e in api.get("/api/v1/emails/").json()["results"]] == ["Waiting in the inbox"]
+
+
+def test_deleting_a_mailbox_that_holds_mail_asks_for_confirmation(api, dovecot, mail_user, imap_mailbox):
+    """Its mail may sit on records colleagues rely on: a bare DELETE removes nothing and says
+    how much would go; with delete_emails=true the mailbox and its mail leave the CRM (the
+    server keeps them). Not while it syncs."""
+    from mailsync.sync.imap import ImapSync
+    from tests.factories import ContactFactory
+
+    api.force_authenticate(imap_mailbox.owner)
+    ContactFactory(owner=imap_mailbox.owner, email="buyer@customer.example")
+    dovecot.deliver(mail_user, make_message(sender="Buyer <buyer@customer.example>"))
+    dovecot.deliver(mail_user, make_message())
+    ImapSync(imap_mailbox, timeout=10).run()
+    url = f"/api/v1/mailboxes/{imap_mailbox.pk}/"
+
+    refused = api.delete(url)
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "holds_mail"
+    assert "2 emails (1 on records)" in refused.json()["detail"]
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 2
+
+    # A sync holds the mailbox's lock (a worker's own database session)
+    import psycopg2
+
+    from mailsync.sync.lock import LOCK_NAMESPACE
+
+    db = connection.settings_dict
+    worker = psycopg2.connect(dbname=db["NAME"], user=db["USER"], host=db["HOST"] or None,
+                              port=db["PORT"] or None, password=db["PASSWORD"] or None)
+    try:
+        with worker.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [LOCK_NAMESPACE, imap_mailbox.pk])
+        busy = api.delete(url + "?delete_emails=true")
+    finally:
+        worker.close()
+    assert busy.status_code == 409 and busy.json()["code"] == "busy"
+    assert Mailbox.objects.filter(pk=imap_mailbox.pk).exists()
+
+    assert api.delete(url + "?delete_emails=true").status_code == 204
+    assert not Mailbox.objects.filter(pk=imap_mailbox.pk).exists()
+    assert not Email.objects.filter(mailbox_id=imap_mailbox.pk).exists()
+    assert dovecot.folder_state(mail_user).count == 2  # nothing deleted on the server
