@@ -64,8 +64,6 @@ class CopiedMessages:
 
 def _checked_addresses(settings: ServerSettings) -> list[tuple]:
     """getaddrinfo of the host, refused if any address is loopback, private or link-local."""
-    import ipaddress
-
     from ..exceptions import MailConfigError
 
     try:
