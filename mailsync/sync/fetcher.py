@@ -42,7 +42,7 @@ from ..protocols.base import FetchedMessage, ServerSettings
 from ..protocols.imap import ImapSession
 from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
 from .pipeline import run_ahead
-from .prepare import Prepared, prepare
+from .prepare import Prepared, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,10 @@ def _receive(stream: BinaryIO) -> tuple:
 
 # -- the child's side ------------------------------------------------------------------------
 def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
-    """Fetch in a thread, prepare and send in this one: the fetch waits on the server and on
-    TLS much of the time, which leaves the GIL to the envelope parser. (Compressing in the
-    parent instead was measured slower: bench/README.md.)"""
+    """Fetch in a thread, prepare (``prepare_batch``: hashing and zstd in a third thread)
+    and send in this one: the fetch waits on the server and on TLS much of the time, which
+    leaves the GIL to the envelope parser. (Compressing in the parent instead was measured
+    slower: bench/README.md.)"""
     with ImapSession(job.settings, memory_tls=True) as session:
         selected = session.select(job.folder, readonly=True)
         send(("selected", selected.uidvalidity))
@@ -195,7 +196,7 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
         fetched = run_ahead(((batch, fetch_batch(session, batch, job.sizes, job.limit))
                              for batch in job.batches), name="imap-fetch", depth=0)
         for batch, messages in fetched:
-            send(("batch", batch, [prepare(m, keep_raw=False) for m in messages]))
+            send(("batch", batch, prepare_batch(messages)))
     send(("done",))
 
 
@@ -227,14 +228,17 @@ def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequenc
     out: list[Pop3Retrieved] = []
     prepared: dict[int, Prepared] = {}
     for replies in run_ahead(chunks(), name="pop3-retrieve"):
+        wanted: list[FetchedMessage | None] = []
+        numbers: list[int] = []
         for index, r in enumerate(replies):
             replies[index] = None  # each message's bytes go once it is prepared (large mail)
             if not r.error and (r.complete or r.headers_only):
-                prepared[r.number] = prepare(FetchedMessage(
-                    uid=uid_of[r.number], flags=(), size=len(r.raw), internal_date=None, raw=r.raw,
-                ), keep_raw=False)
+                wanted.append(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
+                                             internal_date=None, raw=r.raw))
+                numbers.append(r.number)
             out.append(replace(r, raw=b""))
-        del replies
+        del replies, r
+        prepared.update(zip(numbers, prepare_batch(wanted)))  # consumes ``wanted``
     return out, prepared
 
 

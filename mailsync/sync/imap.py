@@ -30,7 +30,8 @@ from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from .fetcher import FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
-from .ingest import ingest_batch, prepare
+from .ingest import ingest_batch
+from .prepare import prepare_batch
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
 
@@ -53,7 +54,7 @@ def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> I
     Only the worker thread touches the IMAP connection while this runs. An error in it is
     raised here, in order, after the batches before it were yielded.
     """
-    return run_ahead(((batch, [prepare(m, keep_raw=False) for m in fetch(batch)]) for batch in batches),
+    return run_ahead(((batch, prepare_batch(fetch(batch))) for batch in batches),
                      name="imap-prefetch")
 
 
