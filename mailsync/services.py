@@ -373,6 +373,16 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
     return email
 
 
+def email_opened(*, actor: User, email: Email) -> bool:
+    """The owner opened the mail in the CRM: it is read, in the mailbox too, as a mail
+    client marks what is opened (``email_update``, so the IMAP server first). Someone else
+    reading a shared mailbox's mail changes nothing there. True when it was marked now."""
+    if email.seen or email.mailbox.owner_id != actor.pk:
+        return False
+    email_update(actor=actor, email=email, seen=True)
+    return True
+
+
 def _record_moves(*, email: Email, folder: str, special_use: str,
                   moves: list[tuple[str, CopiedMessages]]) -> None:
     """Store where a moved mail now is, from the server's COPYUID: without it, a mail moved

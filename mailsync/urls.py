@@ -29,6 +29,7 @@ urlpatterns = [
     path("mail/<int:pk>/", views.email_detail_view, name="mail-email"),
     path("mail/<int:pk>/body/", views.email_body_view, name="mail-email-body"),
     path("mail/<int:pk>/actions/", views.email_action_view, name="mail-email-action"),
+    path("mail/<int:pk>/opened/", views.email_opened_view, name="mail-email-opened"),
     path("mail/<int:pk>/move-folders/", views.email_move_folders_view, name="mail-email-move-folders"),
     path("mail/<int:pk>/add-record/", views.add_record_from_email_view, name="mail-add-record"),
     path("mail/<int:pk>/attachments/<int:attachment_id>/", views.email_attachment_view,

@@ -473,6 +473,10 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
             MailFolder.objects.filter(mailbox=email.mailbox).order_by("name")
             .values_list("name", flat=True))
     current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
+    # Opening an unread mail marks it read (email_opened_view, asked by the page once shown,
+    # so that a slow server never holds the page up), unless "Mark as unread" brought the
+    # owner back here just now.
+    kept_unread = request.session.pop(_KEPT_UNREAD, None) == email.pk
     return render(request, "mailsync/email_detail.html", {
         "email": email, "record": record, "ref": record_ref(record) if record else "",
         "records": _linked_records(request, email), "is_owner": is_owner,
@@ -485,7 +489,28 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         "can_send": bool(senders.sender_choices(request.user)),
         "can_retry": email.send_state == Email.SendState.FAILED or sending.send_is_stuck(email),
         "images": request.GET.get("images") == "1",
+        "mark_read_on_open": is_owner and not email.seen and not kept_unread,
     })
+
+
+_KEPT_UNREAD = "mailsync_kept_unread"
+
+
+@login_required
+@require_POST
+def email_opened_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """Asked by the email page of an unread mail once shown: marks it read, on the server
+    too. Answers the page's read/flag buttons, with a note when the server said no."""
+    email = _visible_email(request, pk)
+    if email.mailbox.owner_id != request.user.pk:
+        raise Http404("No such email.")
+    note = ""
+    try:
+        services.email_opened(actor=request.user, email=email)
+    except MailError as exc:
+        email.refresh_from_db()
+        note = f"Not marked as read in your mailbox: {explain(exc)}"
+    return render(request, "mailsync/_read_buttons.html", {"email": email, "note": note})
 
 
 @login_required
@@ -552,6 +577,8 @@ def email_action_view(request: HttpRequest, pk: int) -> HttpResponse:
         if action in {"read", "unread"}:
             services.email_update(actor=request.user, email=email, seen=action == "read")
             messages.success(request, f"Marked as {action}.")
+            if action == "unread":  # the page it goes back to must not mark it read again
+                request.session[_KEPT_UNREAD] = email.pk
         elif action in {"flag", "unflag"}:
             services.email_update(actor=request.user, email=email, flagged=action == "flag")
             messages.success(request, "Flagged." if action == "flag" else "Flag removed.")

@@ -357,6 +357,66 @@ def test_email_actions_reach_the_imap_server(dovecot, mail_user, imap_mailbox):
     assert admin.get(f"/mail/{email2.pk}/move-folders/").status_code == 404  # nor list its folders
 
 
+def test_opening_an_unread_mail_marks_it_read_in_the_mailbox_too(dovecot, mail_user, imap_mailbox):
+    """As a mail client does; asked by the page once shown (a slow server never holds the
+    page up). "Mark as unread" leaves it unread; others reading a shared mail change nothing."""
+    import socket
+
+    from mailsync.sync.imap import ImapSync
+    from tests.mailsync.conftest import make_message
+
+    owner = Client()
+    owner.force_login(imap_mailbox.owner)
+    dovecot.deliver(mail_user, make_message(subject="Read me"))
+    ImapSync(imap_mailbox, timeout=10).run()
+    email = Email.objects.get(mailbox=imap_mailbox)
+    [uid] = dovecot.folder_state(mail_user).uids
+    opened = f'hx-post="/mail/{email.pk}/opened/"'
+
+    def seen_on_server() -> bool:
+        return "\\Seen" in dovecot.folder_state(mail_user).flags(uid)
+
+    assert not email.seen and not seen_on_server()
+    assert opened in owner.get(f"/mail/{email.pk}/").content.decode()
+    assert not seen_on_server()  # showing the page changes nothing by itself
+    assert owner.get(f"/mail/{email.pk}/opened/").status_code == 405  # never on a GET
+    fragment = owner.post(f"/mail/{email.pk}/opened/").content.decode()
+    assert "Mark as unread" in fragment and 'id="read-buttons"' in fragment
+    assert seen_on_server()
+    email.refresh_from_db()
+    assert email.seen
+    assert opened not in owner.get(f"/mail/{email.pk}/").content.decode()  # read already
+
+    # "Mark as unread" brings the owner back to the page, which leaves it unread this time
+    back = owner.post(f"/mail/{email.pk}/actions/", {"action": "unread", "next": f"/mail/{email.pk}/"},
+                      follow=True).content.decode()
+    assert "Mark as read" in back and opened not in back
+    assert not seen_on_server()
+    assert opened in owner.get(f"/mail/{email.pk}/").content.decode()  # opened again later: read
+
+    # Someone else who may see it (a public mailbox, an administrator) reads it: still unread
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(sharing="public")
+    shared = make_email(imap_mailbox, ContactFactory(owner=imap_mailbox.owner), seen=False)
+    admin = Client()
+    admin.force_login(AdministratorFactory())
+    page = admin.get(f"/mail/{shared.pk}/")
+    assert page.status_code == 200 and "/opened/" not in page.content.decode()
+    assert admin.post(f"/mail/{shared.pk}/opened/").status_code == 404
+    assert admin.post(f"/mail/{email.pk}/opened/").status_code == 404
+    shared.refresh_from_db()
+    assert not shared.seen and not seen_on_server()
+
+    # The server does not answer: the buttons come back with the reason, the mail stays unread
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(incoming_port=port)
+    fragment = owner.post(f"/mail/{email.pk}/opened/").content.decode()
+    assert "Not marked as read in your mailbox" in fragment and "Mark as read" in fragment
+    email.refresh_from_db()
+    assert not email.seen
+
+
 def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user):
     from django.utils import timezone
 

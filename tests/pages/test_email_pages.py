@@ -150,11 +150,16 @@ def test_configure_sync_read_reply_switch_and_organization_email(
     expect(body.locator("img[src]")).to_have_count(0)  # the remote image is blocked
     expect(page.get_by_text("1 remote image blocked")).to_be_visible()
     expect(page.get_by_role("link", name="requirements.txt")).to_be_visible()
-    page.get_by_role("button", name="Mark as read").click()
+    # Opening it marked it read, in the mailbox too; "Mark as unread" undoes that
     expect(page.get_by_role("button", name="Mark as unread")).to_be_visible()
     state = dovecot.folder_state(account)
-    assert any("\\Seen" in flags for _, flags in state.messages)  # done on the server too
+    assert sum("\\Seen" in flags for _, flags in state.messages) == 1  # done on the server too
     screenshot(page, "email-view")
+    page.get_by_role("button", name="Mark as unread").click()
+    expect(page.get_by_text("Marked as unread.")).to_be_visible()
+    expect(page.get_by_role("button", name="Mark as read")).to_be_visible()
+    state = dovecot.folder_state(account)
+    assert not any("\\Seen" in flags for _, flags in state.messages)
     page.get_by_role("link", name="Load images").click()
     expect(body.locator("img[src]")).to_have_count(1)
 
