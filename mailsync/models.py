@@ -93,6 +93,9 @@ class Mailbox(models.Model):
     paused_until = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     last_error_code = models.CharField(max_length=50, blank=True)
+    # Errors only the user can fix (a new password, a certificate, the settings): no login
+    # is tried again on their own until they do (the poll, opening mail).
+    USER_ERROR_CODES = ("auth_failed", "tls_error", "config_error")
     # Provider download budget, counted per UTC day.
     budget_day = models.DateField(null=True, blank=True)
     budget_bytes_used = models.BigIntegerField(default=0)

@@ -373,11 +373,25 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
     return email
 
 
+def opening_marks_read(*, actor: User, email: Email) -> bool:
+    """Whether the owner opening this mail in the CRM marks it read: unread, their own, and
+    (IMAP) a mailbox that is in use and not waiting for a new password or settings, so that
+    opening mail never becomes a series of failed logins at the provider. A colleague
+    reading a shared mailbox's mail changes nothing there."""
+    mailbox = email.mailbox
+    if email.seen or mailbox.owner_id != actor.pk:
+        return False
+    if mailbox.protocol != Mailbox.Protocol.IMAP:
+        return True
+    return mailbox.is_active and not (mailbox.state == Mailbox.State.ERROR
+                                      and mailbox.last_error_code in Mailbox.USER_ERROR_CODES)
+
+
 def email_opened(*, actor: User, email: Email) -> bool:
     """The owner opened the mail in the CRM: it is read, in the mailbox too, as a mail
-    client marks what is opened (``email_update``, so the IMAP server first). Someone else
-    reading a shared mailbox's mail changes nothing there. True when it was marked now."""
-    if email.seen or email.mailbox.owner_id != actor.pk:
+    client marks what is opened (``email_update``: the IMAP server first). Run by the task
+    ``mark_opened_read``, off the web request. True when it was marked now."""
+    if not opening_marks_read(actor=actor, email=email):
         return False
     email_update(actor=actor, email=email, seen=True)
     return True

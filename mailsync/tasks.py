@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from django.core.exceptions import ObjectDoesNotExist
 from django.utils import timezone
 
 from . import services
@@ -33,6 +34,26 @@ def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
         log.info("mailbox %s: deleted before its sync ran", mailbox_id)
 
 
+@shared_task(
+    name="mailsync.mark_opened_read", acks_late=True,
+    autoretry_for=(MailTransientError,), retry_backoff=30, retry_backoff_max=300,
+    retry_jitter=True, max_retries=3,
+)
+def mark_opened_read(email_id: int, user_id: int) -> None:
+    """The owner opened an unread mail in the CRM: read, on the mail server first."""
+    from django.contrib.auth import get_user_model
+
+    from .models import Email
+
+    try:
+        email = Email.objects.select_related("mailbox").get(pk=email_id, deleted_at__isnull=True)
+        services.email_opened(actor=get_user_model().objects.get(pk=user_id), email=email)
+    except MailUserError as exc:
+        log.info("email %s: not marked read (%s; not retried)", email_id, exc.code)
+    except ObjectDoesNotExist:
+        log.info("email %s: gone before it was marked read", email_id)
+
+
 @shared_task(name="mailsync.parse_emails", acks_late=True)
 def parse_emails(mailbox_id: int) -> None:
     # One batch per task run, then chain: a long backlog never holds one worker for hours.
@@ -48,7 +69,7 @@ def poll_mailboxes() -> int:
     ids = list(
         Mailbox.objects.filter(is_active=True, owner__is_active=True)
         .exclude(state=Mailbox.State.PAUSED, paused_until__gt=now)
-        .exclude(state=Mailbox.State.ERROR, last_error_code__in=["auth_failed", "tls_error", "config_error"])
+        .exclude(state=Mailbox.State.ERROR, last_error_code__in=Mailbox.USER_ERROR_CODES)
         .values_list("pk", flat=True)
     )
     for mailbox_id in ids:

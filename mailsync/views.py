@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.exceptions import Retry
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
@@ -473,10 +474,12 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
             MailFolder.objects.filter(mailbox=email.mailbox).order_by("name")
             .values_list("name", flat=True))
     current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
-    # Opening an unread mail marks it read (email_opened_view, asked by the page once shown,
-    # so that a slow server never holds the page up), unless "Mark as unread" brought the
-    # owner back here just now.
-    kept_unread = request.session.pop(_KEPT_UNREAD, None) == email.pk
+    # Opening an unread mail marks it read (email_opened_view, asked by the page once shown),
+    # unless the owner marked it unread and is still on it (the page "Mark as unread"
+    # returns to, a reload); opening another mail ends that.
+    kept = request.session.get(_KEPT_UNREAD)
+    if kept is not None and kept != email.pk:
+        del request.session[_KEPT_UNREAD]
     return render(request, "mailsync/email_detail.html", {
         "email": email, "record": record, "ref": record_ref(record) if record else "",
         "records": _linked_records(request, email), "is_owner": is_owner,
@@ -489,7 +492,7 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         "can_send": bool(senders.sender_choices(request.user)),
         "can_retry": email.send_state == Email.SendState.FAILED or sending.send_is_stuck(email),
         "images": request.GET.get("images") == "1",
-        "mark_read_on_open": is_owner and not email.seen and not kept_unread,
+        "mark_read_on_open": kept != email.pk and services.opening_marks_read(actor=request.user, email=email),
     })
 
 
@@ -499,17 +502,20 @@ _KEPT_UNREAD = "mailsync_kept_unread"
 @login_required
 @require_POST
 def email_opened_view(request: HttpRequest, pk: int) -> HttpResponse:
-    """Asked by the email page of an unread mail once shown: marks it read, on the server
-    too. Answers the page's read/flag buttons, with a note when the server said no."""
+    """Asked by the email page of an unread mail once shown: it is marked read by a task
+    (on the mail server first; a slow or unreachable server holds up no web request) and the
+    page's read/flag buttons come back as they will be."""
     email = _visible_email(request, pk)
     if email.mailbox.owner_id != request.user.pk:
         raise Http404("No such email.")
     note = ""
-    try:
-        services.email_opened(actor=request.user, email=email)
-    except MailError as exc:
-        email.refresh_from_db()
-        note = f"Not marked as read in your mailbox: {explain(exc)}"
+    if services.opening_marks_read(actor=request.user, email=email):
+        try:
+            tasks.mark_opened_read.delay(email.pk, request.user.pk)
+            email.seen = True  # shown as it will be; the task changes the row
+        except Retry as retry:  # only when tasks run in the request (development, tests)
+            failure = retry.exc if isinstance(retry.exc, MailError) else MailError(str(retry))
+            note = f"Not marked as read in your mailbox: {explain(failure)}"
     return render(request, "mailsync/_read_buttons.html", {"email": email, "note": note})
 
 
@@ -579,6 +585,8 @@ def email_action_view(request: HttpRequest, pk: int) -> HttpResponse:
             messages.success(request, f"Marked as {action}.")
             if action == "unread":  # the page it goes back to must not mark it read again
                 request.session[_KEPT_UNREAD] = email.pk
+            else:
+                request.session.pop(_KEPT_UNREAD, None)
         elif action in {"flag", "unflag"}:
             services.email_update(actor=request.user, email=email, flagged=action == "flag")
             messages.success(request, "Flagged." if action == "flag" else "Flag removed.")

@@ -237,7 +237,7 @@ def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequenc
                                              internal_date=None, raw=r.raw))
                 numbers.append(r.number)
             out.append(replace(r, raw=b""))
-        del replies, r
+        del replies
         prepared.update(zip(numbers, prepare_batch(wanted)))  # consumes ``wanted``
     return out, prepared
 

@@ -7,6 +7,7 @@ prefetch thread, beside the storing of the batch before it.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -119,15 +120,30 @@ def prepare_batch(messages: list[FetchedMessage | None]) -> list[Prepared]:
     pending = [helper.submit(_hashed_and_compressed, _as_bytes(m.raw))  # type: ignore[union-attr]
                for m in messages]
     out: list[Prepared] = []
-    for index, future in enumerate(pending):
-        message = messages[index]
-        assert message is not None
-        messages[index] = None
-        raw = _as_bytes(message.raw)
-        envelope = parse_envelope(raw)
-        wire, content_hash, compressed = future.result()
-        pending[index] = None  # type: ignore[call-overload]
-        out.append(Prepared(replace(message, raw=b""), envelope, content_hash,
-                            fingerprint(envelope, raw, wire), compressed, raw_size=len(raw)))
-        del message, raw, wire, compressed
+    try:
+        for index, future in enumerate(pending):
+            message = messages[index]
+            assert message is not None
+            messages[index] = None
+            raw = _as_bytes(message.raw)
+            envelope = parse_envelope(raw)
+            wire, content_hash, compressed = future.result()
+            pending[index] = None  # type: ignore[call-overload]
+            out.append(Prepared(replace(message, raw=b""), envelope, content_hash,
+                                fingerprint(envelope, raw, wire), compressed, raw_size=len(raw)))
+            del message, raw, wire, compressed
+    finally:
+        for left in pending:  # after an error: the rest is not worked on, nor kept
+            if left is not None:
+                left.cancel()
     return out
+
+
+def _forget_helper() -> None:
+    """In a forked child the helper thread does not exist: start a new one when needed."""
+    global _helper, _helper_lock
+    _helper, _helper_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helper)

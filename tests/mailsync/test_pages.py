@@ -387,12 +387,25 @@ def test_opening_an_unread_mail_marks_it_read_in_the_mailbox_too(dovecot, mail_u
     assert email.seen
     assert opened not in owner.get(f"/mail/{email.pk}/").content.decode()  # read already
 
-    # "Mark as unread" brings the owner back to the page, which leaves it unread this time
+    # "Mark as unread" brings the owner back to the page, which leaves it unread, reloaded too;
+    # once another mail was opened, opening it again reads it
     back = owner.post(f"/mail/{email.pk}/actions/", {"action": "unread", "next": f"/mail/{email.pk}/"},
                       follow=True).content.decode()
     assert "Mark as read" in back and opened not in back
+    assert opened not in owner.get(f"/mail/{email.pk}/").content.decode()
     assert not seen_on_server()
-    assert opened in owner.get(f"/mail/{email.pk}/").content.decode()  # opened again later: read
+    other = make_email(imap_mailbox, seen=False)
+    assert f'hx-post="/mail/{other.pk}/opened/"' in owner.get(f"/mail/{other.pk}/").content.decode()
+    assert opened in owner.get(f"/mail/{email.pk}/").content.decode()
+
+    # A mailbox waiting for a new password: opening mail tries no login (the provider could
+    # lock the account); the buttons still work
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(state="error", last_error_code="auth_failed")
+    assert opened not in owner.get(f"/mail/{email.pk}/").content.decode()
+    assert "Mark as read" in owner.post(f"/mail/{email.pk}/opened/").content.decode()
+    email.refresh_from_db()
+    assert not email.seen and not seen_on_server()
+    Mailbox.objects.filter(pk=imap_mailbox.pk).update(state="completed", last_error_code="")
 
     # Someone else who may see it (a public mailbox, an administrator) reads it: still unread
     Mailbox.objects.filter(pk=imap_mailbox.pk).update(sharing="public")
@@ -415,6 +428,32 @@ def test_opening_an_unread_mail_marks_it_read_in_the_mailbox_too(dovecot, mail_u
     assert "Not marked as read in your mailbox" in fragment and "Mark as read" in fragment
     email.refresh_from_db()
     assert not email.seen
+
+
+def test_marking_an_opened_mail_read_never_retries_a_wrong_password(dovecot, mail_user, imap_mailbox):
+    """The task behind opening: a wrong password is not retried (the provider could lock the
+    account); a mail deleted meanwhile is nothing to do."""
+    from mailsync import tasks
+    from mailsync.sync.imap import ImapSync
+    from tests.mailsync.conftest import make_message
+
+    dovecot.deliver(mail_user, make_message(subject="Read me later"))
+    ImapSync(imap_mailbox, timeout=10).run()
+    email = Email.objects.get(mailbox=imap_mailbox)
+    imap_mailbox.password = "not the password"
+    imap_mailbox.save()
+    attempts = []
+    real = tasks.services.email_opened
+    tasks.services.email_opened = lambda **kw: attempts.append(1) or real(**kw)
+    try:
+        assert tasks.mark_opened_read.apply(args=(email.pk, imap_mailbox.owner_id)).successful()
+    finally:
+        tasks.services.email_opened = real
+    assert attempts == [1]
+    email.refresh_from_db()
+    assert not email.seen
+    Email.objects.filter(pk=email.pk).update(deleted_at=datetime.now(timezone.utc))
+    assert tasks.mark_opened_read.apply(args=(email.pk, imap_mailbox.owner_id)).successful()
 
 
 def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user):

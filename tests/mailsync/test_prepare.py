@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from itertools import product
 
+import pytest
+
 from mailsync.mime import wire_form
 from mailsync.protocols.base import FetchedMessage
 from mailsync.storage import decompress
@@ -54,3 +56,52 @@ def test_a_batch_is_prepared_as_each_of_its_messages_alone():
 
 def test_an_empty_batch():
     assert prepare_batch([]) == []
+
+
+def test_after_an_error_the_rest_of_the_batch_is_dropped_not_worked_on(monkeypatch):
+    """An error is raised to the caller, and the helper does not go on hashing and
+    compressing (and holding) the rest of a batch nobody will take (found in review)."""
+    import time
+
+    from mailsync.sync import prepare as module
+
+    done: list[int] = []
+    real = module._hashed_and_compressed
+
+    def slow(raw: bytes):  # noqa: ANN202
+        time.sleep(0.02)
+        done.append(len(raw))
+        return real(raw)
+
+    def broken(raw: bytes):  # noqa: ANN202
+        if b"Message 2" in raw:
+            raise RuntimeError("parser bug")
+        return real_parse(raw)
+
+    real_parse = module.parse_envelope
+    monkeypatch.setattr(module, "_hashed_and_compressed", slow)
+    monkeypatch.setattr(module, "parse_envelope", broken)
+    batch: list[FetchedMessage | None] = [
+        _message(n, RAW.replace(b"Our offer", f"Message {n}".encode())) for n in range(1, 31)]
+    with pytest.raises(RuntimeError, match="parser bug"):
+        prepare_batch(batch)
+    time.sleep(0.3)  # what was still queued would have run by now
+    assert len(done) <= 4, len(done)
+
+
+def test_a_forked_process_prepares_with_a_helper_of_its_own():
+    """The helper thread does not survive fork(): a forked child that prepares starts its own
+    instead of waiting forever on the parent's (found in review)."""
+    import os
+    import signal
+
+    assert prepare_batch([_message(1, RAW)])  # the parent's helper exists now
+    pid = os.fork()
+    if pid == 0:  # the child: must finish within the alarm
+        signal.alarm(10)
+        try:
+            ok = prepare_batch([_message(2, RAW)])[0].message.uid == 2
+        finally:
+            os._exit(0 if ok else 1)  # noqa: B012
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
