@@ -46,6 +46,13 @@ def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[E
     return Email.objects.filter(pk__in=first_of_each)
 
 
+def mailbox_holdings(*, mailbox: Mailbox) -> tuple[int, int]:
+    """How many emails the mailbox holds in the CRM, and how many of them are on records."""
+    emails = Email.objects.filter(mailbox=mailbox)
+    count = emails.count()
+    return count, (emails.filter(links__isnull=False).distinct().count() if count else 0)
+
+
 def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
     """What the status panel and the API show: state, progress, estimate, errors."""
     from .models import MessageError

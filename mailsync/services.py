@@ -175,11 +175,11 @@ def mailbox_delete(*, actor: User, mailbox: Mailbox, delete_emails: bool = False
     of emails removed."""
     from .sync.lock import mailbox_lock
 
+    from .selectors import mailbox_holdings
+
     _check_owner(actor, mailbox)
-    emails = Email.objects.filter(mailbox=mailbox)
-    count = emails.count()
+    count, on_records = mailbox_holdings(mailbox=mailbox)
     if count and not delete_emails:
-        on_records = emails.filter(links__isnull=False).distinct().count()
         raise MailboxHoldsMail(
             f"{mailbox.email_address} holds {count} emails ({on_records} on records). Deleting "
             "it removes them from the CRM (not from the mail server).",

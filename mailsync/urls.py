@@ -13,6 +13,7 @@ urlpatterns = [
     path("setup/email/<int:pk>/sync/", views.mailbox_sync_view, name="mail-mailbox-sync"),
     path("setup/email/<int:pk>/retry/", views.mailbox_retry_view, name="mail-mailbox-retry"),
     path("setup/email/<int:pk>/activate/", views.mailbox_activate_view, name="mail-mailbox-activate"),
+    path("setup/email/<int:pk>/delete/", views.mailbox_delete_view, name="mail-mailbox-delete"),
     path("setup/email/<int:pk>/folders/", views.mailbox_folders_view, name="mail-mailbox-folders"),
     path("setup/email/<int:pk>/aliases/", views.alias_add_view, name="mail-alias-add"),
     path("setup/email/<int:pk>/aliases/<int:alias_id>/delete/", views.alias_delete_view,

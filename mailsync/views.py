@@ -29,7 +29,7 @@ from crm.models import Account, Contact, Deal, Lead, OrganizationEmail
 from crm.selectors import records_visible_to
 
 from . import selectors, senders, sending, services, tasks
-from .exceptions import MailError
+from .exceptions import MailboxBusy, MailboxHoldsMail, MailError
 from .forms import (
     PROVIDER_CHOICES,
     AliasForm,
@@ -189,7 +189,31 @@ def mailbox_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         "mailbox": mailbox, "form": form, "alias_form": AliasForm(),
         "aliases": mailbox.aliases.order_by("address"),
         "status": selectors.mailbox_status(mailbox=mailbox),
+        "holdings": selectors.mailbox_holdings(mailbox=mailbox),
     })
+
+
+@login_required
+@require_POST
+def mailbox_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """Delete a mailbox; one that holds mail only when the owner ticked "delete its emails
+    too" (the mail stays on the server either way)."""
+    mailbox = _own_mailbox(request, pk)
+    address = mailbox.email_address
+    try:
+        removed = services.mailbox_delete(actor=request.user, mailbox=mailbox,
+                                          delete_emails=request.POST.get("delete_emails") == "1")
+    except MailboxHoldsMail as exc:
+        messages.error(request, str(exc).replace("Repeat with delete_emails=true to delete them too",
+                                                 "Tick “Also delete its emails” to delete them too"))
+        return redirect("mail-mailbox", pk=pk)
+    except MailboxBusy:
+        messages.error(request, f"{address} is syncing right now: try again in a minute.")
+        return redirect("mail-mailbox", pk=pk)
+    removed_text = f" and its {removed} email{'' if removed == 1 else 's'}" if removed else ""
+    messages.success(request, f"Mailbox {address}{removed_text} deleted from the CRM; nothing "
+                              "changed on the mail server.")
+    return redirect("mail-config")
 
 
 @login_required

@@ -456,6 +456,57 @@ def test_marking_an_opened_mail_read_never_retries_a_wrong_password(dovecot, mai
     assert tasks.mark_opened_read.apply(args=(email.pk, imap_mailbox.owner_id)).successful()
 
 
+def test_deleting_a_mailbox_asks_before_its_mail_leaves_the_crm(client, user):
+    empty = MailboxFactory(owner=user, email_address="old@example.com", is_active=False)
+    page = client.get(f"/setup/email/{empty.pk}/").content.decode()
+    assert "Delete mailbox" in page and 'name="delete_emails"' not in page
+    response = client.post(f"/setup/email/{empty.pk}/delete/", follow=True)
+    assert response.redirect_chain[-1][0] == "/setup/email/"
+    assert "Mailbox old@example.com deleted" in response.content.decode()
+    assert not Mailbox.objects.filter(pk=empty.pk).exists()
+
+    mailbox = MailboxFactory(owner=user, email_address="me@example.com")
+    on_record = make_email(mailbox, ContactFactory(owner=user))
+    unmatched = make_email(mailbox)
+    page = client.get(f"/setup/email/{mailbox.pk}/").content.decode()
+    assert "It holds 2 emails in the CRM (1 on records)" in page
+    assert 'name="delete_emails" value="1" required' in page
+    # Not ticked (a browser would not even send it): nothing is deleted, and it says why
+    response = client.post(f"/setup/email/{mailbox.pk}/delete/", follow=True)
+    assert response.redirect_chain[-1][0] == f"/setup/email/{mailbox.pk}/"
+    assert "holds 2 emails (1 on records)" in response.content.decode()
+    assert "Tick “Also delete its emails”" in response.content.decode()
+    assert Email.objects.filter(pk__in=[on_record.pk, unmatched.pk]).count() == 2
+    # Someone else's mailbox: not found, nothing deleted
+    stranger = Client()
+    stranger.force_login(UserFactory())
+    assert stranger.post(f"/setup/email/{mailbox.pk}/delete/", {"delete_emails": "1"}).status_code == 404
+    assert Mailbox.objects.filter(pk=mailbox.pk).exists()
+    # While a sync holds the mailbox (a worker's own database session): not now, and why
+    import psycopg2
+    from django.db import connection
+
+    from mailsync.sync.lock import LOCK_NAMESPACE
+
+    db = connection.settings_dict
+    worker = psycopg2.connect(dbname=db["NAME"], user=db["USER"], host=db["HOST"] or None,
+                              port=db["PORT"] or None, password=db["PASSWORD"] or None)
+    try:
+        with worker.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [LOCK_NAMESPACE, mailbox.pk])
+        busy = client.post(f"/setup/email/{mailbox.pk}/delete/", {"delete_emails": "1"}, follow=True)
+    finally:
+        worker.close()
+    assert "is syncing right now: try again in a minute" in busy.content.decode()
+    assert Mailbox.objects.filter(pk=mailbox.pk).exists()
+    # Ticked: the mailbox and its mail leave the CRM
+    response = client.post(f"/setup/email/{mailbox.pk}/delete/", {"delete_emails": "1"}, follow=True)
+    assert "Mailbox me@example.com and its 2 emails deleted" in response.content.decode()
+    assert not Mailbox.objects.filter(pk=mailbox.pk).exists()
+    assert not Email.objects.filter(pk__in=[on_record.pk, unmatched.pk]).exists()
+    assert client.get(f"/setup/email/{mailbox.pk}/delete/").status_code in {404, 405}
+
+
 def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user):
     from django.utils import timezone
 

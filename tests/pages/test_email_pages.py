@@ -241,3 +241,24 @@ def test_configure_sync_read_reply_switch_and_organization_email(
     # It is now offered as From when composing
     page.goto(f"/mail/compose/?record=contact:{grace.pk}")
     expect(page.get_by_label("From").locator("option", has_text="sales@example.test")).to_have_count(1)
+
+
+def test_deleting_a_mailbox_that_holds_mail_needs_the_box_ticked(page, login, screenshot):
+    from tests.factories import MailboxFactory, UserFactory
+    from tests.mailsync.test_pages import make_email
+
+    owner = UserFactory(username="rita")
+    mailbox = MailboxFactory(owner=owner, email_address="rita@example.com")
+    make_email(mailbox, ContactFactory(owner=owner))
+    login(owner, PASSWORD)
+    page.goto(f"/setup/email/{mailbox.pk}/")
+    danger = page.locator("#delete-mailbox")
+    expect(danger).to_contain_text("It holds 1 email in the CRM (1 on records)")
+    danger.get_by_role("button", name="Delete mailbox").click()  # not ticked: the browser stops it
+    expect(page.get_by_role("heading", name="rita@example.com")).to_be_visible()
+    assert Mailbox.objects.filter(pk=mailbox.pk).exists()
+    danger.get_by_label("Also delete its 1 email from the CRM").check()
+    screenshot(page, "mailbox-delete")
+    danger.get_by_role("button", name="Delete mailbox").click()
+    expect(page.get_by_text("Mailbox rita@example.com and its 1 email deleted")).to_be_visible()
+    assert not Mailbox.objects.filter(pk=mailbox.pk).exists() and not Email.objects.exists()
