@@ -2,7 +2,9 @@
 the CRM pointed at a fresh user of the private Dovecot."""
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from datetime import datetime, timedelta, timezone
@@ -67,6 +69,26 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
         password=mail_user.password,
         is_active=True,
     )
+
+
+@contextlib.contextmanager
+def sync_lock_held(mailbox_id: int) -> Iterator[None]:
+    """The mailbox's sync lock held, as a running sync holds it: by a worker's own database
+    session (a PostgreSQL advisory lock), released when that session ends."""
+    import psycopg2
+    from django.db import connection
+
+    from mailsync.sync.lock import LOCK_NAMESPACE
+
+    db = connection.settings_dict
+    worker = psycopg2.connect(dbname=db["NAME"], user=db["USER"], host=db["HOST"] or None,
+                              port=db["PORT"] or None, password=db["PASSWORD"] or None)
+    try:
+        with worker.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
+        yield
+    finally:
+        worker.close()
 
 
 def kill_worker_midway(mailbox: Mailbox, *, after_emails: int, timeout: float = 30,

@@ -336,19 +336,10 @@ def test_deleting_a_mailbox_that_holds_mail_asks_for_confirmation(api, dovecot, 
     assert Email.objects.filter(mailbox=imap_mailbox).count() == 2
 
     # A sync holds the mailbox's lock (a worker's own database session)
-    import psycopg2
+    from tests.mailsync.conftest import sync_lock_held
 
-    from mailsync.sync.lock import LOCK_NAMESPACE
-
-    db = connection.settings_dict
-    worker = psycopg2.connect(dbname=db["NAME"], user=db["USER"], host=db["HOST"] or None,
-                              port=db["PORT"] or None, password=db["PASSWORD"] or None)
-    try:
-        with worker.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [LOCK_NAMESPACE, imap_mailbox.pk])
+    with sync_lock_held(imap_mailbox.pk):
         busy = api.delete(url + "?delete_emails=true")
-    finally:
-        worker.close()
     assert busy.status_code == 409 and busy.json()["code"] == "busy"
     assert Mailbox.objects.filter(pk=imap_mailbox.pk).exists()
 

@@ -482,21 +482,11 @@ def test_deleting_a_mailbox_asks_before_its_mail_leaves_the_crm(client, user):
     stranger.force_login(UserFactory())
     assert stranger.post(f"/setup/email/{mailbox.pk}/delete/", {"delete_emails": "1"}).status_code == 404
     assert Mailbox.objects.filter(pk=mailbox.pk).exists()
-    # While a sync holds the mailbox (a worker's own database session): not now, and why
-    import psycopg2
-    from django.db import connection
+    # While a sync holds the mailbox: not now, and why
+    from tests.mailsync.conftest import sync_lock_held
 
-    from mailsync.sync.lock import LOCK_NAMESPACE
-
-    db = connection.settings_dict
-    worker = psycopg2.connect(dbname=db["NAME"], user=db["USER"], host=db["HOST"] or None,
-                              port=db["PORT"] or None, password=db["PASSWORD"] or None)
-    try:
-        with worker.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [LOCK_NAMESPACE, mailbox.pk])
+    with sync_lock_held(mailbox.pk):
         busy = client.post(f"/setup/email/{mailbox.pk}/delete/", {"delete_emails": "1"}, follow=True)
-    finally:
-        worker.close()
     assert "is syncing right now: try again in a minute" in busy.content.decode()
     assert Mailbox.objects.filter(pk=mailbox.pk).exists()
     # Ticked: the mailbox and its mail leave the CRM
