@@ -30,7 +30,7 @@ from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from .fetcher import FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
-from .ingest import ingest_batch
+from .ingest import ingest_batch, refresh_flags
 from .prepare import prepare_batch
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
@@ -104,12 +104,63 @@ class ImapSync(SyncRun):
         today's download budget is already spent (the run stops at its first batch)."""
         if self.budget is not None and self.mailbox.budget_bytes_used >= self.budget:
             return False
-        done = list(MailFolder.objects.filter(mailbox=self.mailbox).values_list("backfill_done", flat=True))
+        wanted = set(self.mailbox.folders)
+        done = [backfill_done for name, special_use, backfill_done in
+                MailFolder.objects.filter(mailbox=self.mailbox)
+                .values_list("name", "special_use", "backfill_done")
+                if (name in wanted if wanted else special_use in ("inbox", "sent"))]
         return not done or not all(done)
 
     def _sync_folders(self, session: ImapSession) -> None:
-        for folder in self._folders(session):
+        synced = self._folders(session)
+        for folder in synced:
             self._sync_folder(session, folder)
+        self._check_places_elsewhere(session, {f.pk for f in synced})
+
+    # -- mail the CRM moved to folders that are not synced ----------------------------------
+    def _check_places_elsewhere(self, session: ImapSession, synced: set[int]) -> None:
+        """A mail moved from the CRM to a folder that is not synced (an Archive, say) has its
+        place recorded there (``services._record_moves``). Such places are checked each run,
+        or a mail moved on from there, or deleted, would never leave the CRM: its flags and
+        whether it is still there (a FETCH of just those UIDs), skipped while STATUS shows
+        the folder unchanged. Nothing new is downloaded from these folders."""
+        elsewhere = (MailFolder.objects.filter(mailbox=self.mailbox).exclude(pk__in=synced)
+                     .filter(Exists(EmailLocation.objects.filter(folder=OuterRef("pk"))))
+                     .order_by("pk"))
+        for folder in elsewhere:
+            self._check_places_in(session, folder)
+
+    def _check_places_in(self, session: ImapSession, folder: MailFolder) -> None:
+        try:
+            status = session.status(folder.name)
+        except MailProtocolError:
+            if folder.name in {name for name, _ in session.list_folders()}:
+                raise
+            self._folder_gone(folder)
+            return
+        if (folder.uidvalidity == status.uidvalidity and folder.last_uidnext == status.uidnext
+                and folder.last_exists == status.exists and status.highestmodseq is not None
+                and folder.highestmodseq == status.highestmodseq):
+            return
+        selected = session.select(folder.name, readonly=True)
+        if folder.uidvalidity != selected.uidvalidity:
+            # Its UIDs are void and its mails could be found again only by downloading the
+            # folder, which is not synced: their places there are dropped (a mail with no
+            # other place becomes a recoverable tombstone, back when seen in a synced folder).
+            folder.uidvalidity = selected.uidvalidity
+            folder.save(update_fields=["uidvalidity"])
+            self._drop_void_places(folder)
+        known = self._known(folder)
+        uids = sorted(known)
+        there: dict[int, tuple[str, ...]] = {}
+        for start in range(0, len(uids), FLAG_BATCH):
+            there.update(session.fetch_flags(uids[start:start + FLAG_BATCH]))
+        self._apply_flags(folder, known, there)
+        self._apply_expunges(folder, known, [uid for uid in uids if uid not in there])
+        after = session.status(folder.name)
+        folder.last_uidnext, folder.last_exists = after.uidnext, after.exists
+        folder.highestmodseq = after.highestmodseq if after.highestmodseq == selected.highestmodseq else None
+        folder.save(update_fields=["last_uidnext", "last_exists", "highestmodseq"])
 
     # -- folders ------------------------------------------------------------------------------
     def _folders(self, session: ImapSession) -> list[MailFolder]:
@@ -156,8 +207,7 @@ class ImapSync(SyncRun):
             # folder's mail is found again, by fingerprint, once it is synced under its new
             # name), so they become tombstones like any expunged mail.
             log.info("mailbox %s: folder %s is gone from the server", self.mailbox.pk, folder.pk)
-            self._apply_expunges(folder, self._known(folder), list(self._known(folder)))
-            folder.delete()
+            self._folder_gone(folder)
             self.report.errors.append(f"Folder {folder.name!r} no longer exists on the server.")
             return
         if (
@@ -184,6 +234,7 @@ class ImapSync(SyncRun):
             self._new_mail(session, folder)
         if not folder.backfill_done:
             self._backfill(session, folder)
+            self._drop_void_places(folder)
         if fresh and folder.backfill_done and session.qresync:
             # Every location was just written from a FETCH that carried its flags. What
             # changed on the server meanwhile (flags, expunges) is found by the next run:
@@ -206,15 +257,38 @@ class ImapSync(SyncRun):
         folder.last_synced_at = timezone.now()
         folder.save()
 
+    def _folder_gone(self, folder: MailFolder) -> None:
+        email_ids = set(EmailLocation.objects.filter(folder=folder).values_list("email_id", flat=True))
+        with transaction.atomic():
+            folder.delete()  # and its places
+            _tombstone_placeless(email_ids)
+            refresh_flags(email_ids)
+        self.report.expunged += len(email_ids)
+
     def _uidvalidity_changed(self, folder: MailFolder) -> None:
-        """RFC 3501 2.3.1.1: all UIDs of the folder are void. Re-map, never delete."""
+        """RFC 3501 2.3.1.1: all UIDs of the folder are void. Re-map, never delete: the
+        folder is fetched again and its mails found by fingerprint. The old places stay
+        (nothing acts on them: their UIDVALIDITY is not the folder's) so that the mails keep
+        showing meanwhile; once the folder is fetched whole, those still there have new
+        places and the others are gone from the server (``_drop_void_places``)."""
         log.warning("mailbox %s folder %s: UIDVALIDITY changed; re-mapping", self.mailbox.pk, folder.pk)
         with transaction.atomic():
-            EmailLocation.objects.filter(folder=folder).delete()
             folder.uidvalidity = None
             folder.uid_high, folder.uid_low, folder.backfill_done = 0, None, False
             folder.highestmodseq = None
             folder.save()
+
+    def _drop_void_places(self, folder: MailFolder) -> None:
+        """The folder is fetched whole under its UIDVALIDITY: places under an earlier one
+        are void. Mails that were not found again are gone from the server."""
+        void = EmailLocation.objects.filter(folder=folder).exclude(uidvalidity=folder.uidvalidity)
+        email_ids = set(void.values_list("email_id", flat=True))
+        if not email_ids:
+            return
+        with transaction.atomic():
+            void.delete()
+            _tombstone_placeless(email_ids)
+            refresh_flags(email_ids)
 
     def _search(self, session: ImapSession, *, above: int = 0) -> list[int]:
         return session.search_uids(since=self.mailbox.sync_since, above=above)
@@ -366,9 +440,8 @@ class ImapSync(SyncRun):
                 EmailLocation.objects.filter(
                     folder=folder, uidvalidity=folder.uidvalidity, uid=uid
                 ).update(flags=list(flags))
-                Email.objects.filter(pk=known[uid][0]).update(
-                    seen="\\Seen" in flags, flagged="\\Flagged" in flags
-                )
+            # Read or flagged where any copy is (a mail may sit in two folders).
+            refresh_flags({known[uid][0] for uid, _ in updates})
         self.report.flag_changes += len(updates)
 
     def _changes_qresync(self, session: ImapSession, folder: MailFolder) -> None:
@@ -401,12 +474,17 @@ class ImapSync(SyncRun):
             EmailLocation.objects.filter(
                 folder=folder, uidvalidity=folder.uidvalidity, uid__in=gone
             ).delete()
-            # Mails left with no place on the server leave the CRM views but are kept
-            # (recoverable) until the retention period ends.
-            Email.objects.filter(pk__in=email_ids, deleted_at__isnull=True).exclude(
-                Exists(EmailLocation.objects.filter(email=OuterRef("pk")))
-            ).update(deleted_at=timezone.now())
+            _tombstone_placeless(email_ids)
+            refresh_flags(email_ids)  # what the copies left say
         self.report.expunged += len(gone)
+
+
+def _tombstone_placeless(email_ids: set[int] | list[int]) -> None:
+    """Mails left with no place on the server leave the CRM views but are kept
+    (recoverable: found again on the server, they come back) until the retention ends."""
+    Email.objects.filter(pk__in=list(email_ids), deleted_at__isnull=True).exclude(
+        Exists(EmailLocation.objects.filter(email=OuterRef("pk")))
+    ).update(deleted_at=timezone.now())
 
 
 def imap_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:

@@ -7,11 +7,11 @@ parsing, about six times the cost of the fetch, stays off the sync's hot path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from django.db import DataError, IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from ..association import emails_associate
@@ -314,9 +314,12 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
                  for p in prepared],
                 ignore_conflicts=True)
     result.located = max(0, len(prepared) - result.stored)
-    # A known mail seen again somewhere (moved on the server) is no longer deleted.
+    # A known mail seen again somewhere (moved on the server) is no longer deleted, and is
+    # read or flagged as its places now are; so is a new mail that came twice in this batch.
     if existing:
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
+    seen_twice = len(prepared) - len({p.fingerprint for p in prepared})
+    refresh_flags(list(existing.values()) + ([e.pk for e in created] if seen_twice else []))
     if created:
         _finish_threads(mailbox, created, threads)
         in_reply_to, references = EMAIL_FIELDS.index("in_reply_to"), EMAIL_FIELDS.index("references")
@@ -325,6 +328,18 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
                          quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created})
     _resolve_message_errors(folder, uidvalidity, [p.message.uid for p in prepared])
     return result
+
+
+def refresh_flags(email_ids: Collection[int]) -> None:
+    """Read and flagged as the mail is on the server: where any of its places (current
+    UIDVALIDITY) has the flag. A mail with no place (POP3, a tombstone) keeps its own."""
+    if not email_ids:
+        return
+    places = EmailLocation.objects.filter(email=OuterRef("pk"), uidvalidity=F("folder__uidvalidity"))
+    Email.objects.filter(pk__in=list(email_ids)).filter(Exists(places)).update(
+        seen=Exists(places.filter(flags__contains=["\\Seen"])),
+        flagged=Exists(places.filter(flags__contains=["\\Flagged"])),
+    )
 
 
 def _resolve_message_errors(folder: MailFolder, uidvalidity: int, uids: list[int]) -> None:
