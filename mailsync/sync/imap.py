@@ -73,6 +73,7 @@ class ImapSync(SyncRun):
         self.session: ImapSession | None = None
         self._own_session = False
         self._spare = None  # a fetch process started ahead (initial sync)
+        self._known_folders: list[MailFolder] = []  # this mailbox's folders, read by _folders
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -124,11 +125,14 @@ class ImapSync(SyncRun):
         or a mail moved on from there, or deleted, would never leave the CRM: its flags and
         whether it is still there (a FETCH of just those UIDs), skipped while STATUS shows
         the folder unchanged. Nothing new is downloaded from these folders."""
-        elsewhere = (MailFolder.objects.filter(mailbox=self.mailbox).exclude(pk__in=synced)
-                     .filter(Exists(EmailLocation.objects.filter(folder=OuterRef("pk"))))
-                     .order_by("pk"))
-        for folder in elsewhere:
-            self._check_places_in(session, folder)
+        others = {f.pk: f for f in self._known_folders if f.pk not in synced}
+        if not others:  # the usual case: no query at all
+            return
+        holding = set(EmailLocation.objects.filter(folder_id__in=list(others))
+                      .values_list("folder_id", flat=True).distinct())
+        for pk, folder in others.items():
+            if pk in holding:
+                self._check_places_in(session, folder)
 
     def _check_places_in(self, session: ImapSession, folder: MailFolder) -> None:
         try:
@@ -168,7 +172,7 @@ class ImapSync(SyncRun):
         no-change resync is then login + one STATUS per folder); LIST runs on the first
         sync, when the configured folders change, or when a known folder disappeared."""
         wanted = list(self.mailbox.folders)
-        known = list(MailFolder.objects.filter(mailbox=self.mailbox).order_by("pk"))
+        known = self._known_folders = list(MailFolder.objects.filter(mailbox=self.mailbox).order_by("pk"))
         if wanted:
             reuse = [f for f in known if f.name in wanted]
             if len(reuse) == len(set(wanted)):
