@@ -15,10 +15,22 @@ from django.db.models.functions import Lower
 from crm.models import Contact, Deal, Lead, OwnedRecord
 
 from .bulk import insert_rows, rows_where_in
-from .models import EmailLink, EmailParticipant
+from .models import EmailLink, EmailParticipant, Mailbox, MailboxAlias
 
 # Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc).
 MATCH_ROLES = ["from", "to", "cc", "reply_to", "bcc"]
+
+
+def own_addresses(mailbox_ids: Iterable[int]) -> dict[int, set[str]]:
+    """Each mailbox's own address and its aliases, lower-case: a mail never matches a record
+    by them (every mail of the mailbox carries one)."""
+    ids = list(set(mailbox_ids))
+    own: dict[int, set[str]] = defaultdict(set)
+    for pk, address in Mailbox.objects.filter(pk__in=ids).values_list("pk", "email_address"):
+        own[pk].add(address.strip().lower())
+    for pk, address in MailboxAlias.objects.filter(mailbox_id__in=ids).values_list("mailbox_id", "address"):
+        own[pk].add(address.strip().lower())
+    return own
 
 
 def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[str, list[int]]:
@@ -146,8 +158,20 @@ def email_associate_record(*, record: OwnedRecord) -> int:
     if not isinstance(record, (Lead, Contact)):
         return 0
     addresses = _record_addresses(record)
-    email_ids = set(
-        EmailParticipant.objects.filter(address__in=addresses, role__in=MATCH_ROLES)
-        .values_list("email_id", flat=True)
-    ) if addresses else set()
-    return emails_associate(email_ids=email_ids)
+    if not addresses:
+        return 0
+    found = list(EmailParticipant.objects.filter(address__in=addresses, role__in=MATCH_ROLES)
+                 .values_list("email_id", "address", "email__mailbox_id"))
+    # As the sync matches: never by the address of the mailbox the mail is in (or an alias
+    # of it), e.g. a lead created with the salesperson's own address gets none of their mail.
+    own = own_addresses(mailbox_id for _, _, mailbox_id in found)
+    email_ids = {email_id for email_id, address, mailbox_id in found
+                 if address not in own.get(mailbox_id, ())}
+    if isinstance(record, Lead):
+        links = [(email_id, record.pk, None, None) for email_id in email_ids]
+    else:
+        deal_ids = list(Deal.objects.filter(contact=record).values_list("pk", flat=True))
+        links = [(email_id, None, record.pk, None) for email_id in email_ids]
+        links += [(email_id, None, None, deal_id) for email_id in email_ids for deal_id in deal_ids]
+    return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
+                       ignore_conflicts=True, count=True)

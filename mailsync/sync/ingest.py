@@ -14,7 +14,7 @@ from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from ..association import emails_associate
+from ..association import emails_associate, own_addresses
 from ..mime import Address, Envelope
 from ..models import (
     Email,
@@ -136,16 +136,45 @@ def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
 
 def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict[str, Thread]:
     """Find or create the threads of new mails (before they are inserted, so thread_id goes
-    in with the row): two queries per batch whatever its size."""
+    in with the row): three queries per batch whatever its size.
+
+    A mail that quotes (References, In-Reply-To) a stored mail joins that mail's thread: a
+    reply with only In-Reply-To to a reply would otherwise be keyed by its parent's id and
+    start a thread of its own. Else the thread is keyed by the conversation's root id."""
+    quoted = {_clean(i, 1000) for _, env in emails for i in (*env.references, *env.in_reply_to) if i}
+    stored: dict[str, int] = {}
+    for message_id, thread_id in rows_where_in(Email, ("message_id", "thread"),
+                                               where={"mailbox": mailbox.pk},
+                                               field="message_id", values=quoted):
+        if thread_id is not None:
+            stored.setdefault(message_id, thread_id)
+    joined: dict[int, Thread] = {
+        pk: Thread(id=pk, mailbox_id=mailbox.pk, key=key, subject=subject, last_date=last_date)
+        for pk, key, subject, last_date in rows_where_in(
+            Thread, ("id", "key", "subject", "last_date"), where={"mailbox": mailbox.pk},
+            field="id", values=set(stored.values()))
+    }
+    rest: list[tuple[Email, Envelope]] = []
+    for email, env in emails:
+        ids = (_clean(i, 1000) for i in (*env.references, *env.in_reply_to) if i)
+        thread_id = next((stored[i] for i in ids if i in stored and stored[i] in joined), None)
+        if thread_id is None:
+            rest.append((email, env))
+        else:
+            email.thread = joined[thread_id]
+    threads = {t.key: t for t in joined.values()}
+    emails = rest
+    if not emails:
+        return threads
     keys = {_clean(thread_key(env, email.fingerprint), 1000) for email, env in emails}
     insert_rows(Thread, ("mailbox", "key"), [(mailbox.pk, k) for k in sorted(keys)],
                 ignore_conflicts=True)
-    threads = {
+    threads.update({
         key: Thread(id=pk, mailbox_id=mailbox.pk, key=key, subject=subject, last_date=last_date)
         for pk, key, subject, last_date in rows_where_in(
             Thread, ("id", "key", "subject", "last_date"), where={"mailbox": mailbox.pk},
             field="key", values=keys)
-    }
+    })
     for email, env in emails:
         email.thread = threads[_clean(thread_key(env, email.fingerprint), 1000)]
     return threads
@@ -220,6 +249,7 @@ def ingest_batch(
     advance_cursor: Callable[[MailFolder], None],
     prepared: Sequence[Prepared] | None = None,
     durable: bool = True,
+    undelete: bool = True,
 ) -> BatchResult:
     """Store ``messages`` and, in the same transaction, advance the cursor.
 
@@ -230,13 +260,17 @@ def ingest_batch(
     PostgreSQL may then lose the last batches, but always together with the cursor that
     was advanced in the same transaction, and the mail is still on the server: the next run
     fetches it again. POP3 must not use it: a DELE follows the commit.
+
+    ``undelete`` (IMAP): a known mail found again on the server (moved back from the Trash)
+    is no longer a tombstone. POP3 passes False: a copy downloaded again (a second delivery,
+    a server that renumbered its UIDLs) must not bring back mail deleted in the CRM.
     """
     if prepared is None:
         prepared = [prepare(m) for m in messages]
     try:
         with transaction.atomic():
             _commit_mode(durable)
-            result = _store(mailbox, folder, uidvalidity, prepared)
+            result = _store(mailbox, folder, uidvalidity, prepared, undelete)
             _finish(mailbox, folder, advance_cursor, result)
             return result
     except (IntegrityError, DataError, ValueError) as exc:
@@ -246,7 +280,7 @@ def ingest_batch(
         try:
             with transaction.atomic():
                 _commit_mode(durable)
-                one = _store(mailbox, folder, uidvalidity, [p])
+                one = _store(mailbox, folder, uidvalidity, [p], undelete)
             result.stored += one.stored
             result.located += one.located
             result.bytes += one.bytes
@@ -281,7 +315,7 @@ def _finish(mailbox: Mailbox, folder: MailFolder, advance_cursor: Callable[[Mail
 
 
 def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
-           prepared: Sequence[Prepared]) -> BatchResult:
+           prepared: Sequence[Prepared], undelete: bool = True) -> BatchResult:
     result = BatchResult(bytes=sum(p.message.size for p in prepared))
     existing = dict(rows_where_in(Email, ("fingerprint", "id"), where={"mailbox": mailbox.pk},
                                   field="fingerprint", values={p.fingerprint for p in prepared}))
@@ -316,7 +350,7 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     result.located = max(0, len(prepared) - result.stored)
     # A known mail seen again somewhere (moved on the server) is no longer deleted, and is
     # read or flagged as its places now are; so is a new mail that came twice in this batch.
-    if existing:
+    if existing and undelete:
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
     seen_twice = len(prepared) - len({p.fingerprint for p in prepared})
     refresh_flags(list(existing.values()) + ([e.pk for e in created] if seen_twice else []))
@@ -324,7 +358,7 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         _finish_threads(mailbox, created, threads)
         in_reply_to, references = EMAIL_FIELDS.index("in_reply_to"), EMAIL_FIELDS.index("references")
         emails_associate(email_ids=[e.pk for e in created],
-                         exclude_addresses=[mailbox.email_address], addresses=addresses,
+                         exclude_addresses=own_addresses([mailbox.pk])[mailbox.pk], addresses=addresses,
                          quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created})
     _resolve_message_errors(folder, uidvalidity, [p.message.uid for p in prepared])
     return result

@@ -97,7 +97,12 @@ def assign_keys(listing: Sequence[Pop3Listing],
         if item.uidl and counts[item.uidl] == 1:
             keyed.append(Keyed(item, item.uidl, Pop3Message.KeyKind.UIDL))
             continue
-        base = hashes.get(item.number) or header_hash_key(b"", item.size)
+        base = hashes.get(item.number)
+        if base is None:
+            # TOP refused (no UIDL either): a key from the size alone would take another
+            # message of that size for this one, and a DELE could remove mail never stored.
+            # Left alone this run: neither downloaded nor deleted.
+            continue
         seen[base] += 1
         key = base if seen[base] == 1 else f"{base}:{seen[base]}"
         keyed.append(Keyed(item, key, Pop3Message.KeyKind.HASH))
@@ -329,9 +334,16 @@ class Pop3Sync(SyncRun):
         for reply in replies:
             item = by_number[reply.number]
             if reply.error:
-                # Left on the server and tried again next run; never recorded as done.
+                # Left on the server and tried again next run; never recorded as done. Off
+                # this run's totals, so that its progress ends complete (another client may
+                # have deleted it since the LIST).
                 log.warning("mailbox %s: RETR refused (%s)", self.mailbox.pk, reply.error)
                 self.report.failed += 1
+                self.counted.discard(item.key)
+                Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                    messages_total=F("messages_total") - 1,
+                    bytes_total=F("bytes_total") - (0 if self._headers_only(item) else (item.listing.size or 0)),
+                )
             elif not reply.complete and not reply.headers_only:
                 # Bigger than LIST said: its headers are fetched on the next connection.
                 self.too_large.add(item.key)
@@ -393,10 +405,11 @@ class Pop3Sync(SyncRun):
                                "It was left on the server."),
                     )
                     for uid, item, _ in truncated
-                ])
+                ], ignore_conflicts=True)  # a message that also failed to store has its error
 
         result = ingest_batch(mailbox=mailbox, folder=self.folder, uidvalidity=POP3_UIDVALIDITY,
-                              prepared=[p for _, _, p in stored], advance_cursor=record)
+                              prepared=[p for _, _, p in stored], advance_cursor=record,
+                              undelete=False)
         self.report.new += result.stored
         self.report.located += result.located
         self.report.failed += result.failed

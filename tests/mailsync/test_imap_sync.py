@@ -456,10 +456,10 @@ def test_failed_message_is_kept_with_an_error_and_retried(dovecot, mail_user, im
 
     real_store = ingest._store
 
-    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared):
+    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared, *rest):
         if any(p.envelope.subject == "Retry 1" for p in prepared):
             raise ValueError("simulated storage failure")
-        return real_store(mailbox, folder, uidvalidity, prepared)
+        return real_store(mailbox, folder, uidvalidity, prepared, *rest)
 
     monkeypatch.setattr(ingest, "_store", store_failing_on_retry_1)
     report = sync(imap_mailbox)

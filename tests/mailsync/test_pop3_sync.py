@@ -470,10 +470,10 @@ def test_message_that_fails_to_store_is_kept_raw_and_retried_from_the_crm(doveco
 
     real_store = ingest._store
 
-    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared):
+    def store_failing_on_retry_1(mailbox, folder, uidvalidity, prepared, *rest):
         if any(p.envelope.subject == "Retry 1" for p in prepared):
             raise ValueError("simulated storage failure")
-        return real_store(mailbox, folder, uidvalidity, prepared)
+        return real_store(mailbox, folder, uidvalidity, prepared, *rest)
 
     monkeypatch.setattr(ingest, "_store", store_failing_on_retry_1)
     report = sync(pop3_mailbox)
