@@ -14,12 +14,13 @@ from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from ..association import emails_associate, own_addresses
+from ..association import emails_associate
 from ..mime import Address, Envelope
 from ..models import (
     Email,
     EmailLocation,
     EmailParticipant,
+    MailboxAlias,
     MailFolder,
     Mailbox,
     MessageError,
@@ -134,14 +135,20 @@ def _participants(email: Email, env: Envelope) -> list[EmailParticipant]:
             for _, role, name, address in _participant_rows(email.pk, env)]
 
 
+def _parents(envelope: Envelope) -> list[str]:
+    """The ids of the mail this one answers: In-Reply-To, and the last of References (RFC
+    5322 3.6.4: the parent; the root, References' first, is the thread key anyway)."""
+    return [i for i in (*envelope.in_reply_to, *envelope.references[-1:]) if i]
+
+
 def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict[str, Thread]:
     """Find or create the threads of new mails (before they are inserted, so thread_id goes
     in with the row): three queries per batch whatever its size.
 
-    A mail that quotes (References, In-Reply-To) a stored mail joins that mail's thread: a
-    reply with only In-Reply-To to a reply would otherwise be keyed by its parent's id and
-    start a thread of its own. Else the thread is keyed by the conversation's root id."""
-    quoted = {_clean(i, 1000) for _, env in emails for i in (*env.references, *env.in_reply_to) if i}
+    A mail that answers a stored mail joins that mail's thread: a reply with only
+    In-Reply-To to a reply would otherwise be keyed by its parent's id and start a thread of
+    its own. Else the thread is keyed by the conversation's root id."""
+    quoted = {_clean(i, 1000) for _, env in emails for i in _parents(env)}
     stored: dict[str, int] = {}
     for message_id, thread_id in rows_where_in(Email, ("message_id", "thread"),
                                                where={"mailbox": mailbox.pk},
@@ -156,7 +163,7 @@ def _threads_for(mailbox: Mailbox, emails: list[tuple[Email, Envelope]]) -> dict
     }
     rest: list[tuple[Email, Envelope]] = []
     for email, env in emails:
-        ids = (_clean(i, 1000) for i in (*env.references, *env.in_reply_to) if i)
+        ids = (_clean(i, 1000) for i in _parents(env))
         thread_id = next((stored[i] for i in ids if i in stored and stored[i] in joined), None)
         if thread_id is None:
             rest.append((email, env))
@@ -358,10 +365,17 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         _finish_threads(mailbox, created, threads)
         in_reply_to, references = EMAIL_FIELDS.index("in_reply_to"), EMAIL_FIELDS.index("references")
         emails_associate(email_ids=[e.pk for e in created],
-                         exclude_addresses=own_addresses([mailbox.pk])[mailbox.pk], addresses=addresses,
+                         exclude_addresses=_own(mailbox), addresses=addresses,
                          quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created})
     _resolve_message_errors(folder, uidvalidity, [p.message.uid for p in prepared])
     return result
+
+
+def _own(mailbox: Mailbox) -> set[str]:
+    """The mailbox's address and aliases: never what its mail is matched to records by."""
+    return {mailbox.email_address.strip().lower(),
+            *(a.strip().lower() for a in MailboxAlias.objects.filter(mailbox=mailbox)
+              .values_list("address", flat=True))}
 
 
 def refresh_flags(email_ids: Collection[int]) -> None:
