@@ -44,6 +44,15 @@ class MailProtocolError(MailTransientError):
     code = "protocol_error"
 
 
+class MailDeliveryUncertain(MailError):
+    """The SMTP server stopped answering after it was handed the message: it may have been
+    delivered. Never to be sent again without the user knowing (a customer would get it
+    twice)."""
+
+    code = "delivery_uncertain"
+    http_status = 502
+
+
 class MailboxBusy(MailTransientError):
     """Another sync of this mailbox holds the lock."""
 

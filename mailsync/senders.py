@@ -54,12 +54,15 @@ def organization_emails_for(user: User) -> list[OrganizationEmail]:
 
 def sender_choices(user: User) -> list[Sender]:
     mailboxes = _sending_mailboxes(user)
+    # An organization email is used under its own rules (confirmed, allowed users), never
+    # as an alias someone added to their mailbox.
+    organization = {a.lower() for a in OrganizationEmail.objects.values_list("address", flat=True)}
     choices: list[Sender] = []
     for mailbox in mailboxes:
         name = mailbox.display_name or user.get_full_name()
         choices.append(Sender(mailbox.email_address, name, mailbox, "mailbox"))
         choices += [Sender(a.address, a.display_name or name, mailbox, "alias")
-                    for a in mailbox.aliases.all()]
+                    for a in mailbox.aliases.all() if a.address.lower() not in organization]
     if mailboxes:
         choices += [Sender(o.address, o.display_name, mailboxes[0], "organization")
                     for o in organization_emails_for(user)]
@@ -114,6 +117,10 @@ def mailbox_alias_add(*, actor: User, mailbox: Mailbox, address: str,
     if address.lower() == mailbox.email_address.lower() or mailbox.aliases.filter(
             address__iexact=address).exists():
         raise ValidationError({"address": ["This mailbox already has this address."]})
+    if OrganizationEmail.objects.filter(address__iexact=address).exists():
+        raise ValidationError({"address": [
+            "This is an organization email: it is offered to the users an administrator "
+            "allows, once confirmed (Setup › Organization Emails), not as an alias."]})
     return MailboxAlias.objects.create(mailbox=mailbox, address=address,
                                        display_name=_clean_name(display_name))
 

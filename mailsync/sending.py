@@ -35,7 +35,7 @@ from crm.models import Contact, Deal, Lead, User
 from crm.selectors import records_visible_to
 
 from .association import emails_associate
-from .exceptions import MailConfigError, MailError
+from .exceptions import MailConfigError, MailDeliveryUncertain, MailError
 from .mime import html_to_text, sanitize_html
 from .mime.filenames import safe_filename
 from .models import Attachment, AttachmentBlob, Email, EmailLink, EmailSource, Mailbox
@@ -109,12 +109,22 @@ def parse_address_list(value: str | Iterable[str], *, field: str) -> list[Header
                 if match else ("", piece)
             try:
                 validate_email(addr)
-                out.append(HeaderAddress(display_name=name.replace('\\"', '"'), addr_spec=addr))
-            except (ValidationError, ValueError, IndexError) as exc:
+                out.append(HeaderAddress(display_name=name.replace('\\"', '"'), addr_spec=_ascii_domain(addr)))
+            except (ValidationError, ValueError, IndexError, UnicodeError) as exc:
                 raise ValidationError({field: [f"{piece!r} is not a valid email address."]}) from exc
     if len(out) > MAX_RECIPIENTS:
         raise ValidationError({field: [f"At most {MAX_RECIPIENTS} addresses."]})
     return out
+
+
+def _ascii_domain(address: str) -> str:
+    """An internationalized domain in its ASCII form (IDNA, RFC 5891): the only form a header
+    and RCPT TO carry without SMTPUTF8 (``policy.SMTP`` would put an encoded word in the
+    domain, which no mail client reads as an address)."""
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    return f"{local}@{domain.encode('idna').decode('ascii')}"
 
 
 def _single_address(value: str, *, field: str) -> HeaderAddress:
@@ -363,18 +373,28 @@ def email_deliver(*, email_id: int) -> Email:
         return email
     mailbox = email.mailbox
     raw = decompress(email.source_data.data)
+    note = ""
     try:
         # Envelope sender: the mailbox's own address, so bounces come back to the mailbox
         # the CRM syncs, whatever From (alias, organization address) the mail shows.
-        smtp.send(smtp_settings(mailbox), raw, sender=mailbox.email_address,
-                  recipients=_recipients(raw))
+        refused = smtp.send(smtp_settings(mailbox), raw, sender=mailbox.email_address,
+                            recipients=_recipients(raw))
+    except MailDeliveryUncertain as exc:
+        # Most likely delivered (only the server's answer was lost): "sent", with the doubt
+        # said, and no "Send again" offered; a second copy would reach the customer.
+        log.info("email %s: delivery uncertain (%s)", email_id, exc.code)
+        note = str(exc)
     except MailError as exc:
         log.info("email %s: sending failed (%s)", email_id, exc.code)
         Email.objects.filter(pk=email.pk, send_state=Email.SendState.SENDING).update(
             send_state=Email.SendState.FAILED, send_error=str(exc)[:2000])
         email.refresh_from_db()
         return email
-    Email.objects.filter(pk=email.pk).update(send_state=Email.SendState.SENT, send_error="")
+    else:
+        if refused:
+            note = "Sent, but the server refused " + "; ".join(
+                f"{address} ({reply})" for address, reply in refused.items()) + "."
+    Email.objects.filter(pk=email.pk).update(send_state=Email.SendState.SENT, send_error=note[:2000])
     if mailbox.protocol == Mailbox.Protocol.IMAP:
         try:
             _append_to_sent(mailbox, raw)
@@ -382,7 +402,8 @@ def email_deliver(*, email_id: int) -> Email:
             # Sent all the same: say so, without offering to send it again.
             log.info("email %s: sent, but not copied to Sent (%s)", email_id, exc.code)
             Email.objects.filter(pk=email.pk).update(
-                send_error=f"Sent, but not copied to the Sent folder: {exc}"[:2000])
+                send_error=" ".join(filter(None, [note, f"Not copied to the Sent folder: {exc}"]))[:2000]
+                if note else f"Sent, but not copied to the Sent folder: {exc}"[:2000])
     email.refresh_from_db()
     return email
 

@@ -24,6 +24,7 @@ import aiosmtplib
 from ..exceptions import (
     MailAuthError,
     MailConfigError,
+    MailDeliveryUncertain,
     MailError,
     MailProtocolError,
     MailServerUnreachable,
@@ -235,13 +236,33 @@ async def _close(client: aiosmtplib.SMTP) -> None:
         client.sock.close()  # never connected (TLS failed, say): the socket is still ours
 
 
+class _NoAnswerAfterData(Exception):
+    """The connection failed once DATA had begun: the server may have accepted the mail."""
+
+
 async def _send(settings: ServerSettings, message: EmailMessage, sender: str,
-                recipients: Sequence[str]) -> None:
+                recipients: Sequence[str]) -> dict[str, str]:
     client = _client(settings)
+    data_begun = False
+    real_data = client.data
+
+    async def data(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        nonlocal data_begun
+        data_begun = True
+        return await real_data(*args, **kwargs)
+
+    client.data = data  # type: ignore[method-assign]
     try:
         await _login(client, settings)
-        # send_message drops Bcc from what is transmitted; the envelope still carries it.
-        await client.send_message(message, sender=sender, recipients=list(recipients))
+        try:
+            # send_message drops Bcc from what is transmitted; the envelope still carries it.
+            refused, _ = await client.send_message(message, sender=sender, recipients=list(recipients))
+        except (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected, ConnectionError,
+                TimeoutError) as exc:
+            if data_begun:
+                raise _NoAnswerAfterData(str(exc)) from exc
+            raise
+        return {address: f"{reply.code} {reply.message}" for address, reply in refused.items()}
     finally:
         await _close(client)
 
@@ -254,8 +275,12 @@ def check_login(settings: ServerSettings) -> None:
         raise _translate(exc, settings) from exc
 
 
-def send(settings: ServerSettings, raw: bytes, *, sender: str, recipients: Sequence[str]) -> None:
-    """Send the RFC 5322 message ``raw`` (Bcc headers are not transmitted) to ``recipients``."""
+def send(settings: ServerSettings, raw: bytes, *, sender: str,
+         recipients: Sequence[str]) -> dict[str, str]:
+    """Send the RFC 5322 message ``raw`` (Bcc headers are not transmitted) to ``recipients``.
+    Returns the recipients the server refused (address -> its reply) when it took the mail
+    for the others; refusing them all is an error. MailDeliveryUncertain: the connection
+    failed after the mail was handed over."""
     message = email.message_from_bytes(raw, _class=EmailMessage, policy=email.policy.SMTP)
     check_headers(message)
     check_address(sender)
@@ -264,6 +289,12 @@ def send(settings: ServerSettings, raw: bytes, *, sender: str, recipients: Seque
     for recipient in recipients:
         check_address(recipient)
     try:
-        run_coroutine(_send(settings, message, sender, recipients))
+        return run_coroutine(_send(settings, message, sender, recipients))
+    except _NoAnswerAfterData as exc:
+        raise MailDeliveryUncertain(
+            f"Outgoing mail (SMTP) server {settings.host} stopped answering after it was "
+            "handed the mail: it was probably sent.",
+            hint="Check your Sent folder or ask the recipient before sending it again.",
+        ) from exc
     except Exception as exc:  # noqa: BLE001
         raise _translate(exc, settings) from exc
