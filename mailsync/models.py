@@ -7,6 +7,7 @@ transaction as the rows it covers.
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -46,7 +47,7 @@ class Mailbox(models.Model):
     provider = models.CharField(max_length=50, default="custom")
 
     incoming_host = models.CharField(max_length=255)
-    incoming_port = models.PositiveIntegerField()
+    incoming_port = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
     incoming_security = models.CharField(
         max_length=10, choices=Security.choices, default=Security.SSL
     )
@@ -54,7 +55,8 @@ class Mailbox(models.Model):
     password = EncryptedTextField(blank=True)
 
     smtp_host = models.CharField(max_length=255, blank=True)
-    smtp_port = models.PositiveIntegerField(null=True, blank=True)
+    smtp_port = models.PositiveIntegerField(null=True, blank=True,
+                                            validators=[MinValueValidator(1), MaxValueValidator(65535)])
     smtp_security = models.CharField(
         max_length=10, choices=Security.choices, default=Security.STARTTLS
     )

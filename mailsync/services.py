@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from crm.exceptions import RecordPermissionDenied
@@ -51,6 +51,8 @@ def _check_host(host: str) -> None:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ValidationError({"incoming_host": [f"The server {host} was not found."]}) from exc
+    except (UnicodeError, ValueError) as exc:  # "a..b", a label over 63 characters
+        raise ValidationError({"incoming_host": [f"{host!r} is not a valid server name."]}) from exc
     for info in infos:
         if not is_public_address(info[4][0]):
             raise ValidationError(
@@ -96,6 +98,9 @@ def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool 
     _validate(mailbox)
     if check_connection:
         mailbox_test(mailbox=mailbox)
+    # Two first mailboxes created at once: the owner's row serializes the decision (else both
+    # would be active and the second INSERT would hit mailbox_one_active_per_owner).
+    list(User.objects.select_for_update().filter(pk=actor.pk).values_list("pk", flat=True))
     mailbox.is_active = not Mailbox.objects.filter(owner=actor, is_active=True).exists()
     mailbox.save()
     if mailbox.is_active:
@@ -122,9 +127,11 @@ def _queue_sync(mailbox: Mailbox) -> None:
 def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                    check_connection: bool = True) -> Mailbox:
     _check_owner(actor, mailbox)
-    connection_fields = {"incoming_host", "incoming_port", "incoming_security", "username", "password",
-                         "smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password"}
+    connection_fields = {"protocol", "incoming_host", "incoming_port", "incoming_security", "username",
+                         "password", "smtp_host", "smtp_port", "smtp_security", "smtp_username",
+                         "smtp_password"}
     excluded_before = mailbox.excluded_domain_set
+    since_before = mailbox.sync_since
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
             continue  # write-only: empty keeps the stored secret
@@ -137,6 +144,13 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     mailbox.save()
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
+    if since_before is not None and (mailbox.sync_since is None or mailbox.sync_since < since_before):
+        # Older mail is wanted now: each folder's backfill runs again below what it has
+        # (UIDs already stored are skipped, nothing is downloaded twice).
+        MailFolder.objects.filter(mailbox=mailbox, uid_low__isnull=False).update(
+            backfill_done=False, uid_low=F("uid_high") + 1)
+        if mailbox.is_active:
+            _queue_sync(mailbox)
     return mailbox
 
 

@@ -71,6 +71,9 @@ def _checked_addresses(settings: ServerSettings) -> list[tuple]:
                                    proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise translate_network_error(exc, settings.host) from exc
+    except (UnicodeError, ValueError) as exc:  # "a..b", a label over 63 characters
+        raise MailConfigError(f"{settings.host!r} is not a valid server name.",
+                              hint="Check the server name.") from exc
     if not settings.allow_private_hosts:
         for info in infos:
             if not is_public_address(info[4][0]):

@@ -76,8 +76,12 @@ class SyncRun:
                           last_error=f"Unexpected error: {type(exc).__name__}",
                           last_error_code="internal")
                 raise
+            # Completed; what the user should still know (a folder to sync that is not on
+            # the server, say) stays in last_error with the code "notice".
+            notice = " ".join(self.report.errors)[:2000]
             self._set(state=Mailbox.State.COMPLETED, last_sync_at=timezone.now(),
-                      paused_until=None, last_error="", last_error_code="")
+                      paused_until=None, last_error=notice,
+                      last_error_code="notice" if notice else "")
         return self.report
 
     def _set(self, **fields: object) -> None:

@@ -190,6 +190,11 @@ class ImapSync(SyncRun):
             special = dict(session.list_folders())
             found = [(name, special.get(name, "")) for name in self.mailbox.folders
                      if name in special and special.get(name, "") not in NEVER_SYNC]
+            missing = [name for name in self.mailbox.folders if name not in special]
+            if missing:
+                self.report.errors.append(
+                    "Not on the server, so not synced: " + ", ".join(repr(n) for n in missing[:10])
+                    + ". Check “Folders to sync” (the names as your mail program shows them).")
         else:
             found = session.default_sync_folders()
         folders = []
@@ -317,7 +322,11 @@ class ImapSync(SyncRun):
         self._fetch_and_store(session, folder, list(_batches(sorted(sizes), sizes)), advance_to, sizes)
 
     def _backfill(self, session: ImapSession, folder: MailFolder) -> None:
-        uids = [u for u in self._search(session) if u < (folder.uid_low or 0)]
+        # Below what the folder has; UIDs already stored are skipped (a backfill run again
+        # after "sync mail since" moved earlier downloads only the older mail).
+        known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=folder.uidvalidity)
+                    .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
+        uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
         sizes = session.fetch_sizes(uids) if uids else {}
         self._add_totals(len(sizes), sum(sizes.values()))
         def advance_to(batch: list[int]) -> Callable[[MailFolder], None]:

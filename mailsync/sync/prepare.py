@@ -45,6 +45,10 @@ TRACE_HEADERS = frozenset({
     b"x-spam-level", b"x-spam-checker-version", b"x-virus-scanned", b"status", b"x-status",
     b"x-keywords", b"x-uid", b"lines", b"content-length",
 })
+# Left out of the fingerprint as well: the trace headers, and Bcc, which the sender's own
+# copies carry (the CRM's, a Sent folder's) and the copy delivered to a Bcc recipient does
+# not (SMTP clients drop it), so a mail Bcc'd to oneself is one mail (migration 0010).
+NOT_FINGERPRINTED = TRACE_HEADERS | {b"bcc", b"resent-bcc"}
 
 
 def _as_bytes(raw: object) -> bytes:
@@ -55,7 +59,7 @@ def fingerprint(envelope: Envelope, raw: bytes, wire: bytes) -> str:
     """Who a message is, the same in every mailbox and folder that holds it: the Message-ID
     plus a hash of the message (``wire``: its ``wire_form``) without its trace headers
     (Received, Delivered-To, ...), which every delivery adds anew, so the same mail in a
-    personal and a shared mailbox would otherwise look like two. Two mails that merely share
+    personal and a shared mailbox would otherwise look like two, and without Bcc. Two mails that merely share
     a Message-ID differ in some header or the body and stay apart."""
     if not envelope.message_id:
         basis = f"derived\n{derived_message_key(envelope, raw)}"
@@ -75,7 +79,7 @@ def fingerprint(envelope: Envelope, raw: bytes, wire: bytes) -> str:
                 kept.append(line)
             continue
         name = line.split(b":", 1)[0].strip().lower()
-        skipping = name in TRACE_HEADERS
+        skipping = name in NOT_FINGERPRINTED
         if not skipping:
             kept.append(line)
     digest.update(b"\r\n".join(kept))

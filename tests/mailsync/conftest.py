@@ -71,6 +71,15 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
     )
 
 
+def mailbox_input(dovecot, user, **overrides) -> dict:  # noqa: ANN001
+    """What an API client sends to create an IMAPS mailbox on the private Dovecot."""
+    return {
+        "display_name": "Sales", "email_address": user.email, "incoming_host": dovecot.host,
+        "incoming_port": dovecot.imaps_port, "incoming_security": "ssl",
+        "username": user.username, "password": user.password, **overrides,
+    }
+
+
 @contextlib.contextmanager
 def sync_lock_held(mailbox_id: int) -> Iterator[None]:
     """The mailbox's sync lock held, as a running sync holds it: by a worker's own database

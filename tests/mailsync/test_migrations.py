@@ -118,3 +118,44 @@ def test_compressed_columns_are_not_compressed_again_by_postgresql():
         storage = {(table, column): mode for table, column, mode in cursor.fetchall()}
     assert storage == {("mailsync_emailsource", "data"): "e", ("mailsync_attachmentblob", "data"): "e",
                        ("mailsync_messageerror", "raw"): "e"}
+
+
+bcc_migration = importlib.import_module("mailsync.migrations.0010_fingerprint_without_bcc")
+
+
+def test_0010_computes_the_fingerprint_the_sync_computes_now():
+    """Its frozen hashing agrees with prepare() today, Bcc or not, on the shared corpus too;
+    and a copy without its Bcc header is the same mail."""
+    from mailsync.mime import parse_envelope
+
+    with_bcc = RAW.replace(b"To: sales@example.com\r\n", b"To: sales@example.com\r\nBcc: me@example.com\r\n")
+    for raw in [RAW, with_bcc, with_bcc.replace(b"\r\n", b"\n")] + [p.read_bytes() for p in corpus_files()]:
+        mid = parse_envelope(raw).message_id
+        if mid:
+            assert bcc_migration.fingerprint(raw, mid, bcc_migration.WITHOUT_BCC) == _prepared(raw).fingerprint
+    assert _prepared(with_bcc).fingerprint == _prepared(RAW).fingerprint
+    assert _prepared(with_bcc).content_hash != _prepared(RAW).content_hash  # the bytes differ
+
+
+@pytest.mark.django_db
+def test_0010_rehashes_stored_mail_with_bcc_forwards_and_back():
+    from mailsync.models import EmailParticipant
+
+    mailbox = MailboxFactory()
+    with_bcc = RAW.replace(b"To: sales@example.com\r\n", b"To: sales@example.com\r\nBcc: me@example.com\r\n")
+    old = bcc_migration.fingerprint(with_bcc, "offer-1@client.example", bcc_migration.TRACE_HEADERS)
+    email = Email.objects.create(mailbox=mailbox, fingerprint=old, content_hash="h", direction="sent",
+                                 message_id="offer-1@client.example")
+    EmailSource.objects.create(email=email, data=compress(with_bcc), size=len(with_bcc))
+    EmailParticipant.objects.create(email=email, role="bcc", name="", address="me@example.com")
+    untouched = Email.objects.create(mailbox=mailbox, fingerprint="no-bcc", content_hash="h",
+                                     direction="received", message_id="other@client.example")
+
+    bcc_migration.forwards(apps, None)
+    email.refresh_from_db()
+    assert email.fingerprint == _prepared(RAW).fingerprint  # = its copy without Bcc
+    untouched.refresh_from_db()
+    assert untouched.fingerprint == "no-bcc"
+    bcc_migration.backwards(apps, None)
+    email.refresh_from_db()
+    assert email.fingerprint == old

@@ -1,4 +1,4 @@
-"""Probes: From / Reply-To choices and how names, subjects and attachment names arrive."""
+"""From / Reply-To choices and how names, subjects and attachment names arrive."""
 from __future__ import annotations
 
 import email

@@ -1,4 +1,4 @@
-"""Probes: SMTP server answers that are not a plain 250 (recipient refusals, a reply that
+"""SMTP server answers that are not a plain 250 (recipient refusals, a reply that
 never comes after DATA was accepted) and what the salesperson then sees."""
 from __future__ import annotations
 
