@@ -347,6 +347,12 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
     changes = {name: value for name, value in (("\\Seen", seen), ("\\Flagged", flagged))
                if value is not None}
     is_imap = mailbox.protocol == Mailbox.Protocol.IMAP
+    if folder is not None:
+        folder = folder.strip()
+        if not folder:
+            raise ValidationError({"folder": ["Choose a folder."]})
+        if not is_imap:
+            raise ValidationError({"folder": ["POP3 mail has no folders on the server to move it to."]})
     places = _locations_by_folder(email) if is_imap else {}
     moves: list[tuple[str, CopiedMessages]] = []
     target_special_use = ""
@@ -357,6 +363,9 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                 if folder not in server_folders:
                     raise ValidationError({"folder": [f"There is no folder {folder!r} in this mailbox."]})
                 target_special_use = server_folders[folder]
+            # One copy goes to the folder (none if it is there already); copies elsewhere are
+            # removed: the mail is then in that folder only, as the CRM shows it.
+            move_one = folder not in places
             for name, uids in places.items():
                 _select_same_uids(session, mailbox, name)
                 add = [flag for flag, on in changes.items() if on]
@@ -366,9 +375,13 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                 if remove:
                     session.remove_flags(uids, remove)
                 if folder and folder != name:
-                    copied = session.move(uids, folder)
-                    if copied is not None:
-                        moves.append((name, copied))
+                    if move_one:
+                        move_one = False
+                        copied = session.move(uids, folder)
+                        if copied is not None:
+                            moves.append((name, copied))
+                    else:
+                        session.expunge(uids)
     with transaction.atomic():
         if seen is not None:
             email.seen = seen
@@ -434,25 +447,34 @@ def _record_moves(*, email: Email, folder: str, special_use: str,
     )
 
 
-def email_delete(*, actor: User, email: Email) -> None:
-    """Delete: to the server's Trash for IMAP; in the CRM a recoverable tombstone."""
+def email_delete(*, actor: User, email: Email) -> str:
+    """Delete: to the server's Trash for IMAP; in the CRM a recoverable tombstone. Returns
+    what happened on the server: "trash" (one copy moved there, other copies removed),
+    "expunged" (no Trash, or it was in the Trash already: deleted for good) or "crm" (POP3
+    mail, or mail not on the server: the CRM only)."""
     mailbox = email.mailbox
     _check_mail_owner(actor, mailbox)
     places = _locations_by_folder(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
+    outcome = "crm"
     if places:
         with _server_session(mailbox) as session:
             trash = session.trash_folder()
+            to_trash = bool(trash) and trash not in places
+            outcome = "trash" if to_trash else "expunged"
             for name, uids in places.items():
                 _select_same_uids(session, mailbox, name)
-                if trash and name != trash:
+                if to_trash:
+                    to_trash = False
                     session.move(uids, trash)
                 else:
-                    # No Trash (or already in it): delete for good, or a later UIDVALIDITY
-                    # re-map would bring the mail back.
+                    # Another copy went to the Trash, or there is none (or it was in it
+                    # already): deleted for good, or a later UIDVALIDITY re-map would bring
+                    # the mail back.
                     session.expunge(uids)
     with transaction.atomic():
         email.locations.all().delete()
         Email.objects.filter(pk=email.pk).update(deleted_at=timezone.now())
+    return outcome
 
 
 def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:

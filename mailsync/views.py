@@ -619,8 +619,13 @@ def email_action_view(request: HttpRequest, pk: int) -> HttpResponse:
             services.email_update(actor=request.user, email=email, folder=folder)
             messages.success(request, f"Moved to {folder}.")
         elif action == "delete":
-            services.email_delete(actor=request.user, email=email)
-            messages.success(request, "Email deleted (moved to the Trash of the mailbox).")
+            outcome = services.email_delete(actor=request.user, email=email)
+            messages.success(request, {
+                "trash": "Email deleted (moved to the Trash of the mailbox).",
+                "expunged": "Email deleted, in the mailbox too (it has no Trash, or the mail "
+                            "was in it already).",
+                "crm": "Email deleted from the CRM (the mail server keeps its copy).",
+            }[outcome])
             record = _record_from_ref(request, request.POST.get("record"))
             return redirect(record.get_absolute_url() + "#related-emails" if record else "mail-inbox")
         elif action == "retry":

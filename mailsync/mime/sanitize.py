@@ -143,6 +143,9 @@ class SanitizedHtml:
     blocked_remote_images: int  # remote <img>, CSS url() and background= URLs removed
 
 
+_CSS_OTHER_URL_RE = re.compile(r"(?:image|image-set|-webkit-image-set|src|cross-fade|element)\s*\(", re.I)
+
+
 def _normalize_url(value: str) -> str:
     # WHATWG URL parsing drops leading/trailing C0 controls and spaces and every tab/CR/LF, so
     # "java\tscript:" is javascript:; check what the browser will see.
@@ -215,6 +218,10 @@ class _Filter:
             urls = _CSS_URL_RE.findall(decl)
             if prop not in ALLOWED_STYLE_PROPERTIES or ":" not in decl:
                 self.blocked += sum(1 for _, u in urls if _scheme(u) in ("http", "https", "//"))
+                continue
+            if "url(" not in decl.lower() and ("//" in decl or _CSS_OTHER_URL_RE.search(decl)):
+                # A URL outside url(): src(), image(), image-set("..."): no remote loads.
+                self.blocked += 1
                 continue
             if "url(" in decl.lower():
                 remote = [u for _, u in urls if _scheme(u) in ("http", "https", "//")]
