@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from django.db import close_old_connections
 
-from .exceptions import MailError, MailUserError
+from .exceptions import MailError, MailServerUnreachable, MailUserError
 from .models import Mailbox
 from .protocols.base import ServerSettings
 from .protocols.imap import ImapSession
@@ -27,6 +27,8 @@ REIDLE_AFTER = 25 * 60
 # How often idle_check wakes to look at the stop flag and the re-IDLE clock.
 CHECK_INTERVAL = 1.0
 BACKOFF_START, BACKOFF_MAX = 2.0, 300.0
+# How long a watcher whose mailbox settings changed is waited for before its replacement starts.
+REPLACE_WAIT = 10.0
 # Responses during IDLE that mean the folder changed (new mail, expunge, flag change).
 CHANGE_RESPONSES = {b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"}
 
@@ -40,7 +42,10 @@ def queue_sync(mailbox_id: int) -> None:
 
 
 def _changed(responses: list[tuple]) -> bool:
-    return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
+    # "* 3 EXISTS" parses as (3, b"EXISTS"); with QRESYNC an expunge is "* VANISHED 1",
+    # which parses as (b"VANISHED", 1).
+    return any((len(r) > 1 and r[1] in CHANGE_RESPONSES) or (r and r[0] == b"VANISHED")
+               for r in responses)
 
 
 class MailboxWatcher(threading.Thread):
@@ -70,16 +75,22 @@ class MailboxWatcher(threading.Thread):
                 self._watch()
                 backoff = BACKOFF_START
             except MailUserError as exc:
-                # Wrong password and the like: the sync status already tells the user;
-                # the supervisor restarts us when the mailbox settings change.
-                log.info("mailbox %s: IDLE stopped: %s", self.mailbox_id, exc.code)
-                self.failed = exc
-                return
+                if not self.connected.is_set():
+                    # Wrong password and the like: the sync status already tells the user;
+                    # the supervisor restarts us when the mailbox settings change.
+                    log.info("mailbox %s: IDLE stopped: %s", self.mailbox_id, exc.code)
+                    self.failed = exc
+                    return
+                # After a working session (a TLS record cut by a dropped network, say): the
+                # settings were right, the connection was lost.
+                log.info("mailbox %s: IDLE connection lost (%s)", self.mailbox_id, exc.code)
             except (MailError, OSError) as exc:
                 log.info("mailbox %s: IDLE connection lost (%s); retry in %.0f s",
                          self.mailbox_id, type(exc).__name__, backoff)
             except Exception:  # noqa: BLE001  (a watcher thread must never die silently)
                 log.exception("mailbox %s: IDLE watcher error", self.mailbox_id)
+            if self.connected.is_set():
+                backoff = BACKOFF_START  # it worked until now: a drop, not a failing server
             self.connected.clear()
             if self.stopping.wait(backoff):
                 return
@@ -100,6 +111,22 @@ class MailboxWatcher(threading.Thread):
             session.select(self.folder, readonly=True)
             client = session.client
             assert client is not None
+            # IMAPClient's idle_check takes the end of the stream for "nothing yet" and returns
+            # at once, again and again (a busy loop that would notice the drop only at the
+            # re-IDLE): the end of the stream is recorded here and ends the session.
+            imap = client._imap
+            read_line = imap._get_line
+            ended = threading.Event()
+
+            def get_line() -> bytes:
+                try:
+                    return read_line()
+                except imap.abort as exc:
+                    if "EOF" in str(exc):
+                        ended.set()
+                    raise
+
+            imap._get_line = get_line
             self.connected.set()
             # Whatever happened while we were not connected.
             self._notify()
@@ -117,6 +144,10 @@ class MailboxWatcher(threading.Thread):
                        and time.monotonic() - started < self.reidle_after):
                     responses = session._call(client.idle_check, timeout=self.check_interval)
                     changed = _changed(responses)
+                    if ended.is_set():
+                        if changed:
+                            self._notify()
+                        raise MailServerUnreachable(f"{self.settings.host} closed the connection.")
                 _text, responses = session._call(client.idle_done)
                 if changed or _changed(responses):
                     self._notify()
@@ -158,11 +189,20 @@ class IdleSupervisor:
 
     def refresh(self) -> None:
         wanted = self.targets()
+        stopped: dict[int, MailboxWatcher] = {}
         for target in list(self.watchers):
             if target not in wanted:
-                self.watchers.pop(target).stop()
+                watcher = self.watchers.pop(target)
+                watcher.stop()
+                stopped[target.mailbox_id] = watcher
         for target, settings in wanted.items():
             if target not in self.watchers:
+                old = stopped.get(target.mailbox_id)
+                if old is not None:
+                    # New settings: the old connection ends first (a mailbox holds one IDLE
+                    # connection; providers cap connections). Bounded: one stuck connecting
+                    # (its own timeout) does not hold up every other mailbox.
+                    old.join(timeout=REPLACE_WAIT)
                 watcher = MailboxWatcher(target.mailbox_id, settings, self.on_change,
                                          **self.watcher_options)
                 self.watchers[target] = watcher
