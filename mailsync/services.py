@@ -280,8 +280,11 @@ def _parse_and_store(emails: list[Email]) -> None:
         email.text = parsed.text.replace("\x00", "")
         email.html = parsed.html.replace("\x00", "")
         email.has_attachments = any(not a.inline for a in parsed.attachments)
-        email.parse_state = Email.ParseState.PARSED
-        email.parse_error = ""
+        # What could not be read is said, and the mail can be retried ("Retry" in the
+        # status): a part the parser gave up on, or the whole MIME structure.
+        lost = [d for d in parsed.defects if d.startswith("MIME parse failed") or " unreadable " in f" {d} "]
+        email.parse_state = Email.ParseState.FAILED if lost else Email.ParseState.PARSED
+        email.parse_error = "; ".join(lost)[:2000]
         attachments += [(email, part, hashlib.sha256(part.content).hexdigest())
                         for part in parsed.attachments]
     if attachments:

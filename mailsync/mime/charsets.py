@@ -100,11 +100,20 @@ def decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
                 return scrub(data.decode(codec)), None
             except (UnicodeDecodeError, LookupError, ValueError):
                 pass
-            if codec != "utf-8":
+            if codec != "utf-8" and not data.isascii():
+                # (7-bit data such as ISO-2022-JP is always "valid UTF-8": its own codec,
+                # with the odd character replaced, is the better reading.)
                 try:
                     return data.decode("utf-8"), f"text not valid {codec}; decoded as UTF-8"
                 except UnicodeDecodeError:
                     pass
+            if codec == "utf-8":
+                # Labelled UTF-8 but with more invalid bytes than valid non-ASCII characters:
+                # windows-1252 sent with the wrong label.
+                text = data.decode("utf-8", "replace")
+                bad = text.count("\ufffd")
+                if bad > sum(1 for ch in text if ch > "\x7f") - bad:
+                    return data.decode("cp1252", "replace"), "text not valid UTF-8; decoded as cp1252"
             return scrub(data.decode(codec, "replace")), f"invalid {codec} bytes replaced"
         note = None
         if charset and charset.strip().strip("\"'").lower() not in _ALIASES:

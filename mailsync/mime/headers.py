@@ -33,6 +33,8 @@ _WSP_RUN_RE = re.compile(r"\s+")
 _ENCODED_WORD_RE = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=")
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_DELETE = bytes(sorted(set(range(256)) - set(_B64_ALPHABET)))
+_B64_DELETE_KEEP_PAD = bytes(sorted(set(range(256)) - set(_B64_ALPHABET + b"=")))
+_B64_PIECES = re.compile(rb"[^=]+=*|=+")
 
 
 @dataclass
@@ -162,7 +164,16 @@ def header_bytes_to_str(value: bytes, fallback_charset: str | None = None) -> st
 
 
 def b64decode_lenient(data: bytes) -> bytes:
-    """Base64 that skips junk characters and repairs padding (RFC 2045 §6.8 says ignore them)."""
+    """Base64 that skips junk characters and repairs padding (RFC 2045 §6.8 says ignore them).
+    Data padded in pieces ("SGk=" then "IQ==", as some senders write each line) is decoded
+    piece by piece: the padding ends a piece."""
+    pieces = _B64_PIECES.findall(data.translate(None, _B64_DELETE_KEEP_PAD))
+    if len(pieces) > 1:
+        return b"".join(_b64_piece(p) for p in pieces)
+    return _b64_piece(data)
+
+
+def _b64_piece(data: bytes) -> bytes:
     clean = data.translate(None, _B64_DELETE)
     rem = len(clean) % 4
     if rem == 1:

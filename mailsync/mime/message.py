@@ -143,7 +143,9 @@ class _Walk:
         filename = decode_words(raw_name) if isinstance(raw_name, str) else None
         payload = self.transfer_decode(block, body)
         if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
-            self.add_text(ctype, payload, _get(params.get_content_charset), item.alt_group)
+            flowed = (str(_get(lambda: params.get_param("format")) or "").lower() == "flowed",
+                      str(_get(lambda: params.get_param("delsp")) or "").lower() == "yes")
+            self.add_text(ctype, payload, _get(params.get_content_charset), item.alt_group, flowed)
             return
         declared = (block.text("content-type") or "").split(";", 1)[0].strip().lower()
         if not _MEDIA_TYPE_RE.match(declared):
@@ -169,11 +171,14 @@ class _Walk:
             )
         )
 
-    def add_text(self, ctype: str, payload: bytes, charset: str | None, alt: int | None) -> None:
+    def add_text(self, ctype: str, payload: bytes, charset: str | None, alt: int | None,
+                 flowed: tuple[bool, bool] = (False, False)) -> None:
         text, defect = decode_bytes(payload, charset)
         if defect:
             self.note(defect)
         text = text.replace("\x00", "").replace("\r\n", "\n")
+        if flowed[0] and ctype == "text/plain":
+            text = unflow(text, delsp=flowed[1])
         if text.strip():
             (self.html if ctype == "text/html" else self.plain).append((alt, text))
 
@@ -184,12 +189,37 @@ class _Walk:
         if cte == "base64":
             return b64decode_lenient(body)
         if cte == "quoted-printable":
-            return binascii.a2b_qp(body)
+            # RFC 2045 6.7 (3): whitespace at the end of an encoded line is to be deleted
+            # (it may hide the "=" of a soft line break).
+            return binascii.a2b_qp(_QP_TRAILING_WS.sub(b"", body))
         if cte in ("x-uuencode", "uuencode", "x-uue", "uue"):
             return _uudecode(body)
         # RFC 2045 §6.4: an unknown encoding means the data is opaque; keep it as it came.
         self.note(f"unknown Content-Transfer-Encoding {cte[:40]!r}; kept raw")
         return body
+
+
+def unflow(text: str, *, delsp: bool) -> str:
+    """RFC 3676 format=flowed: a line ending in a space continues on the next line of the
+    same quote depth (with delsp=yes that space goes); "-- " is the signature separator."""
+    out: list[tuple[int, str]] = []
+    joining = False
+    for line in text.split("\n"):
+        depth = len(line) - len(line.lstrip(">"))
+        content = line[depth:]
+        if content.startswith(" "):  # space-stuffing (RFC 3676 4.4)
+            content = content[1:]
+        if joining and out and out[-1][0] == depth:
+            out[-1] = (depth, out[-1][1] + content)
+        else:
+            out.append((depth, content))
+        joining = content.endswith(" ") and content != "-- "
+        if joining and delsp:
+            out[-1] = (depth, out[-1][1][:-1])
+    return "\n".join(">" * d + (" " if d and c else "") + c for d, c in out)
+
+
+_QP_TRAILING_WS = re.compile(rb"[ \t]+(?=\r?\n|$)")
 
 
 def _params(block: HeaderBlock, default_type: str) -> Message:
