@@ -52,6 +52,8 @@ class FetchedMessage:
     raw: bytes
     # Only the header block was fetched (the message is over the mailbox's size limit).
     truncated: bool = False
+    # Not delivered: the server holds the message but did not send it (usably); raw is b"".
+    error: str = ""
 
 
 @dataclass(frozen=True)

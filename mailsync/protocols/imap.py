@@ -450,7 +450,8 @@ class ImapSession:
         IMAP literals are read to their announced length or the read fails, so a message
         cut off mid-transfer never gets here. A body whose length differs from RFC822.SIZE
         (some servers, Exchange among them, report sizes that are off) is fetched once more
-        on its own: the same bytes twice are the message; anything else is an error.
+        on its own: the same bytes twice are the message; different bytes leave it out, as
+        does a reply without a body (``missing_still_there`` tells them from expunges).
         """
         assert self.client is not None
         if not uids:
@@ -462,14 +463,14 @@ class ImapSession:
             if raw is None:  # expunged between SEARCH and FETCH
                 continue
             size = int(data.get(b"RFC822.SIZE", len(raw)))
-            if len(raw) != size:
-                again = self.fetch_messages([uid], recheck=False) if recheck else []
+            if len(raw) != size and recheck:
+                again = self.fetch_messages([uid], recheck=False)
                 if not again or again[0].raw != raw:
-                    raise MailProtocolError(
-                        f"Message UID {uid} arrived with {len(raw)} of {size} bytes."
-                    )
+                    log.warning("UID %s: %s of %s bytes, not the same when fetched again", uid,
+                                len(raw), size)
+                    continue
                 log.info("UID %s: RFC822.SIZE %s but %s bytes, twice; taking the bytes", uid, size, len(raw))
-                size = len(raw)
+            size = len(raw) if not recheck or len(raw) != size else size
             messages.append(
                 FetchedMessage(
                     uid=int(uid),
@@ -481,6 +482,16 @@ class ImapSession:
             )
         messages.sort(key=lambda m: m.uid)
         return messages
+
+    def missing_still_there(self, uids: Sequence[int]) -> list[int]:
+        """Of UIDs a FETCH did not deliver, those the selected folder still holds (the rest
+        were expunged meanwhile)."""
+        assert self.client is not None
+        if not uids:
+            return []
+        found = self._call(self.client.search, ["UID", ",".join(str(u) for u in sorted(uids))])
+        wanted = set(uids)
+        return sorted(u for u in found if u in wanted)
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """Only the header block of messages too large to import whole (BODY.PEEK[HEADER])."""

@@ -11,7 +11,8 @@ Django. The job, password included, goes over its stdin (never argv or the envir
 answers with pickled frames on its stdout:
 
     ("selected", uidvalidity)      once, after SELECT
-    ("batch", uids, [Prepared])    per batch, in order, raw bytes dropped (compressed kept)
+    ("batch", uids, [Prepared], [FetchedMessage])  per batch, in order, raw bytes dropped
+                                   (compressed kept); the last list: messages not delivered
     ("error", exception)           then it exits
     ("done",)
 
@@ -73,7 +74,18 @@ def fetch_batch(session: ImapSession, batch: Sequence[int], sizes: dict[int, int
     large = [uid for uid in batch if sizes.get(uid, 0) > limit]
     whole = [uid for uid in batch if sizes.get(uid, 0) <= limit]
     messages = session.fetch_messages(whole) + session.fetch_headers(large)
+    # Asked for and not delivered: expunged meanwhile, or held back by the server (a reply
+    # without a body, a size that never matches). The latter are reported, never skipped
+    # silently: the cursor moves past the batch.
+    got = {m.uid for m in messages}
+    kept_back = session.missing_still_there([uid for uid in batch if uid not in got])
+    messages += [FetchedMessage(uid=uid, flags=(), size=sizes.get(uid, 0), internal_date=None,
+                                raw=b"", error=UNDELIVERED) for uid in kept_back]
     return sorted(messages, key=lambda m: m.uid)
+
+
+UNDELIVERED = ("The server did not send this message when asked (it is still there); "
+               "it is fetched again by Retry.")
 
 
 # -- the parent's side -----------------------------------------------------------------------
@@ -89,8 +101,8 @@ def discard(child: subprocess.Popen | None) -> None:
 
 
 def fetch_in_child(job: FetchJob, child: subprocess.Popen | None = None,
-                   ) -> Iterator[tuple[list[int], list[Prepared]]]:
-    """Yield (batch, prepared messages) in order from a child process (``child``, from
+                   ) -> Iterator[tuple[list[int], list[Prepared], list[FetchedMessage]]]:
+    """Yield (batch, prepared messages, messages not delivered) in order from a child process (``child``, from
     ``spawn_ahead``, or a new one); the child's error is raised here after the batches
     before it were yielded.
 
@@ -152,7 +164,8 @@ def _end(child: subprocess.Popen) -> None:
                 pass
 
 
-def _received(stream: BinaryIO, uidvalidity: int) -> Iterator[tuple[list[int], list[Prepared]]]:
+def _received(stream: BinaryIO, uidvalidity: int,
+              ) -> Iterator[tuple[list[int], list[Prepared], list[FetchedMessage]]]:
     selected = _receive(stream)
     if selected[0] == "error":
         raise selected[1]
@@ -167,7 +180,7 @@ def _received(stream: BinaryIO, uidvalidity: int) -> Iterator[tuple[list[int], l
             return
         if frame[0] == "error":
             raise frame[1]
-        yield frame[1], frame[2]
+        yield frame[1], frame[2], frame[3]
 
 
 def _receive(stream: BinaryIO) -> tuple:
@@ -196,7 +209,8 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
         fetched = run_ahead(((batch, fetch_batch(session, batch, job.sizes, job.limit))
                              for batch in job.batches), name="imap-fetch", depth=0)
         for batch, messages in fetched:
-            send(("batch", batch, prepare_batch(messages)))
+            kept_back = [m for m in messages if m.error]
+            send(("batch", batch, prepare_batch([m for m in messages if not m.error]), kept_back))
     send(("done",))
 
 

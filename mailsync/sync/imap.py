@@ -21,14 +21,14 @@ import time as time_module
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from ..exceptions import MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
-from .fetcher import FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
+from .fetcher import UNDELIVERED, FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
 from .ingest import ingest_batch, refresh_flags
 from .prepare import prepare_batch
@@ -49,13 +49,18 @@ FLAG_BATCH = 5000
 
 
 def _prefetch(fetch: Callable[[list[int]], list], batches: list[list[int]]) -> Iterator[tuple[list[int], list]]:
-    """Yield (batch, prepared messages), fetching the next batch in a worker thread.
+    """Yield (batch, prepared messages, messages not delivered), fetching the next batch in a
+    worker thread.
 
     Only the worker thread touches the IMAP connection while this runs. An error in it is
     raised here, in order, after the batches before it were yielded.
     """
-    return run_ahead(((batch, prepare_batch(fetch(batch))) for batch in batches),
-                     name="imap-prefetch")
+    def fetched(batch: list[int]) -> tuple[list[int], list, list]:
+        messages = fetch(batch)
+        kept_back = [m for m in messages if m.error]
+        return batch, prepare_batch([m for m in messages if not m.error]), kept_back
+
+    return run_ahead((fetched(batch) for batch in batches), name="imap-prefetch")
 
 
 def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
@@ -74,6 +79,8 @@ class ImapSync(SyncRun):
         self._own_session = False
         self._spare = None  # a fetch process started ahead (initial sync)
         self._known_folders: list[MailFolder] = []  # this mailbox's folders, read by _folders
+        self._sizes: dict[int, int] = {}  # RFC822.SIZE of the UIDs being downloaded
+        self._kept_back: set[int] = set()  # folders with messages the server did not send
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -113,6 +120,12 @@ class ImapSync(SyncRun):
         return not done or not all(done)
 
     def _sync_folders(self, session: ImapSession) -> None:
+        from ..models import MessageError
+
+        # Folders holding messages the server did not send last time: fetched again now.
+        self._kept_back = set(MessageError.objects.filter(
+            mailbox=self.mailbox, resolved_at__isnull=True, error=UNDELIVERED,
+        ).values_list("folder_id", flat=True))
         synced = self._folders(session)
         for folder in synced:
             self._sync_folder(session, folder)
@@ -221,6 +234,7 @@ class ImapSync(SyncRun):
             return
         if (
             folder.backfill_done
+            and folder.pk not in self._kept_back
             and folder.uidvalidity == status.uidvalidity
             and folder.last_uidnext == status.uidnext
             and folder.last_exists == status.exists
@@ -244,6 +258,8 @@ class ImapSync(SyncRun):
         if not folder.backfill_done:
             self._backfill(session, folder)
             self._drop_void_places(folder)
+        if folder.pk in self._kept_back:
+            self._fetch_kept_back(session, folder)
         if fresh and folder.backfill_done and session.qresync:
             # Every location was just written from a FETCH that carried its flags. What
             # changed on the server meanwhile (flags, expunges) is found by the next run:
@@ -286,6 +302,25 @@ class ImapSync(SyncRun):
             folder.uid_high, folder.uid_low, folder.backfill_done = 0, None, False
             folder.highestmodseq = None
             folder.save()
+
+    def _fetch_kept_back(self, session: ImapSession, folder: MailFolder) -> None:
+        """Messages the server did not send on an earlier run (still there then): asked for
+        again; stored now they resolve their error, gone since they are resolved too."""
+        from ..models import MessageError
+
+        errors = MessageError.objects.filter(folder=folder, uidvalidity=folder.uidvalidity,
+                                             resolved_at__isnull=True, error=UNDELIVERED)
+        uids = sorted(set(errors.values_list("uid", flat=True)))
+        if not uids:
+            return
+        messages = session.fetch_messages(uids)
+        if messages:
+            ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
+                         messages=messages, advance_cursor=lambda f: None, durable=False)
+        fetched = {m.uid for m in messages}
+        still = set(session.missing_still_there([u for u in uids if u not in fetched]))
+        errors.filter(uid__in=[u for u in uids if u not in fetched and u not in still]).update(
+            resolved_at=timezone.now())
 
     def _drop_void_places(self, folder: MailFolder) -> None:
         """The folder is fetched whole under its UIDVALIDITY: places under an earlier one
@@ -347,6 +382,7 @@ class ImapSync(SyncRun):
         second thread. At most two batches are in memory. Messages over the mailbox's size
         limit are imported as their headers, with a notice."""
         limit = self.mailbox.max_message_bytes
+        self._sizes = sizes
         if self._use_fetch_process(batches):
             # The child opens its own connection; this one is closed meanwhile, so the
             # mailbox never holds more than two (the sync's and the IDLE watcher's).
@@ -389,14 +425,24 @@ class ImapSync(SyncRun):
 
     def _store_all(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],
                    advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
-        for batch, prepared in source:
+        for batch, prepared, kept_back in source:
             self._check_budget()
             truncated = [p.message for p in prepared if p.message.truncated]
 
-            def advance(f: MailFolder, batch: list[int] = batch, truncated: list = truncated) -> None:
+            def advance(f: MailFolder, batch: list[int] = batch, truncated: list = truncated,
+                        kept_back: list = kept_back, prepared: list = prepared) -> None:
                 advance_to(batch)(f)
                 if truncated:
                     self._notice_truncated(f, truncated)
+                if kept_back:
+                    self._notice_kept_back(f, kept_back)
+                # Expunged between SEARCH and FETCH: off this run's totals.
+                arrived = {p.message.uid for p in prepared} | {m.uid for m in kept_back}
+                gone = [uid for uid in batch if uid not in arrived]
+                if gone:
+                    Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                        messages_total=F("messages_total") - len(gone),
+                        bytes_total=F("bytes_total") - sum(self._sizes.get(uid, 0) for uid in gone))
 
             result = ingest_batch(mailbox=self.mailbox, folder=folder,
                                   uidvalidity=folder.uidvalidity, prepared=prepared,
@@ -406,6 +452,17 @@ class ImapSync(SyncRun):
             self.report.new += result.stored
             self.report.located += result.located
             self.report.failed += result.failed
+
+    def _notice_kept_back(self, folder: MailFolder, messages: list) -> None:
+        from ..models import MessageError
+
+        MessageError.objects.bulk_create([
+            MessageError(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
+                         uid=m.uid, error=m.error)
+            for m in messages
+        ], ignore_conflicts=True)
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(messages_done=F("messages_done") + len(messages))
+        self.report.failed += len(messages)
 
     def _notice_truncated(self, folder: MailFolder, messages: list) -> None:
         from ..models import MessageError
@@ -536,9 +593,12 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
                                   messages=messages, advance_cursor=lambda f: None)
             stored += result.stored + result.located
-            # Gone from the server since: nothing left to retry.
+            # Gone from the server since: nothing left to retry. (Still there and not sent
+            # again: the error stays.)
             fetched = {m.uid for m in messages}
-            MessageError.objects.filter(pk__in=[e.pk for e in current if e.uid not in fetched]).update(
+            still = set(session.missing_still_there([e.uid for e in current if e.uid not in fetched]))
+            MessageError.objects.filter(pk__in=[e.pk for e in current
+                                                if e.uid not in fetched and e.uid not in still]).update(
                 resolved_at=timezone.now()
             )
     return stored
