@@ -3,6 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin
 
+from . import services
 from .models import Mailbox
 
 
@@ -42,3 +43,11 @@ class MailboxAdmin(admin.ModelAdmin):
     list_display = ["email_address", "owner", "protocol", "incoming_host", "is_active"]
     list_filter = ["protocol", "is_active"]
     search_fields = ["email_address", "owner__username"]
+
+    def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
+        excluded_before = (Mailbox.objects.get(pk=obj.pk).excluded_domain_set
+                           if change else set())
+        super().save_model(request, obj, form, change)
+        services.mailbox_saved_by_admin(
+            mailbox=obj, excluded_before=excluded_before,
+            activated=obj.is_active and (not change or "is_active" in form.changed_data))

@@ -215,6 +215,8 @@ class Thread(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["mailbox", "key"], name="thread_unique_key")
         ]
+        # One conversation across mailboxes (selectors._grouped): threads by key alone.
+        indexes = [models.Index(fields=["key"], name="thread_key")]
 
 
 class Email(models.Model):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Count, Exists, F, Max, OuterRef, Q, QuerySet, Min
+from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from crm.models import Contact, Deal, Lead, User
 from crm.selectors import records_visible_to
 
-from .models import Email, EmailLink, Mailbox
+from .models import Email, EmailLink, Mailbox, Thread
 
 
 def mailboxes_of(user: User) -> QuerySet[Mailbox]:
@@ -42,7 +43,9 @@ def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[E
     linked = emails_visible_to(user).filter(
         Exists(EmailLink.objects.filter(email=OuterRef("pk"), **{field: record}))
     )
-    first_of_each = linked.values("fingerprint").annotate(first=Min("pk")).values("first")
+    # The viewer's own copy where there is one (their read state, and one they may act on).
+    first_of_each = linked.values("fingerprint").annotate(
+        first=Coalesce(Min("pk", filter=Q(mailbox__owner=user)), Min("pk"))).values("first")
     return Email.objects.filter(pk__in=first_of_each)
 
 
@@ -97,10 +100,12 @@ EMAIL_VIEWS: dict[str, tuple[str, Q]] = {
 
 
 def _grouped(emails: QuerySet[Email]) -> QuerySet[Email]:
-    # A mail outside any thread is a group of its own (negative key: never a thread id).
-    from django.db.models.functions import Coalesce
-
-    return emails.annotate(group=Coalesce("thread_id", -F("pk")))
+    # Threads belong to a mailbox; one conversation synced from two mailboxes (a personal and
+    # a shared one) has a thread in each, under the same key (its root Message-ID): the group
+    # is the first thread with that key. A mail outside any thread is a group of its own
+    # (negative key: never a thread id).
+    same_key = Thread.objects.filter(key=OuterRef("thread__key")).order_by("pk").values("pk")[:1]
+    return emails.annotate(group=Coalesce(Subquery(same_key), -F("pk")))
 
 
 def record_email_groups(*, user: User, record: Lead | Contact | Deal, view: str = "all"):  # noqa: ANN201

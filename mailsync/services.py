@@ -154,6 +154,16 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     return mailbox
 
 
+def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool) -> None:
+    """The Django admin saved a mailbox with its own form: what mailbox_update and
+    mailbox_activate do besides saving (mail already synced follows a new list of excluded
+    domains; an activated mailbox syncs at once)."""
+    if mailbox.excluded_domain_set != excluded_before:
+        _emails_reshare(mailbox=mailbox)
+    if activated:
+        _queue_sync(mailbox)
+
+
 def _emails_reshare(*, mailbox: Mailbox) -> None:
     """Recompute ``Email.shareable`` after the excluded domains changed, so mail already
     synced follows the new list (the rule of ``sync.ingest.shareable``: a participant's
