@@ -328,7 +328,7 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
     return grouped
 
 
-def _select_same_uids(session, mailbox: Mailbox, name: str) -> None:  # noqa: ANN001
+def _select_same_uids(session, mailbox: Mailbox, name: str):  # noqa: ANN001, ANN201
     """Select a folder to change messages in it, but only if our UIDs still mean the same
     messages: after a UIDVALIDITY change they may name other mails, which a delete or move
     would then hit (RFC 3501 2.3.1.1). Then nothing is done and a sync is queued."""
@@ -341,6 +341,7 @@ def _select_same_uids(session, mailbox: Mailbox, name: str) -> None:  # noqa: AN
             f"The folder {name!r} changed on the server since the last sync.",
             hint="A sync has started; try again in a moment.",
         )
+    return selected
 
 
 def _server_session(mailbox: Mailbox):  # noqa: ANN202
@@ -369,6 +370,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
     places = _locations_by_folder(email) if is_imap else {}
     moves: list[tuple[str, CopiedMessages]] = []
     target_special_use = ""
+    modseq_before: dict[str, int | None] = {}
     if places and (changes or folder):
         with _server_session(mailbox) as session:
             if folder:
@@ -380,7 +382,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             # removed: the mail is then in that folder only, as the CRM shows it.
             move_one = folder not in places
             for name, uids in places.items():
-                _select_same_uids(session, mailbox, name)
+                modseq_before[name] = _select_same_uids(session, mailbox, name).highestmodseq
                 add = [flag for flag, on in changes.items() if on]
                 remove = [flag for flag, on in changes.items() if not on]
                 if add:
@@ -396,11 +398,14 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                     else:
                         session.expunge(uids)
     with transaction.atomic():
+        # Only what was asked: a flag a sync recorded meanwhile is not written back over.
+        fields = [name for name, value in (("seen", seen), ("flagged", flagged)) if value is not None]
         if seen is not None:
             email.seen = seen
         if flagged is not None:
             email.flagged = flagged
-        email.save(update_fields=["seen", "flagged"])
+        if fields:
+            email.save(update_fields=fields)
         for location in email.locations.all():
             flags = set(location.flags)
             for flag, on in changes.items():
@@ -410,6 +415,19 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
         if folder:
             _record_moves(email=email, folder=folder, special_use=target_special_use, moves=moves)
             email.locations.exclude(folder__name=folder).delete()
+        if changes and modseq_before:
+            # Another client may have changed these flags between our STORE and this write,
+            # and a sync meanwhile may have recorded a later mod-sequence: the next sync
+            # looks again from before our change (CHANGEDSINCE), not from after it.
+            for name, modseq in modseq_before.items():
+                folders = MailFolder.objects.filter(mailbox=mailbox, name=name)
+                if modseq is not None:
+                    folders.filter(highestmodseq__gt=modseq).update(highestmodseq=modseq)
+                folders.update(last_exists=None)
+            from .sync.ingest import refresh_flags  # noqa: PLC0415
+
+            refresh_flags([email.pk])
+            email.refresh_from_db(fields=["seen", "flagged"])
     return email
 
 
