@@ -27,6 +27,8 @@ REIDLE_AFTER = 25 * 60
 # How often idle_check wakes to look at the stop flag and the re-IDLE clock.
 CHECK_INTERVAL = 1.0
 BACKOFF_START, BACKOFF_MAX = 2.0, 300.0
+# A session that lasted this long resets the reconnect backoff (one ended at once does not).
+STABLE_AFTER = 60.0
 # How long a watcher whose mailbox settings changed is waited for before its replacement starts.
 REPLACE_WAIT = 10.0
 # Responses during IDLE that mean the folder changed (new mail, expunge, flag change).
@@ -53,7 +55,7 @@ class MailboxWatcher(threading.Thread):
 
     def __init__(self, mailbox_id: int, settings: ServerSettings, on_change: OnChange, *,
                  folder: str = "INBOX", reidle_after: float = REIDLE_AFTER,
-                 check_interval: float = CHECK_INTERVAL) -> None:
+                 check_interval: float = CHECK_INTERVAL, stable_after: float = STABLE_AFTER) -> None:
         super().__init__(name=f"idle-{mailbox_id}", daemon=True)
         self.mailbox_id = mailbox_id
         self.settings = settings
@@ -61,9 +63,11 @@ class MailboxWatcher(threading.Thread):
         self.folder = folder
         self.reidle_after = reidle_after
         self.check_interval = check_interval
+        self.stable_after = stable_after
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self.failed: MailError | None = None
+        self._connected_at = 0.0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -89,8 +93,9 @@ class MailboxWatcher(threading.Thread):
                          self.mailbox_id, type(exc).__name__, backoff)
             except Exception:  # noqa: BLE001  (a watcher thread must never die silently)
                 log.exception("mailbox %s: IDLE watcher error", self.mailbox_id)
-            if self.connected.is_set():
-                backoff = BACKOFF_START  # it worked until now: a drop, not a failing server
+            if self.connected.is_set() and time.monotonic() - self._connected_at >= self.stable_after:
+                # It worked for a while: a drop, not a server that ends every session at once.
+                backoff = BACKOFF_START
             self.connected.clear()
             if self.stopping.wait(backoff):
                 return
@@ -127,6 +132,7 @@ class MailboxWatcher(threading.Thread):
                     raise
 
             imap._get_line = get_line
+            self._connected_at = time.monotonic()
             self.connected.set()
             # Whatever happened while we were not connected.
             self._notify()

@@ -18,7 +18,7 @@ from django.utils import timezone
 from crm.exceptions import RecordPermissionDenied
 from crm.models import User
 
-from .exceptions import MailboxHoldsMail, MailboxOutOfDate
+from .exceptions import MailboxBusy, MailboxHoldsMail, MailboxOutOfDate
 from .mime import parse_message
 from .models import (
     Attachment,
@@ -146,9 +146,17 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
         _emails_reshare(mailbox=mailbox)
     if since_before is not None and (mailbox.sync_since is None or mailbox.sync_since < since_before):
         # Older mail is wanted now: each folder's backfill runs again below what it has
-        # (UIDs already stored are skipped, nothing is downloaded twice).
-        MailFolder.objects.filter(mailbox=mailbox, uid_low__isnull=False).update(
-            backfill_done=False, uid_low=F("uid_high") + 1)
+        # (UIDs already stored are skipped, nothing is downloaded twice). Not while a sync
+        # runs: it would write its own cursor back over this.
+        from .sync.lock import mailbox_lock  # noqa: PLC0415
+
+        try:
+            with mailbox_lock(mailbox.pk):
+                MailFolder.objects.filter(mailbox=mailbox, uid_low__isnull=False).update(
+                    backfill_done=False, uid_low=F("uid_high") + 1)
+        except MailboxBusy as exc:
+            raise ValidationError({"sync_since": [
+                "A sync is running: change this when it has finished (see the status)."]}) from exc
         if mailbox.is_active:
             _queue_sync(mailbox)
     return mailbox

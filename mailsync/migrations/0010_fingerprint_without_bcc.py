@@ -60,7 +60,10 @@ def _rehash(apps, left_out: frozenset) -> None:
     Email = apps.get_model("mailsync", "Email")
     EmailParticipant = apps.get_model("mailsync", "EmailParticipant")
     EmailSource = apps.get_model("mailsync", "EmailSource")
-    ids = sorted(set(EmailParticipant.objects.filter(role="bcc").values_list("email_id", flat=True)))
+    # Mail with Bcc recipients, and every sent mail (the copies that carry Bcc headers, an
+    # empty one or Resent-Bcc included); others hash the same either way.
+    ids = sorted(set(EmailParticipant.objects.filter(role="bcc").values_list("email_id", flat=True))
+                 | set(Email.objects.filter(direction="sent").values_list("pk", flat=True)))
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start:start + CHUNK]
         emails = Email.objects.in_bulk(chunk)

@@ -170,3 +170,19 @@ def test_eta_is_not_in_the_past_or_absurd(imap_mailbox):
     status = mailbox_status(mailbox=imap_mailbox)
     eta = status["estimated_completion"]
     assert eta is None or eta >= timezone.now() - timedelta(seconds=1)
+
+
+def test_moving_sync_since_earlier_while_a_sync_runs_is_refused_not_lost(api, dovecot, mail_user, imap_mailbox):
+    """Found in review: the running sync would write its cursor back over the reset, and the
+    older mail would never come. Refused with the reason; nothing saved."""
+    from tests.mailsync.conftest import sync_lock_held
+
+    api.force_authenticate(imap_mailbox.owner)
+    url = f"/api/v1/mailboxes/{imap_mailbox.pk}/"
+    assert api.patch(url, {"sync_since": "2025-01-01"}, format="json").status_code == 200
+    with sync_lock_held(imap_mailbox.pk):
+        refused = api.patch(url, {"sync_since": "2020-01-01"}, format="json")
+    assert refused.status_code == 400 and "sync is running" in str(refused.json()), refused.content
+    imap_mailbox.refresh_from_db()
+    assert str(imap_mailbox.sync_since) == "2025-01-01"
+    assert api.patch(url, {"sync_since": "2020-01-01"}, format="json").status_code == 200

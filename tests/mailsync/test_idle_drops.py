@@ -80,8 +80,10 @@ def test_backoff_resets_after_a_successful_reconnect(dovecot, mail_user, imap_ma
     slower and slower (a flap last week must not delay push by minutes today)."""
     changes: list[int] = []
     # reidle_after short so the drop is noticed quickly (independent of the EOF issue).
+    # stable_after: a session that lasted this long (here 0.5 s, in production a minute) was
+    # a working one; only then is the backoff reset.
     watcher = MailboxWatcher(imap_mailbox.pk, server_settings(imap_mailbox), changes.append,
-                             reidle_after=0.3, check_interval=0.1)
+                             reidle_after=0.3, check_interval=0.1, stable_after=0.5)
     watcher.start()
     delays = []
     try:
