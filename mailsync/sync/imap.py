@@ -320,12 +320,21 @@ class ImapSync(SyncRun):
         uids = sorted(set(errors.values_list("uid", flat=True)))
         if not uids:
             return
-        messages = session.fetch_messages(uids)
+        sizes = session.fetch_sizes(uids)
+        # As any download: over the mailbox's size limit, the headers only (with the notice).
+        got = fetch_batch(session, uids, sizes, self.mailbox.max_message_bytes)
+        messages = [m for m in got if not m.error]
         if messages:
+            truncated = [m for m in messages if m.truncated]
+
+            def notice(f: MailFolder) -> None:
+                if truncated:
+                    self._notice_truncated(f, truncated)
+
             ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
-                         messages=messages, advance_cursor=lambda f: None, durable=False)
+                         messages=messages, advance_cursor=notice, durable=False)
         fetched = {m.uid for m in messages}
-        still = set(session.missing_still_there([u for u in uids if u not in fetched]))
+        still = {m.uid for m in got if m.error}
         errors.filter(uid__in=[u for u in uids if u not in fetched and u not in still]).update(
             resolved_at=timezone.now())
 
