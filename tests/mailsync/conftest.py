@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -69,6 +70,16 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
         password=mail_user.password,
         is_active=True,
     )
+
+
+def wait_for(predicate, timeout: float) -> float:  # noqa: ANN001
+    """Seconds until ``predicate()`` is true, polled every 20 ms; fails after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s")
 
 
 def mailbox_input(dovecot, user, **overrides) -> dict:  # noqa: ANN001

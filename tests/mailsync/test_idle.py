@@ -13,7 +13,7 @@ from mailsync.exceptions import MailAuthError
 from mailsync.idle import IdleSupervisor, MailboxWatcher
 from mailsync.sync.imap import server_settings
 from tests.factories import MailboxFactory, UserFactory
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import make_message, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,14 +24,6 @@ def _sync_in_thread(mailbox_id: int) -> None:
     finally:
         connection.close()  # the watcher thread's own connection
 
-
-def _wait_for(predicate, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def _subjects(api: APIClient) -> set[str]:
@@ -46,13 +38,13 @@ def test_new_mail_reaches_the_api_within_two_seconds(dovecot, mail_user, imap_ma
     watcher.start()
     try:
         assert watcher.connected.wait(10)
-        _wait_for(lambda: imap_mailbox.__class__.objects.get(pk=imap_mailbox.pk).state == "completed", 10)
+        wait_for(lambda: imap_mailbox.__class__.objects.get(pk=imap_mailbox.pk).state == "completed", 10)
         latencies = []
         for i in range(3):
             subject = f"Push {i}"
             start = time.monotonic()
             dovecot.deliver(mail_user, make_message(subject=subject))
-            _wait_for(lambda s=subject: s in _subjects(api), 10)
+            wait_for(lambda s=subject: s in _subjects(api), 10)
             latencies.append(time.monotonic() - start)
     finally:
         watcher.stop()
@@ -72,14 +64,14 @@ def test_idle_is_reissued_and_a_dropped_connection_comes_back(dovecot, mail_user
         time.sleep(1.5)  # several IDLE / DONE cycles
         before = len(changes)
         dovecot.deliver(mail_user, make_message())
-        _wait_for(lambda: len(changes) > before, 5)
+        wait_for(lambda: len(changes) > before, 5)
 
         dovecot.kick(mail_user)  # the server drops the connection
-        _wait_for(lambda: not watcher.connected.is_set(), 5)
-        _wait_for(watcher.connected.is_set, 10)  # reconnected after backoff
+        wait_for(lambda: not watcher.connected.is_set(), 5)
+        wait_for(watcher.connected.is_set, 10)  # reconnected after backoff
         before = len(changes)
         dovecot.deliver(mail_user, make_message())
-        _wait_for(lambda: len(changes) > before, 5)
+        wait_for(lambda: len(changes) > before, 5)
     finally:
         watcher.stop()
         watcher.join(10)

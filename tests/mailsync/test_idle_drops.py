@@ -9,18 +9,10 @@ from imapclient import IMAPClient
 
 from mailsync.idle import MailboxWatcher
 from mailsync.sync.imap import server_settings
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import make_message, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def _wait_for(predicate, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s")
 
 
 @pytest.fixture
@@ -63,11 +55,11 @@ def test_dropped_idle_connection_is_noticed_and_push_resumes(
         calls_in_2s = idle_check_calls["n"] - n0
         # At check_interval 0.2 a healthy watcher makes ~10 idle_check calls in 2 s.
         assert calls_in_2s < 100, f"busy loop: {calls_in_2s} idle_check calls in 2 s after the drop"
-        _wait_for(lambda: not watcher.connected.is_set() or proxy.connections > 1, 5)
-        _wait_for(lambda: proxy.connections >= 2 and watcher.connected.is_set(), 10)
+        wait_for(lambda: not watcher.connected.is_set() or proxy.connections > 1, 5)
+        wait_for(lambda: proxy.connections >= 2 and watcher.connected.is_set(), 10)
         before = len(changes)
         dovecot.deliver(mail_user, make_message(subject="after drop"))
-        _wait_for(lambda: len(changes) > before, 5)
+        wait_for(lambda: len(changes) > before, 5)
         print("recovered after", time.monotonic() - t0)
     finally:
         watcher.stop()
@@ -91,10 +83,10 @@ def test_backoff_resets_after_a_successful_reconnect(dovecot, mail_user, imap_ma
         for _ in range(4):
             time.sleep(1.0)  # healthy for a while
             dovecot.kick(mail_user)
-            _wait_for(lambda: not watcher.connected.is_set(), 5)
+            wait_for(lambda: not watcher.connected.is_set(), 5)
             start = time.monotonic()
             try:
-                _wait_for(watcher.connected.is_set, 12)
+                wait_for(watcher.connected.is_set, 12)
             except AssertionError:
                 delays.append(">12")
                 break
@@ -125,10 +117,10 @@ def test_network_drop_is_not_mistaken_for_a_tls_setting_error(
         time.sleep(1.5)
         assert watcher.failed is None, f"watcher gave up for good: {watcher.failed!r} ({watcher.failed.code})"
         assert watcher.is_alive()
-        _wait_for(lambda: proxy.connections >= 2 and watcher.connected.is_set(), 10)
+        wait_for(lambda: proxy.connections >= 2 and watcher.connected.is_set(), 10)
         before = len(changes)
         dovecot.deliver(mail_user, make_message(subject="after drop"))
-        _wait_for(lambda: len(changes) > before, 5)
+        wait_for(lambda: len(changes) > before, 5)
     finally:
         watcher.stop()
         watcher.join(10)

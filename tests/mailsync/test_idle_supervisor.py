@@ -10,18 +10,10 @@ import pytest
 from mailsync.idle import IdleSupervisor, MailboxWatcher
 from mailsync.models import Mailbox
 from mailsync.sync.imap import server_settings
-from tests.mailsync.conftest import make_message, sync_lock_held
+from tests.mailsync.conftest import make_message, sync_lock_held, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def _wait_for(predicate, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def _imap_sessions(dovecot, user) -> int:
@@ -53,10 +45,10 @@ def test_supervisor_stops_watching_and_closes_connection(dovecot, mail_user, ima
     t = threading.Thread(target=sup.run, daemon=True)
     t.start()
     try:
-        _wait_for(lambda: len(sup.watchers) == 1, 5)
+        wait_for(lambda: len(sup.watchers) == 1, 5)
         watcher = next(iter(sup.watchers.values()))
         assert watcher.connected.wait(10)
-        _wait_for(lambda: _imap_sessions(dovecot, mail_user) == 1, 5)
+        wait_for(lambda: _imap_sessions(dovecot, mail_user) == 1, 5)
         if change == "owner_inactive":
             imap_mailbox.owner.is_active = False
             imap_mailbox.owner.save()
@@ -64,8 +56,8 @@ def test_supervisor_stops_watching_and_closes_connection(dovecot, mail_user, ima
             Mailbox.objects.filter(pk=imap_mailbox.pk).delete()
         else:
             Mailbox.objects.filter(pk=imap_mailbox.pk).update(is_active=False)
-        _wait_for(lambda: not watcher.is_alive(), 5)
-        _wait_for(lambda: _imap_sessions(dovecot, mail_user) == 0, 5)
+        wait_for(lambda: not watcher.is_alive(), 5)
+        wait_for(lambda: _imap_sessions(dovecot, mail_user) == 0, 5)
         assert not sup.watchers
     finally:
         sup.stopping.set()
@@ -89,11 +81,11 @@ def test_settings_change_never_holds_two_idle_connections(dovecot, mail_user, im
             time.sleep(0.02)
 
     try:
-        _wait_for(lambda: sup.watchers and next(iter(sup.watchers.values())).connected.is_set(), 10)
+        wait_for(lambda: sup.watchers and next(iter(sup.watchers.values())).connected.is_set(), 10)
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
         Mailbox.objects.filter(pk=imap_mailbox.pk).update(incoming_port=b.port)
-        _wait_for(lambda: b.connections >= 1, 5)
+        wait_for(lambda: b.connections >= 1, 5)
         time.sleep(2)
         done.set()
         counter.join(5)
@@ -120,7 +112,7 @@ def test_flag_change_and_expunge_trigger_on_change(dovecot, mail_user, imap_mail
             dovecot.set_flags(mail_user, "INBOX", uid, ["\\Seen", "\\Flagged"])
         else:
             dovecot.expunge(mail_user, "INBOX", uid)
-        _wait_for(lambda: len(changes) > before, 5)
+        wait_for(lambda: len(changes) > before, 5)
     finally:
         watcher.stop()
         watcher.join(10)
