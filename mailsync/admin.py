@@ -45,9 +45,9 @@ class MailboxAdmin(admin.ModelAdmin):
     search_fields = ["email_address", "owner__username"]
 
     def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
-        excluded_before = (Mailbox.objects.get(pk=obj.pk).excluded_domain_set
-                           if change else set())
+        before = Mailbox.objects.get(pk=obj.pk) if change else None
         super().save_model(request, obj, form, change)
         services.mailbox_saved_by_admin(
-            mailbox=obj, excluded_before=excluded_before,
-            activated=obj.is_active and (not change or "is_active" in form.changed_data))
+            mailbox=obj, excluded_before=before.excluded_domain_set if before else set(),
+            activated=obj.is_active and (not change or "is_active" in form.changed_data),
+            limit_before=before.max_message_bytes if before else None)

@@ -305,6 +305,8 @@ class Email(models.Model):
                 fields=["parse_state"], name="email_parse_pending",
                 condition=Q(parse_state="pending"),
             ),
+            # Headers-only mail the sync downloads whole once the size limit admits it.
+            models.Index(fields=["mailbox"], name="email_truncated", condition=Q(truncated=True)),
         ]
 
     def __str__(self) -> str:

@@ -132,6 +132,7 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                          "smtp_password"}
     excluded_before = mailbox.excluded_domain_set
     since_before = mailbox.sync_since
+    limit_before = mailbox.max_message_bytes
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
             continue  # write-only: empty keeps the stored secret
@@ -159,16 +160,21 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                 "A sync is running: change this when it has finished (see the status)."]}) from exc
         if mailbox.is_active:
             _queue_sync(mailbox)
+    elif mailbox.max_message_bytes > limit_before and mailbox.is_active:
+        _queue_sync(mailbox)  # mail imported as headers only may now be downloaded whole
     return mailbox
 
 
-def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool) -> None:
+def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool,
+                           limit_before: int | None = None) -> None:
     """The Django admin saved a mailbox with its own form: what mailbox_update and
     mailbox_activate do besides saving (mail already synced follows a new list of excluded
-    domains; an activated mailbox syncs at once)."""
+    domains; an activated mailbox syncs at once, and so does one whose size limit was
+    raised)."""
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
-    if activated:
+    raised = limit_before is not None and mailbox.max_message_bytes > limit_before
+    if activated or (raised and mailbox.is_active):
         _queue_sync(mailbox)
 
 
@@ -253,7 +259,7 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
         report = pop3_mailbox_sync(mailbox=mailbox)
     else:
         report = imap_mailbox_sync(mailbox=mailbox)
-    if report.new:
+    if report.new or report.completed:
         from . import tasks  # noqa: PLC0415  (tasks import services)
 
         transaction.on_commit(lambda: tasks.parse_emails.delay(mailbox_id))
@@ -288,6 +294,10 @@ def _parse_and_store(emails: list[Email]) -> None:
     import hashlib
 
     attachments: list[tuple[Email, object, str]] = []
+    # Parsed again (Retry after a failure, a completed headers-only mail): the attachments of
+    # the earlier parse go, or each retry would list them once more.
+    if emails:
+        Attachment.objects.filter(email__in=emails).delete()
     for email in emails:
         try:
             parsed = parse_message(decompress(email.source_data.data))

@@ -34,6 +34,7 @@ class SyncReport:
     flag_changes: int = 0
     expunged: int = 0
     unchanged_folders: int = 0
+    completed: int = 0  # headers-only mails downloaded whole (the size limit was raised)
     errors: list[str] = field(default_factory=list)
 
 

@@ -30,7 +30,7 @@ from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from .fetcher import UNDELIVERED, FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
-from .ingest import ingest_batch, refresh_flags
+from .ingest import complete_truncated, ingest_batch, refresh_flags
 from .prepare import prepare_batch
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import mailbox_lock
@@ -81,6 +81,7 @@ class ImapSync(SyncRun):
         self._known_folders: list[MailFolder] = []  # this mailbox's folders, read by _folders
         self._sizes: dict[int, int] = {}  # RFC822.SIZE of the UIDs being downloaded
         self._kept_back: set[int] = set()  # folders with messages the server did not send
+        self._to_complete: set[int] = set()  # folders with headers-only mail now under the limit
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -125,12 +126,19 @@ class ImapSync(SyncRun):
         # Folders holding messages the server did not send last time: fetched again now.
         # (Plain SQL: this runs on every resync, and the ORM's query building alone costs
         # milliseconds on a slow machine.)
+        # Folders holding mails imported as headers only that the (raised) size limit now
+        # admits: downloaded whole now (partial index email_truncated: no scan).
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT DISTINCT folder_id FROM {MessageError._meta.db_table} "
-                "WHERE mailbox_id = %s AND resolved_at IS NULL AND error = %s",
-                [self.mailbox.pk, UNDELIVERED])
-            self._kept_back = {row[0] for row in cursor.fetchall()}
+                f"SELECT DISTINCT folder_id, 'kept' FROM {MessageError._meta.db_table} "
+                "WHERE mailbox_id = %s AND resolved_at IS NULL AND error = %s "
+                f"UNION SELECT DISTINCT l.folder_id, 'whole' FROM {Email._meta.db_table} e "
+                f"JOIN {EmailLocation._meta.db_table} l ON l.email_id = e.id "
+                "WHERE e.mailbox_id = %s AND e.truncated AND e.deleted_at IS NULL AND e.size <= %s",
+                [self.mailbox.pk, UNDELIVERED, self.mailbox.pk, self.mailbox.max_message_bytes])
+            rows = cursor.fetchall()
+        self._kept_back = {folder_id for folder_id, why in rows if why == "kept"}
+        self._to_complete = {folder_id for folder_id, why in rows if why == "whole"}
         synced = self._folders(session)
         for folder in synced:
             self._sync_folder(session, folder)
@@ -240,6 +248,7 @@ class ImapSync(SyncRun):
         if (
             folder.backfill_done
             and folder.pk not in self._kept_back
+            and folder.pk not in self._to_complete
             and folder.uidvalidity == status.uidvalidity
             and folder.last_uidnext == status.uidnext
             and folder.last_exists == status.exists
@@ -265,6 +274,8 @@ class ImapSync(SyncRun):
             self._drop_void_places(folder)
         if folder.pk in self._kept_back:
             self._fetch_kept_back(session, folder)
+        if folder.pk in self._to_complete:
+            self._complete_truncated(session, folder)
         if fresh and folder.backfill_done and session.qresync:
             # Every location was just written from a FETCH that carried its flags. What
             # changed on the server meanwhile (flags, expunges) is found by the next run:
@@ -337,6 +348,24 @@ class ImapSync(SyncRun):
         still = {m.uid for m in got if m.error}
         errors.filter(uid__in=[u for u in uids if u not in fetched and u not in still]).update(
             resolved_at=timezone.now())
+
+    def _complete_truncated(self, session: ImapSession, folder: MailFolder) -> None:
+        """Mails imported as headers only, over the size limit then, that the limit now
+        admits (it was raised): downloaded whole into the same emails (``complete_truncated``)."""
+        limit = self.mailbox.max_message_bytes
+        wanted = dict(EmailLocation.objects.filter(
+            folder=folder, uidvalidity=folder.uidvalidity, email__truncated=True,
+            email__deleted_at__isnull=True, email__size__lte=limit).values_list("uid", "email_id"))
+        if not wanted:
+            return
+        sizes = {uid: size for uid, size in session.fetch_sizes(sorted(wanted)).items() if size <= limit}
+        self._add_totals(len(sizes), sum(sizes.values()))
+        for batch in _batches(sorted(sizes), sizes):
+            self._check_budget()
+            # Gone from the server meanwhile: not delivered; the expunge pass sees to it.
+            prepared = prepare_batch(session.fetch_messages(batch))
+            self.report.completed += complete_truncated(
+                self.mailbox, [(wanted[p.message.uid], p) for p in prepared])
 
     def _drop_void_places(self, folder: MailFolder) -> None:
         """The folder is fetched whole under its UIDVALIDITY: places under an earlier one
@@ -481,16 +510,7 @@ class ImapSync(SyncRun):
         self.report.failed += len(messages)
 
     def _notice_truncated(self, folder: MailFolder, messages: list) -> None:
-        from ..models import MessageError
-
-        limit_mb = self.mailbox.max_message_bytes / 2**20
-        MessageError.objects.bulk_create([
-            MessageError(
-                mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity, uid=m.uid,
-                error=(f"This message ({m.size / 2**20:.1f} MB) is over this mailbox's limit of "
-                       f"{limit_mb:.1f} MB: only its headers were imported. It stays on the server."),
-            ) for m in messages
-        ], ignore_conflicts=True)
+        notice_truncated(self.mailbox, folder, messages)
 
     # -- server-side changes ------------------------------------------------------------------
     def _known(self, folder: MailFolder) -> dict[int, tuple[int, list[str]]]:
@@ -605,16 +625,40 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             # not failures to fetch again.
             current = [e for e in folder_errors
                        if e.uidvalidity == selected.uidvalidity and e.uid not in already]
-            messages = session.fetch_messages([e.uid for e in current])
+            uids = sorted({e.uid for e in current})
+            # As any download: over the mailbox's size limit, the headers only, with the notice.
+            got = fetch_batch(session, uids, session.fetch_sizes(uids), mailbox.max_message_bytes)
+            messages = [m for m in got if not m.error]
+            truncated = [m for m in messages if m.truncated]
+
+            def notice(f: MailFolder, truncated: list = truncated) -> None:
+                if truncated:
+                    notice_truncated(mailbox, f, truncated)
+
             result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
-                                  messages=messages, advance_cursor=lambda f: None)
+                                  messages=messages, advance_cursor=notice)
             stored += result.stored + result.located
             # Gone from the server since: nothing left to retry. (Still there and not sent
             # again: the error stays.)
             fetched = {m.uid for m in messages}
-            still = set(session.missing_still_there([e.uid for e in current if e.uid not in fetched]))
+            still = {m.uid for m in got if m.error}
             MessageError.objects.filter(pk__in=[e.pk for e in current
                                                 if e.uid not in fetched and e.uid not in still]).update(
                 resolved_at=timezone.now()
             )
     return stored
+
+
+def notice_truncated(mailbox: Mailbox, folder: MailFolder, messages: list) -> None:
+    """Say, per message, that only its headers were imported (over the size limit)."""
+    from ..models import MessageError
+
+    limit_mb = mailbox.max_message_bytes / 2**20
+    MessageError.objects.bulk_create([
+        MessageError(
+            mailbox=mailbox, folder=folder, uidvalidity=folder.uidvalidity, uid=m.uid,
+            error=(f"This message ({m.size / 2**20:.1f} MB) is over this mailbox's limit of "
+                   f"{limit_mb:.1f} MB: only its headers were imported. It stays on the server; "
+                   "raise the limit to download it whole."),
+        ) for m in messages
+    ], ignore_conflicts=True)

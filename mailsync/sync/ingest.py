@@ -403,3 +403,54 @@ def _resolve_message_errors(folder: MailFolder, uidvalidity: int, uids: list[int
             "WHERE folder_id = %s AND uidvalidity = %s AND uid = ANY(%s) AND resolved_at IS NULL",
             [timezone.now(), folder.pk, uidvalidity, uids],
         )
+
+
+def complete_truncated(mailbox: Mailbox, found: Sequence[tuple[int, Prepared]]) -> int:
+    """Mails imported as their headers only (over the size limit then), now downloaded whole
+    because the limit was raised: the same Email rows get their whole source, are parsed
+    again (bodies, attachments) and lose their notices. Places, links, thread and flags stay
+    as they are. Returns how many were completed."""
+    from ..models import Attachment, EmailSource
+
+    if not found:
+        return 0
+    with transaction.atomic():
+        emails = {e.pk: e for e in Email.objects.select_for_update(of=("self",)).filter(
+            pk__in=[email_id for email_id, _ in found], mailbox=mailbox, truncated=True)}
+        # The whole mail's fingerprint, unless another mail of the mailbox has it already
+        # (then the headers-only one stays: the two rows are not merged here).
+        taken = set(Email.objects.filter(mailbox=mailbox, fingerprint__in=[p.fingerprint for _, p in found])
+                    .exclude(pk__in=list(emails)).values_list("fingerprint", flat=True))
+        done: list[Email] = []
+        size = 0
+        for email_id, p in found:
+            email = emails.pop(email_id, None)
+            if email is None:  # completed meanwhile, deleted, or not this mailbox's
+                continue
+            if p.fingerprint not in taken:
+                email.fingerprint = p.fingerprint
+                taken.add(p.fingerprint)
+            email.content_hash = p.content_hash
+            email.size = min(p.raw_size, 2**31 - 1)
+            email.truncated = False
+            email.parse_state, email.parse_error = Email.ParseState.PENDING, ""
+            email.text = email.html = ""
+            email.has_attachments = False
+            EmailSource.objects.update_or_create(
+                email_id=email.pk, defaults={"data": p.compressed, "size": p.raw_size})
+            done.append(email)
+            size += p.raw_size
+        if not done:
+            return 0
+        Attachment.objects.filter(email__in=done).delete()
+        Email.objects.bulk_update(done, ["fingerprint", "content_hash", "size", "truncated", "parse_state",
+                                         "parse_error", "text", "html", "has_attachments"])
+        # The "only its headers were imported" notices of every place of these mails.
+        places = EmailLocation.objects.filter(email__in=done)
+        for folder_id, uidvalidity, uid in places.values_list("folder_id", "uidvalidity", "uid"):
+            MessageError.objects.filter(folder_id=folder_id, uidvalidity=uidvalidity, uid=uid,
+                                        resolved_at__isnull=True).update(resolved_at=timezone.now())
+        Mailbox.objects.filter(pk=mailbox.pk).update(
+            messages_done=F("messages_done") + len(done), bytes_done=F("bytes_done") + size,
+            budget_bytes_used=F("budget_bytes_used") + size)
+    return len(done)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -40,7 +41,7 @@ from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Sessio
 from ..storage import decompress
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
 from .fetcher import Pop3ChildSession, retrieve_prepared
-from .ingest import Prepared, ingest_batch
+from .ingest import Prepared, complete_truncated, ingest_batch
 from .pipeline import batched
 from .lock import mailbox_lock
 
@@ -117,6 +118,7 @@ class _Large(Exception):
 class _Known:
     downloaded_at: datetime
     truncated: bool
+    email_id: int | None = None
 
 
 def _batches(items: Sequence[Keyed], size_of: Callable[[Keyed], int]) -> Iterator[list[Keyed]]:
@@ -186,6 +188,8 @@ class Pop3Sync(SyncRun):
                 new = [k for k in keyed if k.key not in known]
                 if not self._download(session, new, marked):
                     return False
+                if not self._complete(session, keyed, known):
+                    return False
             except BudgetExhausted:
                 self._quit(session, marked)  # what is marked is stored: let QUIT remove it
                 raise
@@ -217,8 +221,8 @@ class Pop3Sync(SyncRun):
         for start in range(0, len(keys), KNOWN_CHUNK):
             rows = Pop3Message.objects.filter(
                 mailbox=self.mailbox, key__in=keys[start:start + KNOWN_CHUNK]
-            ).values_list("key", "downloaded_at", "truncated")
-            known.update({key: _Known(at, truncated) for key, at, truncated in rows})
+            ).values_list("key", "downloaded_at", "truncated", "email_id")
+            known.update({key: _Known(at, truncated, email_id) for key, at, truncated, email_id in rows})
         return known
 
     def _remove(self, known: _Known) -> bool:
@@ -312,6 +316,35 @@ class Pop3Sync(SyncRun):
                 raise
         return True
 
+    def _complete(self, session: Pop3Session, keyed: list[Keyed], known: dict[str, _Known]) -> bool:
+        """Messages imported as headers only (over the size limit then) that the limit now
+        admits: downloaded whole into the same emails (``ingest.complete_truncated``). They
+        were left on the server, so the mode may remove them from the next run on.
+        False when the connection had to be given up (a reply over the limit after all)."""
+        limit = self.mailbox.max_message_bytes
+        items = [k for k in keyed if k.key in known and known[k.key].truncated
+                 and known[k.key].email_id is not None and k.key not in self.too_large
+                 and k.listing.size is not None and k.listing.size <= limit]
+        if not items:
+            return True
+        self._add_totals(len(items), sum(k.listing.size or 0 for k in items))
+        for batch in _batches(items, lambda k: k.listing.size or 0):
+            self._check_budget()
+            numbers = {k.listing.number: k for k in batch}
+            replies, prepared = retrieve_prepared(
+                session, [Pop3Request(n, limit) for n in numbers], (), {n: n for n in numbers})
+            whole = [(numbers[r.number], prepared[r.number]) for r in replies
+                     if not r.error and r.complete and not r.headers_only and r.number in prepared]
+            with transaction.atomic():
+                self.report.completed += complete_truncated(
+                    self.mailbox, [(known[k.key].email_id, p) for k, p in whole])  # type: ignore[misc]
+                Pop3Message.objects.filter(mailbox=self.mailbox, key__in=[k.key for k, _ in whole]).update(
+                    truncated=False)
+            if replies and not replies[-1].complete:
+                self.too_large.add(numbers[replies[-1].number].key)
+                return False  # bigger than LIST said: it stays as it is; the run reconnects
+        return True
+
     @staticmethod
     def _delete(session: Pop3Session, items: list[Keyed], marked: list[str]) -> None:
         if items:
@@ -402,7 +435,7 @@ class Pop3Sync(SyncRun):
                         mailbox=mailbox, folder=folder, uidvalidity=POP3_UIDVALIDITY, uid=uid,
                         error=(f"This message ({_megabytes(item.listing.size or 0)}) is over this "
                                f"mailbox's limit of {limit}: only its headers were imported. "
-                               "It was left on the server."),
+                               "It was left on the server; raise the limit to download it whole."),
                     )
                     for uid, item, _ in truncated
                 ], ignore_conflicts=True)  # a message that also failed to store has its error
