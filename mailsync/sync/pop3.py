@@ -64,6 +64,7 @@ POP3_FOLDER = "INBOX"
 POP3_UIDVALIDITY = 0
 EMAIL_SIZE_MAX = 2**31 - 1  # Email.size is a 32-bit column; a LIST size may be anything
 KNOWN_CHUNK = 5000
+_UNIDENTIFIED = "Not downloaded:"
 # Messages whose headers are hashed per pipelined round (servers without usable UIDL).
 HASH_CHUNK = 200
 
@@ -173,7 +174,9 @@ class Pop3Sync(SyncRun):
         DELE, when the download is large enough for a child process (Pop3ChildSession).
         """
         with factory(server_settings(self.mailbox, timeout=self.timeout)) as session:
-            keyed = assign_keys(session.listing(), lambda items: self._hash_keys(session, items))
+            listing = session.listing()
+            keyed = assign_keys(listing, lambda items: self._hash_keys(session, items))
+            self._say_unidentified(len(listing) - len(keyed))
             known = self._known([k.key for k in keyed])
             minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
             if (factory is Pop3Session and minimum > 0
@@ -195,6 +198,16 @@ class Pop3Sync(SyncRun):
                 raise
             self._quit(session, marked)
         return True
+
+    def _say_unidentified(self, count: int) -> None:
+        """Messages with no UIDL and whose headers the server refused (TOP) cannot be told
+        apart, so they are left alone: the status says so (once per run), with what to do."""
+        self.report.errors = [e for e in self.report.errors if not e.startswith(_UNIDENTIFIED)]
+        if count:
+            self.report.errors.append(
+                f"{_UNIDENTIFIED} {count} message{'s' if count > 1 else ''}: the server gives them no "
+                "unique id (UIDL) and refuses their headers (TOP), so they were left on the server, "
+                "not downloaded. Use IMAP for this mailbox if the provider offers it.")
 
     def _quit(self, session: Pop3Session, marked: list[str]) -> None:
         session.quit()

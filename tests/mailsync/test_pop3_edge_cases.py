@@ -153,6 +153,11 @@ def test_server_without_uidl_and_top_never_deletes_an_undownloaded_message(dovec
     sync(box, session_factory=NoUidlNoTop)
     assert on_server(dovecot, mail_user) == 2  # nothing deleted that was not stored
     assert all_subjects(box) == []
+    # ...and the status says so, with what to do (it said "completed" and nothing else)
+    box.refresh_from_db()
+    assert box.state == Mailbox.State.COMPLETED and box.last_error_code == "notice"
+    assert "2 messages" in box.last_error and "left on the server" in box.last_error
+    assert box.last_error.count("Not downloaded") == 1
     # A server with TOP (UIDL still missing): both are downloaded, then removed
     sync(box, session_factory=NoUidl)
     assert all_subjects(box) == ["Invoice AAAA", "Invoice BBBB"]
