@@ -18,7 +18,7 @@ from django.utils import timezone
 from crm.exceptions import RecordPermissionDenied
 from crm.models import User
 
-from .exceptions import MailboxBusy, MailboxHoldsMail, MailboxOutOfDate
+from .exceptions import MailboxBusy, MailboxHoldsMail, MailboxOutOfDate, MailProtocolError
 from .mime import parse_message
 from .models import (
     Attachment,
@@ -73,6 +73,9 @@ def _check_mail_owner(actor: User, mailbox: Mailbox) -> None:
 
 
 def _validate(mailbox: Mailbox) -> None:
+    from .sync.imap import wanted_folders  # noqa: PLC0415
+
+    mailbox.folders = wanted_folders(mailbox.folders or [])
     _check_host(mailbox.incoming_host)
     if mailbox.smtp_host:
         try:
@@ -346,17 +349,35 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
     return grouped
 
 
-def _select_same_uids(session, mailbox: Mailbox, name: str):  # noqa: ANN001, ANN201
+def _select_same_uids(session, mailbox: Mailbox, name: str, uids: list[int]):  # noqa: ANN001, ANN201
     """Select a folder to change messages in it, but only if our UIDs still mean the same
-    messages: after a UIDVALIDITY change they may name other mails, which a delete or move
-    would then hit (RFC 3501 2.3.1.1). Then nothing is done and a sync is queued."""
-    selected = session.select(name, readonly=False)
+    messages and are still there. After a UIDVALIDITY change they may name other mails,
+    which a delete or move would then hit (RFC 3501 2.3.1.1); a mail another mail program
+    moved or deleted meanwhile is no longer under its UID, and a STORE, MOVE or EXPUNGE of
+    a missing UID is a silent no-op on the server (the CRM would then record a change that
+    never happened). In these cases nothing is done, a sync is queued and the user is told."""
+    try:
+        selected = session.select(name, readonly=False)
+    except MailProtocolError:
+        if name in {folder for folder, _ in session.list_folders()}:
+            raise
+        _queue_sync(mailbox)
+        raise MailboxOutOfDate(
+            f"The folder {name!r} is no longer on the server (renamed or deleted in another mail program).",
+            hint="A sync has started; try again in a moment.",
+        ) from None
     known = MailFolder.objects.filter(mailbox=mailbox, name=name).values_list(
         "uidvalidity", flat=True).first()
     if known != selected.uidvalidity:
         _queue_sync(mailbox)
         raise MailboxOutOfDate(
             f"The folder {name!r} changed on the server since the last sync.",
+            hint="A sync has started; try again in a moment.",
+        )
+    if len(session.missing_still_there(uids)) != len(set(uids)):
+        _queue_sync(mailbox)
+        raise MailboxOutOfDate(
+            "This mail was moved or deleted on the server (in another mail program) since the last sync.",
             hint="A sync has started; try again in a moment.",
         )
     return selected
@@ -383,6 +404,8 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
         folder = folder.strip()
         if not folder:
             raise ValidationError({"folder": ["Choose a folder."]})
+        if folder.upper() == "INBOX":  # case-insensitive (RFC 3501 5.1)
+            folder = "INBOX"
         if not is_imap:
             raise ValidationError({"folder": ["POP3 mail has no folders on the server to move it to."]})
     places = _locations_by_folder(email) if is_imap else {}
@@ -400,7 +423,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             # removed: the mail is then in that folder only, as the CRM shows it.
             move_one = folder not in places
             for name, uids in places.items():
-                modseq_before[name] = _select_same_uids(session, mailbox, name).highestmodseq
+                modseq_before[name] = _select_same_uids(session, mailbox, name, uids).highestmodseq
                 add = [flag for flag, on in changes.items() if on]
                 remove = [flag for flag, on in changes.items() if not on]
                 if add:
@@ -511,7 +534,7 @@ def email_delete(*, actor: User, email: Email) -> str:
             to_trash = bool(trash) and trash not in places
             outcome = "trash" if to_trash else "expunged"
             for name, uids in places.items():
-                _select_same_uids(session, mailbox, name)
+                _select_same_uids(session, mailbox, name, uids)
                 if to_trash:
                     to_trash = False
                     session.move(uids, trash)

@@ -68,6 +68,12 @@ def _batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
                    max_bytes=BATCH_BYTES)
 
 
+def wanted_folders(names: Sequence[str]) -> list[str]:
+    """The configured folder names, once each, INBOX in its one spelling: the name INBOX is
+    case-insensitive (RFC 3501 5.1), so "Inbox" or "inbox" typed by a user is the inbox."""
+    return list(dict.fromkeys("INBOX" if name.upper() == "INBOX" else name for name in names))
+
+
 class ImapSync(SyncRun):
     """One run over one IMAP mailbox. Create per run; call ``run()``."""
 
@@ -113,7 +119,7 @@ class ImapSync(SyncRun):
         today's download budget is already spent (the run stops at its first batch)."""
         if self.budget is not None and self.mailbox.budget_bytes_used >= self.budget:
             return False
-        wanted = set(self.mailbox.folders)
+        wanted = set(wanted_folders(self.mailbox.folders))
         done = [backfill_done for name, special_use, backfill_done in
                 MailFolder.objects.filter(mailbox=self.mailbox)
                 .values_list("name", "special_use", "backfill_done")
@@ -190,37 +196,49 @@ class ImapSync(SyncRun):
         after = session.status(folder.name)
         folder.last_uidnext, folder.last_exists = after.uidnext, after.exists
         folder.highestmodseq = after.highestmodseq if after.highestmodseq == selected.highestmodseq else None
-        folder.save(update_fields=["last_uidnext", "last_exists", "highestmodseq"])
+        # Not synced: once it is again (back in "Folders to sync"), the mail that came
+        # meanwhile is above its cursor though STATUS is as recorded here.
+        folder.last_synced_at = None
+        folder.save(update_fields=["last_uidnext", "last_exists", "highestmodseq", "last_synced_at"])
 
     # -- folders ------------------------------------------------------------------------------
     def _folders(self, session: ImapSession) -> list[MailFolder]:
         """The folders to sync. Known folders are reused without a LIST round trip (the
         no-change resync is then login + one STATUS per folder); LIST runs on the first
         sync, when the configured folders change, or when a known folder disappeared."""
-        wanted = list(self.mailbox.folders)
+        wanted = wanted_folders(self.mailbox.folders)
         known = self._known_folders = list(MailFolder.objects.filter(mailbox=self.mailbox).order_by("pk"))
         if wanted:
             reuse = [f for f in known if f.name in wanted]
-            if len(reuse) == len(set(wanted)):
+            if len(reuse) == len(wanted):
                 self.report.folders = len(reuse)
                 return reuse
         else:
+            # Both must be known: after an explicit list is cleared ("the Inbox and the Sent
+            # folder"), or on a server where Sent appeared later, LIST finds the Sent folder.
             reuse = [f for f in known if f.special_use in ("inbox", "sent")]
-            if any(f.special_use == "inbox" for f in reuse):
+            if {f.special_use for f in reuse} == {"inbox", "sent"}:
                 self.report.folders = len(reuse)
                 return reuse
         return self._discover_folders(session)
 
     def _discover_folders(self, session: ImapSession) -> list[MailFolder]:
-        if self.mailbox.folders:
+        wanted = wanted_folders(self.mailbox.folders)
+        if wanted:
             special = dict(session.list_folders())
-            found = [(name, special.get(name, "")) for name in self.mailbox.folders
+            found = [(name, special.get(name, "")) for name in wanted
                      if name in special and special.get(name, "") not in NEVER_SYNC]
-            missing = [name for name in self.mailbox.folders if name not in special]
+            missing = [name for name in wanted if name not in special]
+            never = [name for name in wanted if name in special and special[name] in NEVER_SYNC]
             if missing:
                 self.report.errors.append(
                     "Not on the server, so not synced: " + ", ".join(repr(n) for n in missing[:10])
-                    + ". Check “Folders to sync” (the names as your mail program shows them).")
+                    + ". Check “Folders to sync” (the names as your mail program shows them;"
+                    " a folder that only holds other folders cannot be synced itself).")
+            if never:
+                self.report.errors.append(
+                    "Never synced: " + ", ".join(repr(n) for n in never[:10])
+                    + " (the Trash and Junk folders are left out by design; take them off “Folders to sync”).")
         else:
             found = session.default_sync_folders()
         folders = []
@@ -247,6 +265,7 @@ class ImapSync(SyncRun):
             return
         if (
             folder.backfill_done
+            and folder.last_synced_at is not None  # None: only its places were checked meanwhile
             and folder.pk not in self._kept_back
             and folder.pk not in self._to_complete
             and folder.uidvalidity == status.uidvalidity
