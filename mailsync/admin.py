@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin
 
 from . import services
-from .models import Mailbox
+from .models import Email, EmailLocation, Mailbox, MessageError
 
 
 class MailboxAdminForm(forms.ModelForm):
@@ -51,3 +51,58 @@ class MailboxAdmin(admin.ModelAdmin):
             mailbox=obj, excluded_before=before.excluded_domain_set if before else set(),
             activated=obj.is_active and (not change or "is_active" in form.changed_data),
             limit_before=before.max_message_bytes if before else None)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Mail is changed by the sync and by the CRM's actions (which reach the IMAP server),
+    never by hand here: the admin shows it to troubleshoot."""
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+class EmailLocationInline(admin.TabularInline):
+    model = EmailLocation
+    fields = ["folder", "uidvalidity", "uid", "flags"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+@admin.register(Email)
+class EmailAdmin(ReadOnlyAdmin):
+    """What an operator needs to answer "where is this mail?": its mailbox, places, state and
+    errors. Bodies and sources are not shown: a salesperson's mail is read in the CRM, under
+    its sharing rules."""
+
+    list_display = ["subject", "from_address", "mailbox", "date", "direction", "source", "parse_state",
+                    "send_state", "truncated", "deleted_at"]
+    list_filter = ["direction", "source", "parse_state", "send_state", "truncated"]
+    search_fields = ["subject", "from_address", "message_id", "mailbox__email_address"]
+    list_select_related = ["mailbox"]
+    show_full_result_count = False  # a COUNT(*) over every mail on each page is slow
+    fields = ["mailbox", "subject", "from_name", "from_address", "to", "cc", "date", "direction",
+              "source", "message_id", "in_reply_to", "thread", "size", "seen", "flagged", "shareable",
+              "truncated", "has_attachments", "parse_state", "parse_error", "send_state", "send_error",
+              "deleted_at", "created_at"]
+    readonly_fields = fields
+    inlines = [EmailLocationInline]
+
+
+@admin.register(MessageError)
+class MessageErrorAdmin(ReadOnlyAdmin):
+    list_display = ["mailbox", "folder", "uid", "error", "created_at", "resolved_at"]
+    list_filter = ["resolved_at"]
+    search_fields = ["mailbox__email_address", "error"]
+    list_select_related = ["mailbox", "folder"]
+    fields = ["mailbox", "folder", "uidvalidity", "uid", "error", "created_at", "resolved_at"]
+    readonly_fields = fields

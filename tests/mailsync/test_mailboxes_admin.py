@@ -78,3 +78,32 @@ def test_admin_excluded_domain_unshares_existing_mail():
     assert mailbox.excluded_domains.strip() == "client.example"
     email.refresh_from_db()
     assert email.shareable is False, "mail from an excluded domain is still shared after the admin edit"
+
+
+def test_admin_shows_emails_and_their_errors_read_only_without_bodies():
+    """The third face on the same models: an operator finds a mail (by subject, sender,
+    Message-ID or mailbox), sees its places and state, but neither its body nor a way to
+    change or delete it by hand (that goes through the CRM, which reaches the server)."""
+    from mailsync.models import EmailLocation, MailFolder, MessageError
+
+    client = _admin()
+    box = MailboxFactory()
+    email = make_email(box, subject="Quote for ACME", text="Secret price list: 42 EUR")
+    folder = MailFolder.objects.create(mailbox=box, name="INBOX", uidvalidity=7)
+    EmailLocation.objects.create(email=email, folder=folder, uidvalidity=7, uid=123, flags=["\\Seen"])
+    MessageError.objects.create(mailbox=box, folder=folder, uidvalidity=7, uid=124, error="Could not store this message: x")
+
+    listing = client.get(reverse("admin:mailsync_email_changelist"), {"q": "ACME"})
+    assert listing.status_code == 200 and "Quote for ACME" in listing.content.decode()
+    assert "Quote for ACME" not in client.get(reverse("admin:mailsync_email_changelist"),
+                                              {"q": "nothing-like-it"}).content.decode()
+    page = client.get(reverse("admin:mailsync_email_change", args=[email.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Quote for ACME" in html and "123" in html
+    assert "Secret price list" not in html
+    assert client.get(reverse("admin:mailsync_email_add")).status_code == 403
+    assert client.post(reverse("admin:mailsync_email_delete", args=[email.pk]), {"post": "yes"}).status_code == 403
+    assert client.post(reverse("admin:mailsync_email_change", args=[email.pk]), {"subject": "x"}).status_code == 403
+    errors = client.get(reverse("admin:mailsync_messageerror_changelist"))
+    assert errors.status_code == 200 and "Could not store this message" in errors.content.decode()
