@@ -128,10 +128,10 @@ class MailboxForm(forms.Form):
             data["incoming_host"] = preset.pop3_host if pop3 else preset.imap_host
         if not data.get("incoming_port"):
             data["incoming_port"] = preset.pop3_port if pop3 else preset.imap_port
-        if not data.get("incoming_host"):
-            self.add_error("incoming_host", "Enter the incoming mail server (see Server Details).")
         if pop3 and preset.key != "custom" and not preset.pop3_host:
             self.add_error("protocol", f"{preset.label} does not offer POP3; use IMAP.")
+        elif not data.get("incoming_host"):
+            self.add_error("incoming_host", "Enter the incoming mail server (see Server Details).")
         if not data.get("smtp_host") and preset.smtp_host:
             data["smtp_host"] = preset.smtp_host
         if data.get("smtp_host") and not data.get("smtp_port"):
@@ -281,8 +281,15 @@ class ComposeForm(forms.Form):
         label="Attachments", required=False,
         help_text=f"Up to {MAX_ATTACHMENTS_BYTES // (1024 * 1024)} MB in all.",
     )
+    # One per form shown: the same form sent twice (a second click on Send, a resubmit after
+    # Back) is one email (sending.email_send's token).
+    token = forms.CharField(required=False, max_length=100, widget=forms.HiddenInput)
 
     def __init__(self, *args: Any, senders: list[Any], **kwargs: Any) -> None:
+        import secrets  # noqa: PLC0415
+
+        kwargs.setdefault("initial", {})
+        kwargs["initial"] = {**kwargs["initial"], "token": secrets.token_urlsafe(24)}
         super().__init__(*args, **kwargs)
         self.fields["from_address"].choices = [(s.address, s.label) for s in senders]
         self.fields["reply_to"].choices = [("", "— same as From —")] + [

@@ -286,6 +286,9 @@ class Email(models.Model):
     sent_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # The compose form's one-time token (or an API Idempotency-Key): the same form sent twice
+    # (a second click, a resubmit) is one email, sent once.
+    send_token = models.CharField(max_length=100, blank=True, default="")
     # Headers too large to keep whole (over the mailbox's size limit): a notice for the user.
     truncated = models.BooleanField(default=False)
 
@@ -297,7 +300,11 @@ class Email(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["mailbox", "fingerprint"], name="email_unique_fingerprint"
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["sent_by", "send_token"], name="email_unique_send_token",
+                condition=~Q(send_token=""),
+            ),
         ]
         indexes = [
             models.Index(fields=["mailbox", "-date"], name="email_mailbox_date"),

@@ -27,7 +27,7 @@ from email.utils import format_datetime, getaddresses
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from crm.exceptions import RecordPermissionDenied
@@ -262,13 +262,23 @@ def email_send(
     in_reply_to: Email | None = None,
     reply_to: str = "",
     message_id_tag: str | None = None,
+    token: str = "",
 ) -> Email:
     """Compose a message, store it on ``record`` with state "sending" and queue its delivery.
 
     Every field is checked first (addresses valid, no line breaks in any header, a From the
     actor may use, attachments within the limit); a ValidationError names the field.
+
+    ``token`` (the compose form's, or an API Idempotency-Key): a second call with the same
+    token returns the email of the first and sends nothing.
     """
     from . import senders  # noqa: PLC0415  (senders imports this module)
+
+    token = token.strip()[:100]
+    if token:
+        earlier = Email.objects.filter(sent_by=actor, send_token=token).first()
+        if earlier is not None:
+            return earlier
 
     if record is not None:
         _visible_record(actor, record)
@@ -301,13 +311,21 @@ def email_send(
     raw = _build(sender=sender, to=to_list, cc=cc_list, bcc=bcc_list, reply_to=reply_to_address,
                  subject=subject, text=text, html=html, message_id=message_id,
                  parent=in_reply_to, attachments=attachments)
-    return _store(actor=actor, mailbox=chosen.mailbox, raw=raw, text=text, html=html,
-                  attachments=attachments, record=record)
+    try:
+        return _store(actor=actor, mailbox=chosen.mailbox, raw=raw, text=text, html=html,
+                      attachments=attachments, record=record, token=token)
+    except IntegrityError:
+        # The same token sent twice at once: the other request stored (and sends) it.
+        earlier = Email.objects.filter(sent_by=actor, send_token=token).first() if token else None
+        if earlier is None:
+            raise
+        return earlier
 
 
 @transaction.atomic
 def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
-           attachments: Sequence[OutgoingAttachment], record: RecordType | None) -> Email:
+           attachments: Sequence[OutgoingAttachment], record: RecordType | None,
+           token: str = "") -> Email:
     now = timezone.now()
     # The same parse the sync applies, so the fingerprint matches the Sent-folder copy.
     p = prepare(FetchedMessage(uid=0, flags=("\\Seen",), size=len(raw), internal_date=now, raw=raw))
@@ -324,6 +342,7 @@ def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
         shareable=shareable(env, mailbox.excluded_domain_set), text=text, html=html,
         has_attachments=bool(attachments), parse_state=Email.ParseState.PARSED,
         send_state=Email.SendState.SENDING, sent_by=actor, send_attempted_at=now,
+        send_token=token,
     )
     EmailSource.objects.create(email=email, data=compress(raw), size=len(raw))
     email.participants.bulk_create(_participants(email, env))

@@ -85,6 +85,10 @@ def _validate(mailbox: Mailbox) -> None:
     mailbox.full_clean(exclude=["owner"])
     # full_clean skips constraints on the excluded owner: without this, adding the same
     # mailbox twice hit mailbox_unique_address_per_owner as an IntegrityError (a 500).
+    _check_not_added(mailbox)
+
+
+def _check_not_added(mailbox: Mailbox) -> None:
     if Mailbox.objects.filter(
         owner_id=mailbox.owner_id, email_address__iexact=mailbox.email_address
     ).exclude(pk=mailbox.pk).exists():
@@ -104,6 +108,9 @@ def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool 
     # Two first mailboxes created at once: the owner's row serializes the decision (else both
     # would be active and the second INSERT would hit mailbox_one_active_per_owner).
     list(User.objects.select_for_update().filter(pk=actor.pk).values_list("pk", flat=True))
+    # Checked again under that lock: the same form sent twice (two tabs, a double submit)
+    # passed the first check side by side during the login tests (it was a 500).
+    _check_not_added(mailbox)
     mailbox.is_active = not Mailbox.objects.filter(owner=actor, is_active=True).exists()
     mailbox.save()
     if mailbox.is_active:

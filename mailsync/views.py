@@ -730,6 +730,7 @@ def compose_view(request: HttpRequest) -> HttpResponse:
                 in_reply_to=parent, reply_to=d.get("reply_to") or "",
                 attachments=[sending.OutgoingAttachment(f.name, f.content_type or "", f.read())
                              for f in d["attachments"]],
+                token=d.get("token") or "",
             )
         except ValidationError as exc:
             _form_errors(form, exc)

@@ -173,11 +173,17 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     @extend_schema(request={"application/json": s.EmailSendSerializer,
                             "multipart/form-data": s.EmailSendSerializer},
-                   responses={202: s.EmailDetailSerializer})
+                   responses={202: s.EmailDetailSerializer},
+                   parameters=[OpenApiParameter(
+                       "Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
+                       description="Any unique string per message (at most 100 characters): a "
+                                   "request repeated with the same key (a retry after a timeout) "
+                                   "returns the first one's email and sends nothing again.")])
     @action(detail=False, methods=["post"], url_path="send")
     def send(self, request: Request) -> Response:
         """Compose and send: stored on the record at once with ``send_state`` "sending",
-        then "sent" or "failed" (with ``send_error``; retry with ``…/retry-send/``)."""
+        then "sent" or "failed" (with ``send_error``; retry with ``…/retry-send/``).
+        With an ``Idempotency-Key`` header, a repeated request sends nothing twice."""
         from crm.models import Contact, Deal, Lead
         from crm.selectors import records_visible_to
 
@@ -203,6 +209,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             in_reply_to=parent, reply_to=d["reply_to"],
             attachments=[sending.OutgoingAttachment(f.name, f.content_type or "", f.read())
                          for f in d["attachments"]],
+            token=request.headers.get("Idempotency-Key", ""),
         )
         email = self.get_queryset().get(pk=email.pk)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data,

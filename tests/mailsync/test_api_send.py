@@ -89,3 +89,49 @@ def test_failed_send_can_be_retried_over_the_api(api, sender_mailbox, smtp_outbo
     assert api.get(f"/api/v1/emails/{sent['id']}/").json()["send_state"] == "sent"
     assert api.post(f"/api/v1/emails/{sent['id']}/retry-send/").status_code == 400
     assert len(smtp_outbox.messages) == 1
+
+
+def test_a_request_repeated_with_the_same_idempotency_key_sends_once(
+        api, sender_mailbox, smtp_outbox, django_capture_on_commit_callbacks):
+    """A client that retries after a timeout (the first request did go through) sends the
+    mail once: the repeat returns the first request's email. Another key is another mail."""
+    payload = {"from_address": sender_mailbox.email_address, "to": ["grace@navy.example"],
+               "subject": "Quote", "html": "<p>Hello</p>"}
+    with django_capture_on_commit_callbacks(execute=True):
+        first = api.post("/api/v1/emails/send/", payload, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+        again = api.post("/api/v1/emails/send/", payload, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    smtp_outbox.wait_for(1)
+    with django_capture_on_commit_callbacks(execute=True):
+        other = api.post("/api/v1/emails/send/", payload, format="json", HTTP_IDEMPOTENCY_KEY="k-2")
+    assert other.json()["id"] != first.json()["id"]
+    smtp_outbox.wait_for(2)
+    assert Email.objects.filter(subject="Quote").count() == 2
+    assert len(smtp_outbox.messages) == 2
+
+
+def test_the_compose_form_sent_twice_sends_once(sender_mailbox, smtp_outbox, django_capture_on_commit_callbacks):
+    """The same compose form posted twice (a second click on Send while the first is on its
+    way, a resubmit after Back): one email on the record, one delivery (found by a probe:
+    nothing stopped the second)."""
+    import re
+
+    from django.test import Client
+
+    contact = ContactFactory(owner=sender_mailbox.owner, email="grace@navy.example")
+    client = Client()
+    client.force_login(sender_mailbox.owner)
+    page = client.get(f"/mail/compose/?record=contact:{contact.pk}").content.decode()
+    token = re.search(r'name="token" value="([^"]+)"', page).group(1)
+    form = {"record": f"contact:{contact.pk}", "token": token, "from_address": sender_mailbox.email_address,
+            "to": "grace@navy.example", "subject": "Offer", "html": "<p>Our offer.</p>"}
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post("/mail/compose/", form).status_code == 302
+        assert client.post("/mail/compose/", form).status_code == 302
+    smtp_outbox.wait_for(1)
+    assert Email.objects.filter(subject="Offer").count() == 1
+    assert len(smtp_outbox.messages) == 1
+    # A new form is a new mail
+    fresh = client.get(f"/mail/compose/?record=contact:{contact.pk}").content.decode()
+    assert re.search(r'name="token" value="([^"]+)"', fresh).group(1) != token
