@@ -10,6 +10,7 @@ from django.http import HttpRequest
 
 from . import services
 from .models import Account, Contact, Deal, DealStage, Lead, RecordShare, User
+from .signals import record_saved
 
 
 @admin.register(User)
@@ -57,6 +58,12 @@ class RecordAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     readonly_fields = ["created_at", "modified_at"]
     list_filter = ["owner"]
+
+    def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
+        super().save_model(request, obj, form, change)
+        # What record_create/record_update do besides saving: the record's past mail (by
+        # its addresses, a deal's by its contact) attaches at once, as from the pages.
+        record_saved.send(sender=type(obj), record=obj, created=not change)
 
 
 @admin.register(Lead)

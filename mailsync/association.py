@@ -74,6 +74,7 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
     email_ids = list(email_ids)
     if not email_ids:
         return 0
+    _association_lock(shared=True)
     excluded = {a.lower() for a in exclude_addresses}
     by_email: dict[int, set[str]] = defaultdict(set)
     if addresses is None:
@@ -95,58 +96,126 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
                                              field="contact", values=contact_ids):
         deals[contact_id].append(deal_id)
 
-    # (email, lead, contact, deal) rows: one record each
-    links: list[tuple[int, int | None, int | None, int | None]] = []
+    # Per email, the (lead, contact, deal) it belongs to: one record each.
+    found: dict[int, set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
     for email_id, email_addresses in by_email.items():
         lead_ids = {pk for a in email_addresses for pk in leads.get(a, ())}
         c_ids = {pk for a in email_addresses for pk in contacts.get(a, ())}
         d_ids = {pk for c in c_ids for pk in deals.get(c, ())}
-        links += [(email_id, pk, None, None) for pk in lead_ids]
-        links += [(email_id, None, pk, None) for pk in c_ids]
-        links += [(email_id, None, None, pk) for pk in d_ids]
-    links += [(link.email_id, link.lead_id, link.contact_id, link.deal_id)
-              for link in _reply_links(email_ids, quoted)]
+        found[email_id] |= {(pk, None, None) for pk in lead_ids}
+        found[email_id] |= {(None, pk, None) for pk in c_ids}
+        found[email_id] |= {(None, None, pk) for pk in d_ids}
+    _inherit_from_parents(email_ids, quoted, found)
+    links = [(email_id, lead, contact, deal)
+             for email_id, records in found.items() for lead, contact, deal in records]
     return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
                        ignore_conflicts=True, count=True)
 
 
-def _reply_links(email_ids: list[int], quoted: Mapping[int, Iterable[str]] | None) -> list[EmailLink]:
-    """Replies to mail sent from the CRM join the records that mail was sent from, whatever
-    address they come from: their In-Reply-To/References quote its Message-ID (which names
-    the record and carries a random part, so it cannot be guessed to attach mail elsewhere)."""
+def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[str]] | None,
+                          found: dict[int, set[tuple[int | None, int | None, int | None]]]) -> None:
+    """A reply joins the records of the mail it answers (its In-Reply-To/References), so the
+    whole conversation shows on the deal even when a reply comes from someone the CRM does
+    not know (the customer's colleague): parents stored in the same mailbox (only those who
+    got the thread know their Message-IDs) or in this batch, and mail sent from the CRM
+    (its Message-ID names the record and carries a random part: it cannot be guessed)."""
     from .models import Email
 
+    rows = Email.objects.filter(pk__in=email_ids).values_list(
+        "pk", "mailbox_id", "message_id", "in_reply_to", "references")
+    mailbox_of: dict[int, int] = {}
+    in_batch: dict[tuple[int, str], int] = {}
+    stored_quotes: dict[int, list[str]] = {}
+    for pk, mailbox_id, message_id, in_reply_to, references in rows:
+        mailbox_of[pk] = mailbox_id
+        if message_id:
+            in_batch.setdefault((mailbox_id, message_id), pk)
+        stored_quotes[pk] = [in_reply_to, *(references or [])]
     if quoted is None:
-        quoted = {email_id: [in_reply_to, *(references or [])]
-                  for email_id, in_reply_to, references in Email.objects.filter(
-                      pk__in=email_ids).values_list("pk", "in_reply_to", "references")}
-    ours = {email_id: ids for email_id, ids in (
-        (email_id, {i for i in quoted.get(email_id, ()) if i and i.startswith("crm.")})
-        for email_id in email_ids) if ids}
-    if not ours:
-        return []
-    quoted = ours
-    all_ids = set().union(*quoted.values())
-    parents: dict[str, list[tuple[int | None, int | None, int | None]]] = defaultdict(list)
-    for message_id, lead, contact, deal in EmailLink.objects.filter(
-        email__source=Email.Source.CRM, email__message_id__in=all_ids
-    ).values_list("email__message_id", "lead_id", "contact_id", "deal_id"):
-        parents[message_id].append((lead, contact, deal))
-    return [
-        EmailLink(email_id=email_id, lead_id=lead, contact_id=contact, deal_id=deal)
-        for email_id, ids in quoted.items()
-        for message_id in ids
-        for lead, contact, deal in parents.get(message_id, ())
-    ]
+        quoted = stored_quotes
+    quotes = {pk: {i for i in quoted.get(pk, ()) if i} for pk in email_ids if pk in mailbox_of}
+    all_ids = set().union(*quotes.values()) if quotes else set()
+    if not all_ids:
+        return
+    parents: dict[tuple[int | None, str], set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    for message_id, mailbox_id, source, lead, contact, deal in EmailLink.objects.filter(
+        Q(email__mailbox_id__in=set(mailbox_of.values())) | Q(email__source=Email.Source.CRM),
+        email__message_id__in=all_ids,
+    ).values_list("email__message_id", "email__mailbox_id", "email__source", "lead_id", "contact_id", "deal_id"):
+        parents[(mailbox_id, message_id)].add((lead, contact, deal))
+        if source == Email.Source.CRM and message_id.startswith("crm."):
+            parents[(None, message_id)].add((lead, contact, deal))
+    for _ in range(5):  # replies to replies within one batch
+        changed = False
+        for pk, ids in quotes.items():
+            mailbox_id = mailbox_of[pk]
+            for message_id in ids:
+                inherited = parents.get((mailbox_id, message_id), set()) | parents.get((None, message_id), set())
+                parent = in_batch.get((mailbox_id, message_id))
+                if parent is not None and parent != pk:
+                    inherited = inherited | found.get(parent, set())
+                if inherited - found[pk]:
+                    found[pk] |= inherited
+                    changed = True
+        if not changed:
+            break
 
 
 def _record_addresses(record: Lead | Contact) -> set[str]:
     return {a.strip().lower() for a in (record.email, record.secondary_email) if a and a.strip()}
 
 
+def _replies_within_threads(email_ids: set[int]) -> set[int]:
+    """The replies (in their threads) to these emails, and replies to those: what a new
+    record gets besides its own address's mail, as the sync gives it to new replies
+    (``_inherit_from_parents``)."""
+    from .models import Email
+
+    if not email_ids:
+        return set()
+    rows = list(Email.objects.filter(pk__in=email_ids).values_list("thread_id", "mailbox_id", "message_id"))
+    threads = {thread for thread, _, _ in rows if thread is not None}
+    if not threads:
+        return set()
+    known = {(mailbox_id, message_id) for _, mailbox_id, message_id in rows if message_id}
+    candidates = [row for row in Email.objects.filter(thread_id__in=threads).exclude(pk__in=email_ids)
+                  .values_list("pk", "mailbox_id", "message_id", "in_reply_to", "references")]
+    found: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for pk, mailbox_id, message_id, in_reply_to, references in candidates:
+            if pk in found:
+                continue
+            if any((mailbox_id, q) in known for q in (in_reply_to, *(references or [])) if q):
+                found.add(pk)
+                if message_id:
+                    known.add((mailbox_id, message_id))
+                changed = True
+    return found
+
+
+# Advisory lock key space of association (the first of the two int4 keys; see sync/lock.py).
+ASSOCIATION_LOCK = (0x4153, 1)  # "AS"
+
+
+def _association_lock(*, shared: bool) -> None:
+    """Storing mail (shared) and saving a record (exclusive) each match against what the
+    other has committed. Without this, a contact saved while a sync batch stored its mail
+    got none of it, for good: under READ COMMITTED neither transaction saw the other's rows.
+    Held to the end of the transaction, so whichever side comes second sees the other's
+    rows; batches never wait for each other."""
+    if connection.vendor != "postgresql" or not connection.in_atomic_block:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}(%s, %s)",
+                       list(ASSOCIATION_LOCK))
+
+
 def email_associate_record(*, record: OwnedRecord) -> int:
     """Attach past mail to a lead, contact or deal just created or changed: no re-download,
     the participants of every synced mail are already stored."""
+    _association_lock(shared=False)
     if isinstance(record, Deal):
         if record.contact_id is None:
             return 0
@@ -167,6 +236,7 @@ def email_associate_record(*, record: OwnedRecord) -> int:
     own = own_addresses(mailbox_id for _, _, mailbox_id in found)
     email_ids = {email_id for email_id, address, mailbox_id in found
                  if address not in own.get(mailbox_id, ())}
+    email_ids |= _replies_within_threads(email_ids)
     if isinstance(record, Lead):
         links = [(email_id, record.pk, None, None) for email_id in email_ids]
     else:
