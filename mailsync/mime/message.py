@@ -187,7 +187,14 @@ class _Walk:
         if cte in ("", "7bit", "8bit", "binary"):
             return body
         if cte == "base64":
-            return b64decode_lenient(body)
+            data, trailer = split_base64_trailer(body)
+            if not trailer:
+                return b64decode_lenient(body)
+            # A mailing list appended its footer to a base64 body: decoded, it would be junk.
+            self.note("plain text after the base64 data (a list footer?) kept as text")
+            decoded = b64decode_lenient(data)
+            ctype = (block.text("content-type") or "text/plain").split(";", 1)[0].strip().lower()
+            return decoded + b"\n" + trailer if ctype.startswith("text/") else decoded
         if cte == "quoted-printable":
             # RFC 2045 6.7 (3): whitespace at the end of an encoded line is to be deleted
             # (it may hide the "=" of a soft line break).
@@ -197,6 +204,43 @@ class _Walk:
         # RFC 2045 §6.4: an unknown encoding means the data is opaque; keep it as it came.
         self.note(f"unknown Content-Transfer-Encoding {cte[:40]!r}; kept raw")
         return body
+
+
+_B64_OK = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
+
+
+def split_base64_trailer(body: bytes) -> tuple[bytes, bytes]:
+    """(base64 data, plain text appended after it). Mailing lists add their footer to a
+    single-part body without re-encoding it; RFC 2045 6.8 says to skip characters outside
+    the alphabet, but the footer's letters are in it and would decode as junk. The text
+    starts at the first line after the data with characters no base64 has (or at the blank
+    line before it), provided what follows reads as prose: a line of words with punctuation.
+    A stray junk line inside the data (followed by more data) is left to the lenient decoder,
+    as RFC 2045 asks. Clean base64, the usual case, is checked at C speed."""
+    if not body.translate(None, _B64_OK):
+        return body, b""
+    lines = body.split(b"\n")
+    seen_data = False
+    last_blank: int | None = None
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped:
+            if seen_data:
+                last_blank = index
+            continue
+        if stripped.translate(None, _B64_OK) and seen_data:
+            rest = [other.strip() for other in lines[index:]]
+            if any(_prose(other) for other in rest):
+                cut = last_blank if last_blank is not None else index
+                return b"\n".join(lines[:cut]), b"\n".join(lines[cut:]).strip(b"\r\n")
+            return body, b""
+        seen_data = True
+    return body, b""
+
+
+def _prose(line: bytes) -> bool:
+    """Words and punctuation ("list mailing list: https://..."), never a base64 line."""
+    return b" " in line and bool(line.translate(None, _B64_OK))
 
 
 def unflow(text: str, *, delsp: bool) -> str:

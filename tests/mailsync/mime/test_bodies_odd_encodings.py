@@ -85,6 +85,32 @@ def test_base64_attachment_encoded_in_padded_chunks_keeps_its_bytes():
     assert att.content == b"Hi!"
 
 
+def test_list_footer_after_a_base64_body_is_shown_as_text_not_junk():
+    """A mailing list appended its footer, unencoded, to a base64 body (found by a probe:
+    the footer's letters were decoded as base64 and the user saw junk at the end)."""
+    text = "Grüße aus Köln,\nwir möchten ein Angebot.\n".encode("utf-8")
+    body = base64.encodebytes(text).replace(b"\n", b"\r\n")
+    footer = (b"\r\n_______________________________________________\r\n"
+              b"Unsubscribe\r\nsales-list mailing list: https://lists.example/sales\r\n")
+    parsed = parse_message(single(b"Content-Type: text/plain; charset=utf-8\r\n"
+                                  b"Content-Transfer-Encoding: base64", body + footer))
+    assert parsed.text.startswith("Grüße aus Köln,\nwir möchten ein Angebot.")
+    assert parsed.text.rstrip().endswith("sales-list mailing list: https://lists.example/sales")
+    assert "Unsubscribe" in parsed.text and "\ufffd" not in parsed.text
+
+
+def test_clean_base64_and_base64_with_a_stray_character_decode_as_before():
+    text = b"Plain words. " * 20
+    body = base64.encodebytes(text).replace(b"\n", b"\r\n")
+    assert parse_message(single(b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64", body)
+                         ).text.strip() == text.decode().strip()
+    # A stray character inside the data (RFC 2045 6.8: ignored) is not taken for a footer:
+    # the line goes on with data after it... it is the last line here, so it is data too.
+    odd = body[:20] + b"!" + body[20:]
+    assert "Plain words." in parse_message(
+        single(b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64", odd)).text
+
+
 # -- attachments ------------------------------------------------------------------------------
 
 def test_rfc2231_continuations_with_charset():
