@@ -7,6 +7,8 @@ still parses Content-Type/Content-Disposition parameters (RFC 2231) for us.
 from __future__ import annotations
 
 import binascii
+import logging
+import mimetypes
 import re
 from dataclasses import dataclass
 from email.message import Message
@@ -152,6 +154,11 @@ class _Walk:
             declared = ctype if ctype in _EMBEDDED_MESSAGE_TYPES else "application/octet-stream"
         if not payload and not filename:
             return  # an empty unnamed part carries nothing to show or download
+        if declared == "application/ms-tnef" or (filename or "").strip().lower() == "winmail.dat":
+            inside = tnef_attachments(payload)
+            if inside:  # else winmail.dat is kept as it came
+                self.attachments.extend(inside)
+                return
         if declared in _EMBEDDED_MESSAGE_TYPES:
             # A forwarded message downloads as .eml, named after its Subject if not named.
             filename = filename or parse_envelope(payload).subject[:200] or "message"
@@ -204,6 +211,37 @@ class _Walk:
         # RFC 2045 §6.4: an unknown encoding means the data is opaque; keep it as it came.
         self.note(f"unknown Content-Transfer-Encoding {cte[:40]!r}; kept raw")
         return body
+
+
+# Larger winmail.dat files are kept whole: the reader copies the rest of the data for each
+# of its records (quadratic in the size).
+TNEF_MAX_BYTES = 16 * 1024 * 1024
+
+
+def tnef_attachments(data: bytes) -> list[Attachment]:
+    """The files inside Outlook's winmail.dat (TNEF, application/ms-tnef), or [] when it
+    holds none or cannot be read (then the caller keeps winmail.dat itself)."""
+    if not data or len(data) > TNEF_MAX_BYTES:
+        return []
+    try:
+        from tnefparse import TNEF  # noqa: PLC0415
+
+        logging.getLogger("tnefparse").setLevel(logging.ERROR)  # it warns on odd records
+        found = TNEF(data, do_checksum=False).attachments
+        out = []
+        for item in found:
+            content = bytes(item.data or b"")
+            name = item.long_filename() or ""
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            name = name.strip("\x00").strip()
+            if not content:
+                continue
+            ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            out.append(Attachment(filename=safe_filename(name, ctype), content_type=ctype,
+                                  content=content, content_id=None, inline=False))
+        return out
+    except Exception:  # noqa: BLE001  (a hostile or broken file: keep it as it came)
+        return []
 
 
 _B64_OK = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "

@@ -160,3 +160,42 @@ def _tnef(files: list[tuple[str, bytes]]) -> bytes:
         out += attr(2, 0x00018010, name.encode() + b"\x00")     # attAttachTitle
         out += attr(2, 0x0006800F, data)                         # attAttachData
     return out
+
+
+def _tnef(files: list[tuple[bytes, bytes]]) -> bytes:
+    """A winmail.dat as Outlook writes it (MS-OXTNEF 2.1.3): signature, key, then records of
+    level, id, type, length, data, checksum; each attachment starts with attAttachRendData."""
+    def record(level: int, name: int, kind: int, data: bytes) -> bytes:
+        return (struct.pack("<BHHI", level, name, kind, len(data)) + data
+                + struct.pack("<H", sum(data) & 0xFFFF))
+
+    out = struct.pack("<IH", 0x223E9F78, 0x0001)
+    out += record(1, 0x9006, 0x0008, struct.pack("<I", 0x00010000))  # attTnefVersion
+    out += record(1, 0x9007, 0x0006, struct.pack("<II", 1252, 0))  # attOemCodepage
+    for name, data in files:
+        out += record(2, 0x9002, 0x0006, b"\x01\x00" + b"\xff" * 12)  # attAttachRendData
+        out += record(2, 0x8010, 0x0001, name + b"\x00")  # attAttachTitle
+        out += record(2, 0x800F, 0x0006, data)  # attAttachData
+    return out
+
+
+def test_outlook_winmail_dat_shows_the_files_inside_it():
+    """Outlook (rich text) sends its attachments packed in winmail.dat: the user sees the
+    files themselves, as in their mail program, not one unreadable winmail.dat."""
+    tnef = _tnef([(b"Angebot.pdf", b"%PDF-1.4 offer"), (b"Preise.xlsx", b"PK\x03\x04sheet")])
+    raw = mixed(b"Content-Type: application/ms-tnef; name=\"winmail.dat\"\r\n"
+                b"Content-Disposition: attachment; filename=\"winmail.dat\"\r\n"
+                b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(tnef))
+    parsed = parse_message(raw)
+    assert [(a.filename, a.content_type, a.content) for a in parsed.attachments] == [
+        ("Angebot.pdf", "application/pdf", b"%PDF-1.4 offer"),
+        ("Preise.xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", b"PK\x03\x04sheet"),
+    ]
+
+
+def test_an_unreadable_winmail_dat_is_kept_as_it_came():
+    junk = b"\x78\x9f\x3e\x22" + b"\xff" * 40  # the signature, then nonsense
+    raw = mixed(b"Content-Type: application/ms-tnef\r\nContent-Disposition: attachment; "
+                b"filename=winmail.dat\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(junk))
+    [att] = parse_message(raw).attachments
+    assert (att.filename, att.content) == ("winmail.dat", junk)
