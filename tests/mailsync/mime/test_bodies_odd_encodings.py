@@ -199,3 +199,10 @@ def test_an_unreadable_winmail_dat_is_kept_as_it_came():
                 b"filename=winmail.dat\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(junk))
     [att] = parse_message(raw).attachments
     assert (att.filename, att.content) == ("winmail.dat", junk)
+
+
+def test_a_boundary_string_inside_a_line_is_not_a_delimiter():
+    """Only a line that starts with "--boundary" splits the parts (RFC 2046 5.1.1)."""
+    raw = (H + b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain\r\n\r\n"
+           b"see the --XX marker and x--XX-- too\r\n--XX--\r\n")
+    assert parse_message(raw).text.strip() == "see the --XX marker and x--XX-- too"
