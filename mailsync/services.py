@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Bodies parsed per call of emails_parse_pending: one transaction each, ~2 ms a message.
 PARSE_BATCH = 200
+PARSE_BATCH_BYTES = 64 * 1024 * 1024
 
 
 def _check_host(host: str) -> None:
@@ -282,11 +283,21 @@ def emails_parse_pending(*, mailbox_id: int, limit: int = PARSE_BATCH) -> int:
     stops the others. Rows are locked with SKIP LOCKED: two parse tasks (each sync queues
     one) never parse the same mail twice."""
     with transaction.atomic():
-        emails = list(
+        candidates = list(
             Email.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(mailbox_id=mailbox_id, parse_state=Email.ParseState.PENDING)
-            .select_related("source_data").order_by("-date")[:limit]
+            .order_by("-date").values_list("pk", "size")[:limit]
         )
+        # Bounded in bytes too: a batch of large mails (each source is held while the batch
+        # is parsed) must not take the worker's memory, or an OOM kill would repeat it forever.
+        chosen: list[int] = []
+        total = 0
+        for pk, size in candidates:
+            if chosen and total + size > PARSE_BATCH_BYTES:
+                break
+            chosen.append(pk)
+            total += size
+        emails = list(Email.objects.filter(pk__in=chosen).select_related("source_data").order_by("-date"))
         _parse_and_store(emails)
     return len(emails)
 

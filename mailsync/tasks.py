@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from . import services
 from .exceptions import MailboxBusy, MailTransientError, MailUserError
-from .models import Mailbox
+from .models import Email, Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def mark_opened_read(email_id: int, user_id: int) -> None:
 @shared_task(name="mailsync.parse_emails", acks_late=True)
 def parse_emails(mailbox_id: int) -> None:
     # One batch per task run, then chain: a long backlog never holds one worker for hours.
-    if services.emails_parse_pending(mailbox_id=mailbox_id) >= services.PARSE_BATCH:
+    if services.emails_parse_pending(mailbox_id=mailbox_id) and Email.objects.filter(
+            mailbox_id=mailbox_id, parse_state=Email.ParseState.PENDING).exists():
         parse_emails.delay(mailbox_id)
 
 

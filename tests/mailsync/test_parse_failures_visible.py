@@ -72,3 +72,23 @@ def test_a_whole_mime_parse_failure_is_failed_and_retryable(monkeypatch):
     services.emails_parse_pending(mailbox_id=mailbox.pk)
     email.refresh_from_db()
     assert email.parse_state == Email.ParseState.FAILED, (email.parse_state, email.parse_error, email.text)
+
+
+def test_large_mails_are_parsed_in_batches_bounded_in_bytes(monkeypatch, django_capture_on_commit_callbacks):
+    """A backlog of large mails is parsed a few at a time (each batch holds its sources in
+    memory): a batch of 200 mails of 20 MB would take gigabytes and an OOM kill of the
+    worker would repeat it for ever. The parse task chains until every mail is parsed."""
+    from mailsync import tasks
+
+    mailbox = MailboxFactory()
+    emails = [store(mailbox, raw_with_pdf(n), n) for n in range(1, 6)]
+    for email in emails:  # as if each were 30 MB
+        Email.objects.filter(pk=email.pk).update(size=30 * 1024 * 1024)
+    assert services.emails_parse_pending(mailbox_id=mailbox.pk) == 2  # 64 MB per batch
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.parse_emails.delay(mailbox.pk)  # eager: chains batch after batch
+    assert not Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.PENDING).exists()
+    # One mail larger than the bound is still parsed (alone)
+    big = store(mailbox, raw_with_pdf(9), 9)
+    Email.objects.filter(pk=big.pk).update(size=500 * 1024 * 1024)
+    assert services.emails_parse_pending(mailbox_id=mailbox.pk) == 1
