@@ -62,7 +62,9 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
 
     mailbox.refresh_from_db()
     eta = None
-    if mailbox.state == Mailbox.State.SYNCING and mailbox.sync_started_at and mailbox.bytes_done:
+    interrupted = mailbox.state == Mailbox.State.SYNCING and not _sync_running(mailbox.pk)
+    if (mailbox.state == Mailbox.State.SYNCING and not interrupted and mailbox.sync_started_at
+            and mailbox.bytes_done):
         elapsed = (timezone.now() - mailbox.sync_started_at).total_seconds()
         remaining = max(mailbox.bytes_total - mailbox.bytes_done, 0)
         eta = timezone.now() + timedelta(seconds=elapsed * remaining / mailbox.bytes_done)
@@ -79,6 +81,12 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
         "paused_until": mailbox.paused_until,
         "last_error": mailbox.last_error,
         "last_error_code": mailbox.last_error_code,
+        # The state says "syncing" but no run holds the mailbox's lock: the worker stopped
+        # (restarted, killed); the next check (within 5 minutes) resumes where it stopped.
+        "interrupted": interrupted,
+        # An error the user must fix (password, TLS, settings), or one retried by itself.
+        "needs_user": mailbox.state == Mailbox.State.ERROR and mailbox.last_error_code in Mailbox.USER_ERROR_CODES,
+        "emails_stored": Email.objects.filter(mailbox=mailbox, deleted_at__isnull=True).count(),
         "message_errors": [
             {"id": e.pk, "folder": e.folder.name if e.folder else "", "uid": e.uid,
              "error": e.error, "created_at": e.created_at}
@@ -86,6 +94,23 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
         ],
         "emails_unparsed": Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).count(),
     }
+
+
+def _sync_running(mailbox_id: int) -> bool:
+    """Whether a sync run holds the mailbox's lock now (sync/lock.py), asked without taking
+    it for long: a free lock is taken and given back at once."""
+    from django.db import connection
+
+    from .sync.lock import LOCK_NAMESPACE
+
+    if connection.vendor != "postgresql":
+        return True  # the embedded default's lease: trust the state
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
+        if not cursor.fetchone()[0]:
+            return True
+        cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
+    return False
 
 
 # -- pages: the Emails related list and the mailbox view -------------------------------------

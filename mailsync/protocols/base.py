@@ -156,6 +156,13 @@ def translate_network_error(exc: BaseException, host: str) -> MailError:
             f"The certificate of {host} is not trusted ({exc.verify_message}).",
             hint="Check the server name; a self-signed certificate is not accepted.",
         )
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+        # The connection dropped during or after the handshake (a network blip, a server
+        # restarting): retried by itself, not a setting for the user to fix.
+        return MailServerUnreachable(
+            f"The connection to {host} was cut during the TLS handshake.",
+            hint="This is retried automatically; if it persists, check the port and security setting.",
+        )
     if isinstance(exc, ssl.SSLError):
         return MailTLSError(
             f"TLS with {host} failed ({exc.reason or exc}).",

@@ -88,6 +88,8 @@ class ImapSync(SyncRun):
         self._sizes: dict[int, int] = {}  # RFC822.SIZE of the UIDs being downloaded
         self._kept_back: set[int] = set()  # folders with messages the server did not send
         self._to_complete: set[int] = set()  # folders with headers-only mail now under the limit
+        # Folders counted before the download began: pk -> (UIDVALIDITY, UIDs, sizes to fetch)
+        self._planned: dict[int, tuple[int, list[int], dict[int, int]]] = {}
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -146,9 +148,38 @@ class ImapSync(SyncRun):
         self._kept_back = {folder_id for folder_id, why in rows if why == "kept"}
         self._to_complete = {folder_id for folder_id, why in rows if why == "whole"}
         synced = self._folders(session)
+        self._plan(session, synced)
         for folder in synced:
             self._sync_folder(session, folder)
         self._check_places_elsewhere(session, {f.pk for f in synced})
+
+    def _plan(self, session: ImapSession, folders: list[MailFolder]) -> None:
+        """A first sync (or unfinished backfills) of several folders: every folder's messages
+        are counted before any is downloaded, so that the progress ("n of total") and its
+        estimate cover the whole run, not only the folders reached so far."""
+        pending = [f for f in folders if not f.backfill_done]
+        if len(pending) < 2:
+            return
+        for folder in pending:
+            try:
+                selected = session.select(folder.name, readonly=True)
+            except MailProtocolError:
+                continue  # gone: the folder's own turn says so
+            if folder.uidvalidity is not None and folder.uidvalidity != selected.uidvalidity:
+                continue  # re-mapped in its turn
+            uids = self._search(session)
+            known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=selected.uidvalidity)
+                        .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
+            below = [u for u in uids if (folder.uid_low is None or u < folder.uid_low) and u not in known]
+            sizes = session.fetch_sizes(below) if below else {}
+            self._add_totals(len(sizes), sum(sizes.values()))
+            self._planned[folder.pk] = (selected.uidvalidity, uids, sizes)
+
+    def _take_plan(self, folder: MailFolder) -> tuple[list[int], dict[int, int]] | None:
+        plan = self._planned.get(folder.pk)
+        if plan is None or plan[0] != folder.uidvalidity:
+            return None
+        return plan[1], plan[2]
 
     # -- mail the CRM moved to folders that are not synced ----------------------------------
     def _check_places_elsewhere(self, session: ImapSession, synced: set[int]) -> None:
@@ -351,9 +382,15 @@ class ImapSync(SyncRun):
         if not uids:
             return
         sizes = session.fetch_sizes(uids)
+        self._add_totals(len(sizes), sum(sizes.values()))
         # As any download: over the mailbox's size limit, the headers only (with the notice).
         got = fetch_batch(session, uids, sizes, self.mailbox.max_message_bytes)
         messages = [m for m in got if not m.error]
+        held = [m for m in got if m.error]
+        if held:  # held back again: done for this run (its error stays), as in _notice_kept_back
+            Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                messages_done=F("messages_done") + len(held),
+                bytes_done=F("bytes_done") + sum(sizes.get(m.uid, 0) for m in held))
         if messages:
             truncated = [m for m in messages if m.truncated]
 
@@ -402,7 +439,8 @@ class ImapSync(SyncRun):
         return session.search_uids(since=self.mailbox.sync_since, above=above)
 
     def _initial(self, session: ImapSession, folder: MailFolder) -> None:
-        uids = self._search(session)
+        plan = self._take_plan(folder)
+        uids = plan[0] if plan is not None else self._search(session)
         top = max(uids, default=0)
         folder.uid_high, folder.uid_low = top, top + 1
         folder.save(update_fields=["uid_high", "uid_low"])
@@ -425,9 +463,13 @@ class ImapSync(SyncRun):
         # after "sync mail since" moved earlier downloads only the older mail).
         known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=folder.uidvalidity)
                     .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
-        uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
-        sizes = session.fetch_sizes(uids) if uids else {}
-        self._add_totals(len(sizes), sum(sizes.values()))
+        plan = self._planned.pop(folder.pk, None)
+        if plan is not None and plan[0] == folder.uidvalidity:  # counted already (_plan)
+            sizes = {u: size for u, size in plan[2].items() if u < (folder.uid_low or 0) and u not in known}
+        else:
+            uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
+            sizes = session.fetch_sizes(uids) if uids else {}
+            self._add_totals(len(sizes), sum(sizes.values()))
         def advance_to(batch: list[int]) -> Callable[[MailFolder], None]:
             def advance(f: MailFolder) -> None:
                 f.uid_low = min(f.uid_low or min(batch), min(batch))
@@ -525,7 +567,9 @@ class ImapSync(SyncRun):
                          uid=m.uid, error=m.error)
             for m in messages
         ], ignore_conflicts=True)
-        Mailbox.objects.filter(pk=self.mailbox.pk).update(messages_done=F("messages_done") + len(messages))
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(
+            messages_done=F("messages_done") + len(messages),
+            bytes_done=F("bytes_done") + sum(self._sizes.get(m.uid, 0) for m in messages))
         self.report.failed += len(messages)
 
     def _notice_truncated(self, folder: MailFolder, messages: list) -> None:
@@ -655,7 +699,7 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
                     notice_truncated(mailbox, f, truncated)
 
             result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
-                                  messages=messages, advance_cursor=notice)
+                                  messages=messages, advance_cursor=notice, progress=False)
             stored += result.stored + result.located
             # Gone from the server since: nothing left to retry. (Still there and not sent
             # again: the error stays.)

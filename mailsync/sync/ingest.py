@@ -244,7 +244,9 @@ class BatchResult:
     stored: int = 0      # new Email rows
     located: int = 0     # new locations (a known mail found in another place)
     failed: int = 0
-    bytes: int = 0
+    bytes: int = 0       # progress: the messages' sizes (as counted in the run's totals)
+    downloaded: int = 0  # the provider's daily budget: what came over the wire (headers only
+    #                      of a message over the size limit)
 
 
 def ingest_batch(
@@ -257,6 +259,7 @@ def ingest_batch(
     prepared: Sequence[Prepared] | None = None,
     durable: bool = True,
     undelete: bool = True,
+    progress: bool = True,
 ) -> BatchResult:
     """Store ``messages`` and, in the same transaction, advance the cursor.
 
@@ -271,6 +274,9 @@ def ingest_batch(
     ``undelete`` (IMAP): a known mail found again on the server (moved back from the Trash)
     is no longer a tombstone. POP3 passes False: a copy downloaded again (a second delivery,
     a server that renumbered its UIDLs) must not bring back mail deleted in the CRM.
+
+    ``progress=False`` (Retry, outside a sync run): the run's done counts are left as they
+    are (they would pass its totals); the daily budget is charged all the same.
     """
     if prepared is None:
         prepared = [prepare(m) for m in messages]
@@ -278,7 +284,7 @@ def ingest_batch(
         with transaction.atomic():
             _commit_mode(durable)
             result = _store(mailbox, folder, uidvalidity, prepared, undelete)
-            _finish(mailbox, folder, advance_cursor, result)
+            _finish(mailbox, folder, advance_cursor, result, progress)
             return result
     except (IntegrityError, DataError, ValueError) as exc:
         log.warning("mailbox %s: batch failed (%s); storing one by one", mailbox.pk, type(exc).__name__)
@@ -291,16 +297,18 @@ def ingest_batch(
             result.stored += one.stored
             result.located += one.located
             result.bytes += one.bytes
+            result.downloaded += one.downloaded
         except (IntegrityError, DataError, ValueError) as exc:
             result.failed += 1
             result.bytes += p.message.size
+            result.downloaded += _downloaded(p)
             MessageError.objects.update_or_create(
                 folder=folder, uidvalidity=uidvalidity, uid=p.message.uid, resolved_at=None,
                 defaults={"mailbox": mailbox, "error": f"Could not store this message: {exc}"[:2000],
                           "raw": p.compressed},
             )
     with transaction.atomic():
-        _finish(mailbox, folder, advance_cursor, result)
+        _finish(mailbox, folder, advance_cursor, result, progress)
     return result
 
 
@@ -311,19 +319,24 @@ def _commit_mode(durable: bool) -> None:
 
 
 def _finish(mailbox: Mailbox, folder: MailFolder, advance_cursor: Callable[[MailFolder], None],
-            result: BatchResult) -> None:
+            result: BatchResult, progress: bool = True) -> None:
     advance_cursor(folder)
     folder.save()
-    Mailbox.objects.filter(pk=mailbox.pk).update(
-        messages_done=F("messages_done") + result.stored + result.located + result.failed,
-        bytes_done=F("bytes_done") + result.bytes,
-        budget_bytes_used=F("budget_bytes_used") + result.bytes,
-    )
+    counts: dict[str, object] = {"budget_bytes_used": F("budget_bytes_used") + result.downloaded}
+    if progress:
+        counts.update(messages_done=F("messages_done") + result.stored + result.located + result.failed,
+                      bytes_done=F("bytes_done") + result.bytes)
+    Mailbox.objects.filter(pk=mailbox.pk).update(**counts)
+
+
+def _downloaded(p: Prepared) -> int:
+    return p.raw_size if p.message.truncated else p.message.size
 
 
 def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
            prepared: Sequence[Prepared], undelete: bool = True) -> BatchResult:
-    result = BatchResult(bytes=sum(p.message.size for p in prepared))
+    result = BatchResult(bytes=sum(p.message.size for p in prepared),
+                         downloaded=sum(_downloaded(p) for p in prepared))
     existing = dict(rows_where_in(Email, ("fingerprint", "id"), where={"mailbox": mailbox.pk},
                                   field="fingerprint", values={p.fingerprint for p in prepared}))
     new: dict[str, NewEmail] = {}

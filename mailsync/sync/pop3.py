@@ -484,6 +484,6 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             # A success resolves the error (ingest resolves errors of the UIDs it stores).
             result = ingest_batch(mailbox=mailbox, folder=error.folder,
                                   uidvalidity=error.uidvalidity or POP3_UIDVALIDITY,
-                                  messages=[message], advance_cursor=lambda f: None)
+                                  messages=[message], advance_cursor=lambda f: None, progress=False)
             stored += result.stored + result.located
     return stored

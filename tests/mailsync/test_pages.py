@@ -506,7 +506,10 @@ def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user)
     Mailbox.objects.filter(pk=mailbox.pk).update(
         state="syncing", messages_done=500, messages_total=2000, bytes_done=50 * 2**20,
         bytes_total=200 * 2**20, sync_started_at=now - timedelta(minutes=1))
-    panel = client.get(url).content.decode()
+    from tests.mailsync.conftest import sync_lock_held
+
+    with sync_lock_held(mailbox.pk):  # a run is going on (else: "Interrupted")
+        panel = client.get(url).content.decode()
     assert 'data-state="syncing"' in panel and "Sync in progress" in panel
     assert '<progress max="2000" value="500"' in panel
     panel = panel.replace("\xa0", " ")
@@ -518,10 +521,16 @@ def test_status_panel_shows_progress_pause_and_errors_with_the_fix(client, user)
     assert "Paused until" in panel and "resumes by itself" in panel
 
     Mailbox.objects.filter(pk=mailbox.pk).update(
-        state="error", last_error="The server rejected the username or password. Use an app-specific password.")
+        state="error", last_error_code="auth_failed",
+        last_error="The server rejected the username or password. Use an app-specific password.")
     panel = client.get(url).content.decode()
     assert "app-specific password" in panel
     assert f'href="/setup/email/{mailbox.pk}/connection/"' in panel
+    # An outage is retried by itself: no "fix the settings"
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        state="error", last_error_code="unreachable", last_error="mail.example.com refused the connection.")
+    panel = client.get(url).content.decode()
+    assert "retried by itself" in panel and "connection/" not in panel
 
     from mailsync.models import MailFolder, MessageError
 
