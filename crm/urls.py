@@ -5,6 +5,11 @@ from django.urls import include, path
 from . import views
 from .api.errors import api_not_found
 
+# Errors Django answers itself (a request it refuses to read, an uncaught exception): JSON
+# under /api/ like every other API error, the normal pages elsewhere.
+handler400 = "crm.api.errors.bad_request"
+handler500 = "crm.api.errors.server_error"
+
 urlpatterns = [
     path("", views.home, name="home"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),

@@ -54,6 +54,10 @@ MAX_REFERENCES = 20
 # A mail still "sending" after this long lost its worker: the user may send it again.
 STALE_SENDING = timedelta(minutes=15)
 SMTP_TIMEOUT = 60.0
+# email_send's token: the compose form's (generated, short) or the API's Idempotency-Key
+# header, which errors about it name.
+MAX_TOKEN_LENGTH = 100
+TOKEN_FIELD = "Idempotency-Key"
 
 _UNSAFE = re.compile(r"[\r\n\x00]")
 _NAMED = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
@@ -274,11 +278,16 @@ def email_send(
     """
     from . import senders  # noqa: PLC0415  (senders imports this module)
 
-    token = token.strip()[:100]
+    token = token.strip()
+    if len(token) > MAX_TOKEN_LENGTH:
+        # Not cut: two long keys with a common prefix would be taken for one message (the
+        # second send would return the first email and send nothing).
+        raise ValidationError({TOKEN_FIELD: [
+            f"At most {MAX_TOKEN_LENGTH} characters (this one has {len(token)})."]})
     if token:
         earlier = Email.objects.filter(sent_by=actor, send_token=token).first()
         if earlier is not None:
-            return earlier
+            return _not_deleted(earlier)
 
     if record is not None:
         _visible_record(actor, record)
@@ -319,7 +328,17 @@ def email_send(
         earlier = Email.objects.filter(sent_by=actor, send_token=token).first() if token else None
         if earlier is None:
             raise
-        return earlier
+        return _not_deleted(earlier)
+
+
+def _not_deleted(earlier: Email) -> Email:
+    """The email an earlier send with the same token stored, unless it was deleted since:
+    then the request is refused (sending it again would break the key's promise of one
+    message; answering with a deleted email would show mail the user removed)."""
+    if earlier.deleted_at is not None:
+        raise ValidationError({TOKEN_FIELD: [
+            "This key was used for an email that has since been deleted; use a new key."]})
+    return earlier
 
 
 @transaction.atomic
@@ -453,14 +472,20 @@ def email_send_retry(*, actor: User, email: Email) -> Email:
     if actor.pk not in {email.sent_by_id, email.mailbox.owner_id}:
         raise RecordPermissionDenied("Only the sender may send this mail again.")
     stuck = send_is_stuck(email)
+    if email.deleted_at is not None:
+        raise ValidationError({"send_state": ["This mail has been deleted."]})
     if email.send_state != Email.SendState.FAILED and not stuck:
         raise ValidationError({"send_state": ["Only a mail that failed to send can be sent again."]})
     with transaction.atomic():
-        # Compare-and-set: a double click queues one delivery, not two.
-        if Email.objects.filter(pk=email.pk, send_state=email.send_state).update(
-                send_state=Email.SendState.SENDING, send_error="", send_attempted_at=timezone.now()):
+        # Compare-and-set: a double click queues one delivery, not two; a mail deleted
+        # meanwhile is not sent.
+        queued = Email.objects.filter(pk=email.pk, send_state=email.send_state, deleted_at__isnull=True).update(
+            send_state=Email.SendState.SENDING, send_error="", send_attempted_at=timezone.now())
+        if queued:
             _queue(email.pk)
     email.refresh_from_db()
+    if not queued and email.deleted_at is not None:
+        raise ValidationError({"send_state": ["This mail has been deleted."]})
     return email
 
 

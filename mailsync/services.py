@@ -151,9 +151,15 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     _validate(mailbox)
     if check_connection and connection_fields & data.keys():
         mailbox_test(mailbox=mailbox)
-    if mailbox.state == Mailbox.State.ERROR and connection_fields & data.keys():
-        mailbox.state, mailbox.last_error, mailbox.last_error_code = Mailbox.State.NEW, "", ""
+    reconnect = bool(connection_fields & data.keys())
+    if mailbox.state == Mailbox.State.ERROR and reconnect:
+        # Fixed (the login test passed): as before the error; the sync queued below shows
+        # the rest. "New" only for a mailbox that never synced.
+        mailbox.state = Mailbox.State.NEW if mailbox.last_sync_at is None else Mailbox.State.COMPLETED
+        mailbox.last_error, mailbox.last_error_code = "", ""
     mailbox.save()
+    if reconnect and mailbox.is_active:
+        _queue_sync(mailbox)  # not 5 minutes later: the user just fixed it
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
     if since_before is not None and (mailbox.sync_since is None or mailbox.sync_since < since_before):
@@ -427,6 +433,10 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
         if not is_imap:
             raise ValidationError({"folder": ["POP3 mail has no folders on the server to move it to."]})
     places = _locations_by_folder(email) if is_imap else {}
+    if folder is not None and is_imap and not places:
+        # Sent from the CRM (its Sent-folder copy not synced yet) or no longer on the server:
+        # nothing would move, and a 200 would say it had.
+        raise ValidationError({"folder": ["This mail is not on the mail server, so it cannot be moved."]})
     moves: list[tuple[str, CopiedMessages]] = []
     target_special_use = ""
     modseq_before: dict[str, int | None] = {}
@@ -465,7 +475,10 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             email.flagged = flagged
         if fields:
             email.save(update_fields=fields)
-        for location in email.locations.all():
+        # Locked and read again (not the caller's prefetched copies): two changes of one mail
+        # at once (read by one client, flagged by another) would else each write back the
+        # flags they read, and one would be lost.
+        for location in EmailLocation.objects.select_for_update().filter(email=email).order_by("pk"):
             flags = set(location.flags)
             for flag, on in changes.items():
                 (flags.add if on else flags.discard)(flag)

@@ -5,11 +5,20 @@ subclasses) become 400 and 403 here, so services need not know about HTTP.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.conf import settings
+from django.core.exceptions import (
+    PermissionDenied as DjangoPermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -28,7 +37,29 @@ def _flatten(detail: Any) -> dict[str, list[str]]:
     return {"non_field_errors": [str(detail)]}
 
 
+def _suspicious(exc: SuspiciousOperation) -> tuple[dict[str, Any], int]:
+    """A request Django refuses to read (too many query parameters or form fields, a body
+    field over DATA_UPLOAD_MAX_MEMORY_SIZE): what to send instead, and the status."""
+    if isinstance(exc, RequestDataTooBig):
+        return ({"detail": "The request body is too large.", "code": "request_too_large", "errors": {}},
+                status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, TooManyFieldsSent):
+        return ({"detail": "Too many query parameters or form fields (at most "
+                           f"{settings.DATA_UPLOAD_MAX_NUMBER_FIELDS}).",
+                 "code": "too_many_fields", "errors": {}}, status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, TooManyFilesSent):
+        return ({"detail": "Too many files (at most "
+                           f"{settings.DATA_UPLOAD_MAX_NUMBER_FILES}).",
+                 "code": "too_many_files", "errors": {}}, status.HTTP_400_BAD_REQUEST)
+    return {"detail": "Bad request.", "code": "bad_request", "errors": {}}, status.HTTP_400_BAD_REQUEST
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, SuspiciousOperation):
+        # Logged as Django logs it when it answers these itself (django.security.*).
+        logging.getLogger(f"django.security.{exc.__class__.__name__}").error(str(exc))
+        body, code = _suspicious(exc)
+        return Response(body, status=code)
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(
             exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
@@ -67,6 +98,27 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             "errors": _flatten(detail) if isinstance(detail, (dict, list)) else {},
         }
     return response
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path == "/api" or request.path.startswith("/api/")
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler400: for a request Django refused before a view answered (a SuspiciousOperation
+    in a middleware, say), JSON under /api/, the normal page elsewhere."""
+    if not _is_api(request):
+        return defaults.bad_request(request, exception)
+    body, code = (_suspicious(exception) if isinstance(exception, SuspiciousOperation)
+                  else ({"detail": "Bad request.", "code": "bad_request", "errors": {}}, 400))
+    return JsonResponse(body, status=code)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: JSON under /api/, the normal page elsewhere."""
+    if not _is_api(request):
+        return defaults.server_error(request)
+    return JsonResponse({"detail": "Server error.", "code": "server_error", "errors": {}}, status=500)
 
 
 def api_not_found(request: HttpRequest, exception: Exception | None = None, **kwargs: object) -> JsonResponse:

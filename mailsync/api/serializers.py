@@ -7,6 +7,10 @@ from rest_framework import serializers
 
 from ..models import Attachment, Email, Mailbox
 
+# The limit of one message's size a mailbox may be given (max_message_bytes): below 1 MB
+# ordinary mail would be cut to headers; memory follows it (a few times it per message).
+MIN_MESSAGE_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
@@ -24,10 +28,25 @@ class MailboxSerializer(serializers.ModelSerializer):
             "id", "display_name", "email_address", "protocol", "provider",
             "incoming_host", "incoming_port", "incoming_security", "username", "password",
             "smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password",
-            "folders", "sync_since", "sharing", "excluded_domains", "is_active", "state",
+            "folders", "sync_since", "sharing", "excluded_domains", "pop3_delete_after_download",
+            "pop3_keep_days", "max_message_bytes", "is_active", "state",
             "last_sync_at", "last_error", "created_at",
         ]
         read_only_fields = ["id", "is_active", "state", "last_sync_at", "last_error", "created_at"]
+        # As the mailbox page's options form (mailsync.forms.MailboxOptionsForm).
+        extra_kwargs = {
+            "pop3_delete_after_download": {
+                "help_text": "POP3 only: remove mail from the server once it is safely stored "
+                             "(default), or leave a copy."},
+            "pop3_keep_days": {
+                "min_value": 1, "max_value": 3650,
+                "help_text": "POP3 only, with a copy left on the server: remove it after N days "
+                             "(null: keep it)."},
+            "max_message_bytes": {
+                "min_value": MIN_MESSAGE_BYTES, "max_value": MAX_MESSAGE_BYTES,
+                "help_text": "Larger messages are kept as their headers only, with a notice "
+                             "(1 MB to 1 GB; default 50 MB)."},
+        }
 
     def validate_excluded_domains(self, value: str) -> str:
         bad = [line.strip() for line in value.splitlines()
@@ -40,6 +59,24 @@ class MailboxSerializer(serializers.ModelSerializer):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise serializers.ValidationError("A list of folder names.")
         return value
+
+    def validate(self, attrs: dict) -> dict:
+        """The POP3 options are for POP3 mailboxes (the page shows them for those only): on
+        an IMAP mailbox a change is refused, not dropped; the value it has already (a GET
+        body sent back) is accepted."""
+        instance = self.instance
+        protocol = attrs.get("protocol", instance.protocol if instance else Mailbox.Protocol.IMAP)
+        if protocol != Mailbox.Protocol.POP3:
+            errors = {}
+            for name in ("pop3_delete_after_download", "pop3_keep_days"):
+                if name in attrs:
+                    current = (getattr(instance, name) if instance
+                               else Mailbox._meta.get_field(name).get_default())
+                    if attrs[name] != current:
+                        errors[name] = ["Only POP3 mailboxes have this option."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return attrs
 
 
 class MailboxStatusSerializer(serializers.Serializer):
@@ -54,6 +91,12 @@ class MailboxStatusSerializer(serializers.Serializer):
     paused_until = serializers.DateTimeField(allow_null=True)
     last_error = serializers.CharField()
     last_error_code = serializers.CharField()
+    interrupted = serializers.BooleanField(
+        help_text="State is 'syncing' but no run is going on (the worker stopped): the next "
+                  "check, within 5 minutes, resumes where it stopped.")
+    needs_user = serializers.BooleanField(
+        help_text="The error needs the user (password, TLS or settings); other errors are retried by themselves.")
+    emails_stored = serializers.IntegerField(help_text="Emails of this mailbox in the CRM.")
     message_errors = serializers.ListField(child=serializers.DictField())
     emails_unparsed = serializers.IntegerField()
 
@@ -96,10 +139,12 @@ class EmailDetailSerializer(EmailListSerializer):
 
     def _sanitized(self, obj: Email):  # noqa: ANN202
         if not hasattr(obj, "_sanitized"):
+            from crm.api.filters import flag
+
             from ..mime import sanitize_html
 
             request = self.context.get("request")
-            allow = bool(request and request.query_params.get("images") in {"1", "true"})
+            allow = bool(request and flag(request.query_params, "images"))
             cid_urls = {
                 a.content_id: f"/api/v1/emails/{obj.pk}/attachments/{a.pk}/?inline=1"
                 for a in obj.attachments.all() if a.content_id
@@ -136,6 +181,20 @@ class EmailUpdateSerializer(serializers.Serializer):
     seen = serializers.BooleanField(required=False)
     flagged = serializers.BooleanField(required=False)
     folder = serializers.CharField(required=False, max_length=500)
+
+    def validate(self, attrs: dict) -> dict:
+        """Refuse what would change nothing: a name guessed from a filter ({"read": true},
+        {"unread": false}) or an empty body is a 400, not a 200 that left the mail as it was."""
+        given = self.initial_data if hasattr(self.initial_data, "keys") else {}
+        unknown = sorted(str(name) for name in given.keys() if name not in self.fields)
+        if unknown:
+            raise serializers.ValidationError(
+                {name: ["Unknown field: only seen, flagged and folder can be changed."]
+                 for name in unknown})
+        if not attrs:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Give at least one of seen, flagged, folder."]})
+        return attrs
 
 
 @extend_schema_field({"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],

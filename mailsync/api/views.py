@@ -9,11 +9,15 @@ from django.db.models import Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django_filters import rest_framework as filters
+from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.filters import SearchFilter
 from rest_framework.request import Request
 from rest_framework.response import Response
+
+from crm.api.filters import StableOrderingFilter, flag
 
 from .. import selectors, services, tasks
 from ..exceptions import MailServerUnreachable
@@ -52,7 +56,7 @@ class MailboxViewSet(viewsets.ModelViewSet):
         """Delete the mailbox. Not while it syncs (409)."""
         services.mailbox_delete(
             actor=request.user, mailbox=self.get_object(),
-            delete_emails=request.query_params.get("delete_emails") in {"1", "true"})
+            delete_emails=flag(request.query_params, "delete_emails"))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(request=None, responses=inline_serializer(
@@ -99,7 +103,11 @@ class EmailFilter(filters.FilterSet):
     lead = filters.NumberFilter(method="filter_record")
     contact = filters.NumberFilter(method="filter_record")
     deal = filters.NumberFilter(method="filter_record")
-    folder = filters.CharFilter(field_name="locations__folder__name", distinct=True)
+    # Plain ids within the mail the user may see: a stranger's mailbox or conversation gives
+    # the same empty page as an id that exists nowhere (a choice field told them apart).
+    mailbox = filters.NumberFilter(field_name="mailbox")
+    thread = filters.NumberFilter(field_name="thread")
+    folder = filters.CharFilter(method="filter_folder")
     date_after = filters.IsoDateTimeFilter(field_name="date", lookup_expr="gte")
     date_before = filters.IsoDateTimeFilter(field_name="date", lookup_expr="lt")
     unread = filters.BooleanFilter(field_name="seen", exclude=True)
@@ -107,6 +115,13 @@ class EmailFilter(filters.FilterSet):
     class Meta:
         model = Email
         fields = ["mailbox", "direction", "source", "flagged", "thread"]
+
+    def filter_folder(self, queryset, name: str, value: str):  # noqa: ANN001, ANN201
+        from ..sync.imap import wanted_folders
+
+        # INBOX is case-insensitive (RFC 3501 5.1): stored as "INBOX", asked for as any case.
+        (folder,) = wanted_folders([value])
+        return queryset.filter(locations__folder__name=folder).distinct()
 
     def filter_record(self, queryset, name: str, value: int):  # noqa: ANN001, ANN201
         from crm.models import Contact, Deal, Lead
@@ -135,9 +150,11 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     queryset = Email.objects.none()
     filterset_class = EmailFilter
+    # The id breaks ties (also after ?ordering=date): paging over mail with equal dates.
+    filter_backends = [DjangoFilterBackend, SearchFilter, StableOrderingFilter]
     search_fields = ["subject", "from_address", "from_name"]
     ordering_fields = ["date"]
-    ordering = ["-date"]
+    ordering = ["-date", "-id"]
 
     def get_queryset(self):  # noqa: ANN201
         if getattr(self, "swagger_fake_view", False):
@@ -149,6 +166,11 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     def get_serializer_class(self):  # noqa: ANN201
         return s.EmailDetailSerializer if self.action == "retrieve" else s.EmailListSerializer
+
+    def _reread(self, email: Email) -> Email:
+        """The email as the answer shows it, read again after a change; a 404 (not a 500) if
+        it was deleted meanwhile (another request, another tab)."""
+        return get_object_or_404(self.get_queryset(), pk=email.pk)
 
     @extend_schema(
         parameters=[OpenApiParameter("images", bool, description="Show remote images (tracking pixels included).")]
@@ -164,7 +186,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         data.is_valid(raise_exception=True)
         with _on_the_mail_server():
             services.email_update(actor=request.user, email=email, **data.validated_data)
-        email = self.get_queryset().get(pk=email.pk)
+        email = self._reread(email)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data)
 
     def perform_destroy(self, instance: Email) -> None:
@@ -176,9 +198,11 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
                    responses={202: s.EmailDetailSerializer},
                    parameters=[OpenApiParameter(
                        "Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
-                       description="Any unique string per message (at most 100 characters): a "
-                                   "request repeated with the same key (a retry after a timeout) "
-                                   "returns the first one's email and sends nothing again.")])
+                       description="Any unique string per message (at most 100 characters; a "
+                                   "longer one is a 400): a request repeated with the same key "
+                                   "(a retry after a timeout) returns the first one's email and "
+                                   "sends nothing again. A key whose email was deleted since is "
+                                   "a 400: use a new key.")])
     @action(detail=False, methods=["post"], url_path="send")
     def send(self, request: Request) -> Response:
         """Compose and send: stored on the record at once with ``send_state`` "sending",
@@ -211,7 +235,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
                          for f in d["attachments"]],
             token=request.headers.get("Idempotency-Key", ""),
         )
-        email = self.get_queryset().get(pk=email.pk)
+        email = self._reread(email)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data,
                         status=status.HTTP_202_ACCEPTED)
 
@@ -222,7 +246,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         from .. import sending
 
         email = sending.email_send_retry(actor=request.user, email=self.get_object())
-        email = self.get_queryset().get(pk=email.pk)
+        email = self._reread(email)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data,
                         status=status.HTTP_202_ACCEPTED)
 

@@ -316,8 +316,22 @@ class ImapSession:
 
     def login(self) -> None:
         assert self.client is not None
+        username, password = self.settings.username, self.settings.password
         try:
-            self.client.login(self.settings.username, self.settings.password)
+            if username.isascii() and password.isascii():
+                self.client.login(username, password)
+            else:
+                # LOGIN's strings are ASCII (imaplib cannot send others: it was a 500);
+                # AUTHENTICATE PLAIN carries UTF-8 (RFC 4616).
+                if b"AUTH=PLAIN" not in self.client.capabilities():
+                    self.close()
+                    raise MailAuthError(
+                        "The password or username has characters (such as ä, é or €) that "
+                        "this server's login cannot take.",
+                        hint="Use only ASCII letters, digits and punctuation in the password "
+                             "(change it at the provider), or check the username.",
+                    )
+                self.client.plain_login(username, password)
         except LoginError as exc:
             text = str(exc)
             self.close()
