@@ -158,8 +158,10 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
         mailbox.state = Mailbox.State.NEW if mailbox.last_sync_at is None else Mailbox.State.COMPLETED
         mailbox.last_error, mailbox.last_error_code = "", ""
     mailbox.save()
-    if reconnect and mailbox.is_active:
-        _queue_sync(mailbox)  # not 5 minutes later: the user just fixed it
+    # A sync now (one, whatever the reasons): after a connection fix (not 5 minutes later),
+    # older mail wanted ("sync mail since" earlier), or a raised size limit (headers-only
+    # mail downloaded whole).
+    sync_now = reconnect or mailbox.max_message_bytes > limit_before
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
     if since_before is not None and (mailbox.sync_since is None or mailbox.sync_since < since_before):
@@ -175,10 +177,9 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
         except MailboxBusy as exc:
             raise ValidationError({"sync_since": [
                 "A sync is running: change this when it has finished (see the status)."]}) from exc
-        if mailbox.is_active:
-            _queue_sync(mailbox)
-    elif mailbox.max_message_bytes > limit_before and mailbox.is_active:
-        _queue_sync(mailbox)  # mail imported as headers only may now be downloaded whole
+        sync_now = True
+    if sync_now and mailbox.is_active:
+        _queue_sync(mailbox)
     return mailbox
 
 
