@@ -108,6 +108,7 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
     _inherit_from_parents(email_ids, quoted, found)
     links = [(email_id, lead, contact, deal)
              for email_id, records in found.items() for lead, contact, deal in records]
+    links += _pass_to_stored_replies(found)
     return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
                        ignore_conflicts=True, count=True)
 
@@ -159,6 +160,42 @@ def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[st
                     changed = True
         if not changed:
             break
+
+
+def _pass_to_stored_replies(found: Mapping[int, set[tuple[int | None, int | None, int | None]]],
+                            ) -> list[tuple[int, int | None, int | None, int | None]]:
+    """The other way round: replies stored before the mail they answer (a first sync goes
+    newest first) get its records when it arrives, and replies to those replies too."""
+    from .models import Email
+
+    sources = [pk for pk, records in found.items() if records]
+    if not sources:
+        return []
+    rows = list(Email.objects.filter(pk__in=sources).values_list("pk", "thread_id", "mailbox_id", "message_id"))
+    threads = {thread for _, thread, _, _ in rows if thread is not None}
+    if not threads:
+        return []
+    records_of: dict[tuple[int, str], set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    for pk, _, mailbox_id, message_id in rows:
+        if message_id:
+            records_of[(mailbox_id, message_id)] |= found[pk]
+    candidates = list(Email.objects.filter(thread_id__in=threads).exclude(pk__in=list(found))
+                      .values_list("pk", "mailbox_id", "message_id", "in_reply_to", "references"))
+    extra: dict[int, set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    changed = True
+    while changed:
+        changed = False
+        for pk, mailbox_id, message_id, in_reply_to, references in candidates:
+            inherited: set[tuple[int | None, int | None, int | None]] = set()
+            for quoted in (in_reply_to, *(references or [])):
+                if quoted:
+                    inherited |= records_of.get((mailbox_id, quoted), set())
+            if inherited - extra[pk]:
+                extra[pk] |= inherited
+                if message_id:
+                    records_of[(mailbox_id, message_id)] |= inherited
+                changed = True
+    return [(pk, lead, contact, deal) for pk, records in extra.items() for lead, contact, deal in records]
 
 
 def _record_addresses(record: Lead | Contact) -> set[str]:

@@ -97,8 +97,9 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
 
 
 def _sync_running(mailbox_id: int) -> bool:
-    """Whether a sync run holds the mailbox's lock now (sync/lock.py), asked without taking
-    it for long: a free lock is taken and given back at once."""
+    """Whether a sync run holds the mailbox's lock now (sync/lock.py). Read from pg_locks,
+    never by taking the lock: a try-lock would make a sync starting at that moment fail as
+    busy, and would succeed from the session that holds it (advisory locks are re-entrant)."""
     from django.db import connection
 
     from .sync.lock import LOCK_NAMESPACE
@@ -106,11 +107,13 @@ def _sync_running(mailbox_id: int) -> bool:
     if connection.vendor != "postgresql":
         return True  # the embedded default's lease: trust the state
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
-        if not cursor.fetchone()[0]:
-            return True
-        cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
-    return False
+        # A two-key advisory lock is (classid, objid) with objsubid 2.
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = %s AND objid = %s AND objsubid = 2 AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()))",
+            [LOCK_NAMESPACE, mailbox_id])
+        return bool(cursor.fetchone()[0])
 
 
 # -- pages: the Emails related list and the mailbox view -------------------------------------

@@ -367,10 +367,23 @@ def _parse_and_store(emails: list[Email]) -> None:
 # -- two-way actions: what the user does in the CRM happens in the mailbox --------------------
 
 def _locations_by_folder(email: Email) -> dict[str, list[int]]:
+    """The mail's places on the server, by folder. A mail whose places are all under an
+    earlier UIDVALIDITY (its folder is being read again, or was left half-way): nothing can
+    be done on the server until the sync has found it again, so the user is told (acting on
+    the CRM copy alone would be undone by that sync)."""
     grouped: dict[str, list[int]] = {}
+    stale = False
     for location in email.locations.select_related("folder"):
         if location.folder.uidvalidity == location.uidvalidity:
             grouped.setdefault(location.folder.name, []).append(location.uid)
+        else:
+            stale = True
+    if stale and not grouped:
+        _queue_sync(email.mailbox)
+        raise MailboxOutOfDate(
+            "This mail's folder is being read again from the server (it changed there).",
+            hint="A sync is running or has started; try again in a moment.",
+        )
     return grouped
 
 
@@ -488,6 +501,10 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
         if folder:
             _record_moves(email=email, folder=folder, special_use=target_special_use, moves=moves)
             email.locations.exclude(folder__name=folder).delete()
+            if moves:
+                # A sync between the server's MOVE and this write saw the old UID vanish and
+                # made the mail a tombstone: it is where the user put it.
+                Email.objects.filter(pk=email.pk, deleted_at__isnull=False).update(deleted_at=None)
         if changes and modseq_before:
             # Another client may have changed these flags between our STORE and this write,
             # and a sync meanwhile may have recorded a later mod-sequence: the next sync

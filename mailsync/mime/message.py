@@ -218,10 +218,24 @@ class _Walk:
 TNEF_MAX_BYTES = 16 * 1024 * 1024
 
 
+TNEF_MAX_RECORDS = 5000  # Outlook writes tens; a hostile file of tiny records would take minutes
+
+
+def _tnef_records(data: bytes) -> int:
+    """How many records the file holds, counted from their headers alone (level, id, type,
+    a 32-bit length, the data, a checksum: MS-OXTNEF 2.1.3), stopping past the cap."""
+    count, offset = 0, 6
+    while offset + 9 <= len(data) and count <= TNEF_MAX_RECORDS:
+        length = int.from_bytes(data[offset + 5:offset + 9], "little")
+        offset += 11 + length
+        count += 1
+    return count
+
+
 def tnef_attachments(data: bytes) -> list[Attachment]:
     """The files inside Outlook's winmail.dat (TNEF, application/ms-tnef), or [] when it
     holds none or cannot be read (then the caller keeps winmail.dat itself)."""
-    if not data or len(data) > TNEF_MAX_BYTES:
+    if not data or len(data) > TNEF_MAX_BYTES or _tnef_records(data) > TNEF_MAX_RECORDS:
         return []
     try:
         from tnefparse import TNEF  # noqa: PLC0415
@@ -258,22 +272,31 @@ def split_base64_trailer(body: bytes) -> tuple[bytes, bytes]:
     if not body.translate(None, _B64_OK):
         return body, b""
     lines = body.split(b"\n")
+    stripped_lines = [line.strip() for line in lines]
+    last_data = max((i for i, line in enumerate(stripped_lines) if _data_line(line)), default=-1)
+    last_prose = max((i for i, line in enumerate(stripped_lines) if _prose(line)), default=-1)
     seen_data = False
     last_blank: int | None = None
-    for index, line in enumerate(lines):
-        stripped = line.strip()
+    for index, stripped in enumerate(stripped_lines):
         if not stripped:
             if seen_data:
                 last_blank = index
             continue
         if stripped.translate(None, _B64_OK) and seen_data:
-            rest = [other.strip() for other in lines[index:]]
-            if any(_prose(other) for other in rest):
+            if last_data > index:
+                continue  # base64 goes on after it: a stray junk line, skipped when decoding
+            if last_prose >= index:
                 cut = last_blank if last_blank is not None else index
                 return b"\n".join(lines[:cut]), b"\n".join(lines[cut:]).strip(b"\r\n")
             return body, b""
         seen_data = True
     return body, b""
+
+
+def _data_line(line: bytes) -> bool:
+    """A line of base64 data: only its alphabet, and as long as encoders write them (a word
+    of a footer, "Unsubscribe", is short)."""
+    return len(line) >= 40 and not line.translate(None, _B64_OK) and b" " not in line
 
 
 def _prose(line: bytes) -> bool:

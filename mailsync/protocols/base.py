@@ -177,7 +177,10 @@ def translate_network_error(exc: BaseException, host: str) -> MailError:
             f"{host} refused the connection.", hint="Check the port and security setting."
         )
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return MailServerUnreachable(f"{host} did not answer in time.")
+        return MailServerUnreachable(
+            f"{host} did not answer in time.",
+            hint="If this persists, check the port and the security setting: a port for SSL/TLS "
+                 "(such as 993, 995 or 465) waits for encryption before it says anything.")
     if isinstance(exc, (ConnectionError, OSError, EOFError, imaplib.IMAP4.abort)):
         return MailServerUnreachable(f"The connection to {host} was lost ({exc}).")
     return MailProtocolError(f"Unexpected reply from {host}: {exc}")

@@ -176,7 +176,8 @@ def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
     if isinstance(exc, (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPReadTimeoutError)):
         return MailServerUnreachable(
             f"Outgoing mail (SMTP) server {host} did not answer in time.",
-            hint="Check the server name and port.",
+            hint="Check the server name, the port and the security setting: port 465 (SSL/TLS) "
+                 "waits for encryption before it says anything.",
         )
     if isinstance(exc, aiosmtplib.SMTPConnectError):
         cause = exc.__cause__ or exc.__context__

@@ -151,6 +151,8 @@ class ImapSync(SyncRun):
         self._plan(session, synced)
         for folder in synced:
             self._sync_folder(session, folder)
+        for folder in synced:  # planned but not downloaded (its turn stopped early)
+            self._drop_plan(folder, usable=False)
         self._check_places_elsewhere(session, {f.pk for f in synced})
 
     def _plan(self, session: ImapSession, folders: list[MailFolder]) -> None:
@@ -175,11 +177,16 @@ class ImapSync(SyncRun):
             self._add_totals(len(sizes), sum(sizes.values()))
             self._planned[folder.pk] = (selected.uidvalidity, uids, sizes)
 
-    def _take_plan(self, folder: MailFolder) -> tuple[list[int], dict[int, int]] | None:
-        plan = self._planned.get(folder.pk)
-        if plan is None or plan[0] != folder.uidvalidity:
+    def _drop_plan(self, folder: MailFolder, *, usable: bool = True) -> dict[int, int] | None:
+        """The folder's planned sizes if the plan still holds (same UIDVALIDITY); else its
+        counts leave the run's totals (the folder is counted again, or is gone)."""
+        plan = self._planned.pop(folder.pk, None)
+        if plan is None:
             return None
-        return plan[1], plan[2]
+        if usable and plan[0] == folder.uidvalidity:
+            return plan[2]
+        self._add_totals(-len(plan[2]), -sum(plan[2].values()))
+        return None
 
     # -- mail the CRM moved to folders that are not synced ----------------------------------
     def _check_places_elsewhere(self, session: ImapSession, synced: set[int]) -> None:
@@ -291,6 +298,7 @@ class ImapSync(SyncRun):
             # folder's mail is found again, by fingerprint, once it is synced under its new
             # name), so they become tombstones like any expunged mail.
             log.info("mailbox %s: folder %s is gone from the server", self.mailbox.pk, folder.pk)
+            self._drop_plan(folder, usable=False)  # its counts leave the totals
             self._folder_gone(folder)
             self.report.errors.append(f"Folder {folder.name!r} no longer exists on the server.")
             return
@@ -439,8 +447,9 @@ class ImapSync(SyncRun):
         return session.search_uids(since=self.mailbox.sync_since, above=above)
 
     def _initial(self, session: ImapSession, folder: MailFolder) -> None:
-        plan = self._take_plan(folder)
-        uids = plan[0] if plan is not None else self._search(session)
+        # Searched now, after this folder's SELECT (not from the plan): mail that came since
+        # the plan is below the cursor and downloaded by this run.
+        uids = self._search(session)
         top = max(uids, default=0)
         folder.uid_high, folder.uid_low = top, top + 1
         folder.save(update_fields=["uid_high", "uid_low"])
@@ -463,11 +472,18 @@ class ImapSync(SyncRun):
         # after "sync mail since" moved earlier downloads only the older mail).
         known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=folder.uidvalidity)
                     .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
-        plan = self._planned.pop(folder.pk, None)
-        if plan is not None and plan[0] == folder.uidvalidity:  # counted already (_plan)
-            sizes = {u: size for u, size in plan[2].items() if u < (folder.uid_low or 0) and u not in known}
+        uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
+        planned = self._drop_plan(folder)
+        if planned is not None:  # counted already (_plan): only the difference now
+            gone = [u for u in planned if u not in set(uids)]
+            self._add_totals(-len(gone), -sum(planned[u] for u in gone))
+            sizes = {u: planned[u] for u in uids if u in planned}
+            extra = [u for u in uids if u not in planned]
+            if extra:
+                more = session.fetch_sizes(extra)
+                self._add_totals(len(more), sum(more.values()))
+                sizes.update(more)
         else:
-            uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
             sizes = session.fetch_sizes(uids) if uids else {}
             self._add_totals(len(sizes), sum(sizes.values()))
         def advance_to(batch: list[int]) -> Callable[[MailFolder], None]:

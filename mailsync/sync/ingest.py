@@ -193,12 +193,31 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
     healing = {email.message_id: email.thread for email in emails
                if email.message_id and email.thread and email.thread.key != email.message_id}
     if healing:
+        merge: dict[int, Thread] = {}
         for orphan_id, key in rows_where_in(Thread, ("id", "key"), where={"mailbox": mailbox.pk},
                                             field="key", values=healing.keys()):
-            root = healing[key]
-            if orphan_id != root.pk:
-                Email.objects.filter(thread_id=orphan_id).update(thread=root)
-                Thread.objects.filter(pk=orphan_id).delete()
+            if orphan_id != healing[key].pk:
+                merge[orphan_id] = healing[key]
+
+        def final(thread: Thread) -> Thread:
+            # A chain of replies in one batch (only In-Reply-To): the thread a reply joins
+            # may itself be merged into another; follow to the one that stays.
+            seen: set[int] = set()
+            while thread.pk in merge and thread.pk not in seen:
+                seen.add(thread.pk)
+                thread = merge[thread.pk]
+            return thread
+
+        gone = []
+        for orphan_id, root in merge.items():
+            target = final(root)
+            if target.pk != orphan_id:  # (a cycle keeps one of its threads)
+                Email.objects.filter(thread_id=orphan_id).update(thread=target)
+                gone.append(orphan_id)
+        Thread.objects.filter(pk__in=gone).delete()
+        for email in emails:
+            if email.thread is not None and email.thread.pk in gone:
+                email.thread = final(email.thread)
     changed = []
     for email in emails:
         thread = email.thread
@@ -430,19 +449,23 @@ def complete_truncated(mailbox: Mailbox, found: Sequence[tuple[int, Prepared]]) 
     with transaction.atomic():
         emails = {e.pk: e for e in Email.objects.select_for_update(of=("self",)).filter(
             pk__in=[email_id for email_id, _ in found], mailbox=mailbox, truncated=True)}
-        # The whole mail's fingerprint, unless another mail of the mailbox has it already
-        # (then the headers-only one stays: the two rows are not merged here).
-        taken = set(Email.objects.filter(mailbox=mailbox, fingerprint__in=[p.fingerprint for _, p in found])
-                    .exclude(pk__in=list(emails)).values_list("fingerprint", flat=True))
+        # Another mail of the mailbox with the whole mail's fingerprint: a whole copy of it
+        # was stored meanwhile (found in another folder): the headers-only row merges into it.
+        taken = dict(Email.objects.filter(mailbox=mailbox, fingerprint__in=[p.fingerprint for _, p in found])
+                     .exclude(pk__in=list(emails)).values_list("fingerprint", "pk"))
         done: list[Email] = []
+        merged: dict[int, int] = {}  # headers-only email -> the whole copy it joins
         size = 0
         for email_id, p in found:
             email = emails.pop(email_id, None)
             if email is None:  # completed meanwhile, deleted, or not this mailbox's
                 continue
-            if p.fingerprint not in taken:
-                email.fingerprint = p.fingerprint
-                taken.add(p.fingerprint)
+            size += p.raw_size
+            if p.fingerprint in taken:
+                merged[email.pk] = taken[p.fingerprint]
+                continue
+            email.fingerprint = p.fingerprint
+            taken[p.fingerprint] = email.pk
             email.content_hash = p.content_hash
             email.size = min(p.raw_size, 2**31 - 1)
             email.truncated = False
@@ -452,18 +475,35 @@ def complete_truncated(mailbox: Mailbox, found: Sequence[tuple[int, Prepared]]) 
             EmailSource.objects.update_or_create(
                 email_id=email.pk, defaults={"data": p.compressed, "size": p.raw_size})
             done.append(email)
-            size += p.raw_size
-        if not done:
+        if merged:
+            _merge_into(merged)
+        if not done and not merged:
             return 0
         Attachment.objects.filter(email__in=done).delete()
         Email.objects.bulk_update(done, ["fingerprint", "content_hash", "size", "truncated", "parse_state",
                                          "parse_error", "text", "html", "has_attachments"])
         # The "only its headers were imported" notices of every place of these mails.
-        places = EmailLocation.objects.filter(email__in=done)
+        places = EmailLocation.objects.filter(email__in=[e.pk for e in done] + list(merged.values()))
         for folder_id, uidvalidity, uid in places.values_list("folder_id", "uidvalidity", "uid"):
             MessageError.objects.filter(folder_id=folder_id, uidvalidity=uidvalidity, uid=uid,
                                         resolved_at__isnull=True).update(resolved_at=timezone.now())
         Mailbox.objects.filter(pk=mailbox.pk).update(
-            messages_done=F("messages_done") + len(done), bytes_done=F("bytes_done") + size,
+            messages_done=F("messages_done") + len(done) + len(merged), bytes_done=F("bytes_done") + size,
             budget_bytes_used=F("budget_bytes_used") + size)
-    return len(done)
+    return len(done) + len(merged)
+
+
+def _merge_into(merged: dict[int, int]) -> None:
+    """Headers-only emails whose whole copy is stored as another email: their places and
+    record links move to that email, which is live if either was; then they go."""
+    from ..models import EmailLink
+
+    for gone, keeper in merged.items():
+        EmailLocation.objects.filter(email_id=gone).update(email_id=keeper)
+        links = list(EmailLink.objects.filter(email_id=gone).values_list("lead_id", "contact_id", "deal_id"))
+        insert_rows(EmailLink, ("email", "lead", "contact", "deal"),
+                    [(keeper, lead, contact, deal) for lead, contact, deal in links], ignore_conflicts=True)
+        if Email.objects.filter(pk=gone, deleted_at__isnull=True).exists():
+            Email.objects.filter(pk=keeper).update(deleted_at=None)
+    Email.objects.filter(pk__in=list(merged)).delete()
+    refresh_flags(set(merged.values()))
