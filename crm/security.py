@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
+from django.views.debug import SafeExceptionReporterFilter
 
 POLICY = "; ".join([
     "default-src 'self'",
@@ -37,3 +38,22 @@ class ContentSecurityPolicyMiddleware:
         response = self.get_response(request)
         response.headers.setdefault("Content-Security-Policy", POLICY)
         return response
+
+
+class SecretsReporterFilter(SafeExceptionReporterFilter):
+    """Django's debug 500 page (DEBUG only) shows every frame's locals; those of DRF and of
+    our own code can hold a mailbox password (request data, a serializer built from it). Any
+    local whose name or printed value mentions a password is hidden, not only the settings
+    and the functions marked ``sensitive_variables``."""
+
+    def get_traceback_frame_variables(self, request, tb_frame):  # noqa: ANN001, ANN201
+        cleaned = []
+        for name, value in super().get_traceback_frame_variables(request, tb_frame):
+            try:
+                shown = repr(value)
+            except Exception:  # noqa: BLE001  (a repr that fails hides nothing)
+                shown = ""
+            if self.hidden_settings.search(name) or "password" in shown.lower():
+                value = self.cleansed_substitute
+            cleaned.append((name, value))
+        return cleaned

@@ -45,6 +45,8 @@ PRODUCTION = MAILROOM_ENV == "production"
 DATA_DIR = Path(_env("MAILROOM_DATA_DIR", str(BASE_DIR / "var")))  # type: ignore[arg-type]
 
 DEBUG = _env_bool("DJANGO_DEBUG", False)
+# The debug 500 page hides any local that mentions a password (crm/security.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "crm.security.SecretsReporterFilter"
 
 SECRET_KEY = _env("DJANGO_SECRET_KEY")
 if not SECRET_KEY:

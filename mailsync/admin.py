@@ -31,6 +31,15 @@ class MailboxAdminForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
+        if self.instance.pk:
+            fields = ("incoming_host", "incoming_security", "protocol", "smtp_host", "smtp_security",
+                      "smtp_username", "password", "smtp_password")
+            before = {name: getattr(self.instance, name) for name in fields}
+            after = {name: cleaned.get(name, before[name]) for name in fields}
+            given = {name for name in ("password", "smtp_password") if cleaned.get(name)}
+            after.update({name: before[name] for name in ("password", "smtp_password") if name not in given})
+            for name, messages in services.secrets_to_reenter(before, after, given).items():
+                self.add_error(name, messages)
         for name in ("password", "smtp_password"):
             if not cleaned.get(name) and self.instance.pk:
                 cleaned[name] = getattr(self.instance, name)

@@ -447,14 +447,12 @@ def email_deliver(*, email_id: int) -> Email:
 
 
 def _append_to_sent(mailbox: Mailbox, raw: bytes) -> str | None:
-    from .protocols.imap import SENT_NAMES, ImapSession  # noqa: PLC0415
+    from .protocols.imap import ImapSession  # noqa: PLC0415
     from .sync.imap import server_settings  # noqa: PLC0415
 
     with ImapSession(server_settings(mailbox, timeout=30)) as session:
-        folders = session.list_folders()
-        names = {name for name, _ in folders}
-        sent = next((name for name, use in folders if use == "sent"), None) or next(
-            (name for name in SENT_NAMES if name in names), None)
+        # The same Sent folder the sync picks (SPECIAL-USE, else by name, in any case).
+        sent = session.sent_folder()
         if sent is None:
             raise MailConfigError("The mailbox has no Sent folder.")
         session.append(sent, raw, flags=["\\Seen"], when=timezone.now())

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.views.decorators.debug import sensitive_variables
 from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
@@ -96,6 +97,7 @@ def _check_not_added(mailbox: Mailbox) -> None:
         raise ValidationError({"email_address": ["You have already added this mailbox."]})
 
 
+@sensitive_variables("data")
 @transaction.atomic
 def mailbox_create(*, actor: User, data: dict[str, Any], check_connection: bool = True) -> Mailbox:
     """Create a mailbox after a successful login test: nothing is saved half-way.
@@ -134,6 +136,38 @@ def _queue_sync(mailbox: Mailbox) -> None:
     transaction.on_commit(queue)
 
 
+REENTER = "Enter the password again: a saved password is only sent to the server it was entered for."
+
+
+def secrets_to_reenter(before: dict[str, Any], after: dict[str, Any], given: set[str]) -> dict[str, list[str]]:
+    """Which passwords must be typed again because of a settings change: a stored password
+    goes only to the server it was entered for. Pointing the mailbox at another host (or
+    switching to no encryption, or to the other protocol) without the password would send
+    the saved one there (anyone with the mailbox's settings page, an API token or the admin
+    could collect it). ``before``/``after``: the fields' values; ``given``: passwords typed."""
+    errors: dict[str, list[str]] = {}
+
+    def moved(host: str, security: str, *extra: str) -> bool:
+        return ((before.get(host) or "").strip().lower() != (after.get(host) or "").strip().lower()
+                or (after.get(security) == "none" and before.get(security) != "none")
+                or any(before.get(name) != after.get(name) for name in extra))
+
+    incoming_moved = moved("incoming_host", "incoming_security", "protocol")
+    if incoming_moved and "password" not in given and before.get("password"):
+        errors["password"] = [REENTER]
+    if after.get("smtp_host") and moved("smtp_host", "smtp_security"):
+        # SMTP logs in with its own password when it has its own username, else the incoming one.
+        field = "smtp_password" if after.get("smtp_username") else "password"
+        if field not in given and before.get(field):
+            errors.setdefault(field, [REENTER])
+    return errors
+
+
+_DESTINATION_FIELDS = ("incoming_host", "incoming_security", "protocol", "smtp_host", "smtp_security",
+                       "smtp_username", "password", "smtp_password")
+
+
+@sensitive_variables("data", "before", "value")
 @transaction.atomic
 def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
                    check_connection: bool = True) -> Mailbox:
@@ -144,10 +178,15 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     excluded_before = mailbox.excluded_domain_set
     since_before = mailbox.sync_since
     limit_before = mailbox.max_message_bytes
+    before = {name: getattr(mailbox, name) for name in _DESTINATION_FIELDS}
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
             continue  # write-only: empty keeps the stored secret
         setattr(mailbox, name, value)
+    given = {name for name in ("password", "smtp_password") if data.get(name)}
+    reenter = secrets_to_reenter(before, {name: getattr(mailbox, name) for name in _DESTINATION_FIELDS}, given)
+    if reenter:
+        raise ValidationError(reenter)
     _validate(mailbox)
     if check_connection and connection_fields & data.keys():
         mailbox_test(mailbox=mailbox)

@@ -22,6 +22,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
 from django.views.decorators.clickjacking import xframe_options_sameorigin
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from django.views.decorators.http import require_http_methods, require_POST
 
 from crm import services as crm_services
@@ -102,6 +103,8 @@ def _provider_context(form: MailboxForm, choice: str) -> dict[str, Any]:
     }
 
 
+@sensitive_post_parameters("password", "smtp_password")
+@sensitive_variables()
 @login_required
 @require_http_methods(["GET", "POST"])
 def mailbox_add_view(request: HttpRequest) -> HttpResponse:
@@ -140,6 +143,8 @@ def _form_errors(form: Any, exc: ValidationError) -> None:
         form.add_error(None, exc.messages)
 
 
+@sensitive_post_parameters("password", "smtp_password")
+@sensitive_variables()
 @login_required
 @require_http_methods(["GET", "POST"])
 def mailbox_edit_view(request: HttpRequest, pk: int) -> HttpResponse:

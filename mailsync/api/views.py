@@ -10,7 +10,9 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django_filters import rest_framework as filters
 from django_filters.rest_framework import DjangoFilterBackend
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_variables
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.filters import SearchFilter
@@ -38,11 +40,13 @@ class MailboxViewSet(viewsets.ModelViewSet):
             return Mailbox.objects.none()
         return selectors.mailboxes_of(self.request.user).order_by("pk")
 
+    @method_decorator(sensitive_variables())  # a DEBUG 500 page would show the password
     def perform_create(self, serializer) -> None:  # noqa: ANN001
         serializer.instance = services.mailbox_create(
             actor=self.request.user, data=serializer.validated_data
         )
 
+    @method_decorator(sensitive_variables())
     def perform_update(self, serializer) -> None:  # noqa: ANN001
         serializer.instance = services.mailbox_update(
             actor=self.request.user, mailbox=serializer.instance, data=serializer.validated_data
@@ -189,9 +193,16 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         email = self._reread(email)
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data)
 
-    def perform_destroy(self, instance: Email) -> None:
+    @extend_schema(responses={204: OpenApiResponse(
+        description="Deleted. The header Mailroom-Delete-Outcome says what happened on the mail "
+                    "server: trash (moved to its Trash), expunged (no Trash there, or it was in "
+                    "the Trash: deleted for good) or crm (POP3 mail or mail not on the server: "
+                    "the CRM only).")})
+    def destroy(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
+        email = self.get_object()
         with _on_the_mail_server():
-            services.email_delete(actor=self.request.user, email=instance)
+            outcome = services.email_delete(actor=request.user, email=email)
+        return Response(status=status.HTTP_204_NO_CONTENT, headers={"Mailroom-Delete-Outcome": outcome})
 
     @extend_schema(request={"application/json": s.EmailSendSerializer,
                             "multipart/form-data": s.EmailSendSerializer},

@@ -37,9 +37,27 @@ from .tls import MemoryTLS
 
 log = logging.getLogger(__name__)
 
-# Names used for the Sent folder by servers without SPECIAL-USE (RFC 6154).
-SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "[Gmail]/Sent Mail", "INBOX.Sent")
-TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "[Gmail]/Trash", "INBOX.Trash")
+# Names of the Sent, Trash and Junk folders of servers without SPECIAL-USE (RFC 6154), as
+# mail programs and providers create them in the languages our users write in, matched on the
+# last part of the folder's path ("INBOX.Sent Items", "[Gmail]/Sent Mail"), case-insensitively.
+# In order of preference when a mailbox has several.
+SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "Sent-Mail", "Gesendet",
+              "Gesendete Elemente", "Gesendete Objekte", "Envoyés", "Éléments envoyés",
+              "Messages envoyés", "Enviados", "Elementos enviados", "Itens enviados",
+              "Posta inviata", "Inviata", "Elementi inviati", "Verzonden", "Verzonden items",
+              "Skickat", "Skickade objekt", "Sendt", "Sendte elementer", "Wysłane",
+              "Odeslaná pošta", "Отправленные")
+TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "Deleted", "Bin", "Papierkorb",
+               "Gelöschte Elemente", "Gelöschte Objekte", "Corbeille", "Éléments supprimés",
+               "Papelera", "Elementos eliminados", "Lixeira", "Itens excluídos", "Cestino",
+               "Elementi eliminati", "Prullenbak", "Verwijderde items", "Papperskorgen",
+               "Borttagna objekt", "Papirkurv", "Slettede elementer", "Kosz", "Koš", "Корзина",
+               "Удаленные")
+JUNK_NAMES = ("Junk", "Junk Email", "Junk E-mail", "Junk Mail", "Spam", "Bulk Mail", "Bulk",
+              "Spamverdacht", "Junk-E-Mail", "Courrier indésirable", "Indésirables",
+              "Correo no deseado", "Lixo eletrônico", "Posta indesiderata", "Ongewenste e-mail",
+              "Skräppost", "Søppelpost", "Spam-Verdacht", "Nevyžádaná pošta", "Спам")
+_BY_NAME = (("sent", SENT_NAMES), ("trash", TRASH_NAMES), ("junk", JUNK_NAMES))
 SPECIAL_FLAGS = {b"\\Sent": "sent", b"\\Trash": "trash", b"\\Junk": "junk", b"\\Drafts": "drafts",
                  b"\\All": "all", b"\\Archive": "archive", b"\\Flagged": "flagged"}
 # Never synced: deleted mail and spam are not customer conversations.
@@ -98,6 +116,34 @@ _FETCH_PLAIN_RE = re.compile(rb"\d+ \(([^{}]*)\)", re.S)
 _FETCH_ITEM_RE = re.compile(
     rb'(UID|RFC822\.SIZE) (\d+)|MODSEQ \((\d+)\)|FLAGS \(([^()"{}\x00-\x1f]*)\)|INTERNALDATE "([^"]*)"(?: |\Z)'
 )
+
+
+def _special_by_name(folders: list[tuple[str, str]], delimiters: dict[str, str]) -> list[tuple[str, str]]:
+    """Sent, Trash and Junk recognized by name where the server flags none of that kind: one
+    folder per kind, the best-ranked name, a top-level folder before a nested one."""
+    flagged = {special for _, special in folders if special}
+    out = list(folders)
+    for kind, names in _BY_NAME:
+        if kind in flagged:
+            continue
+        rank = {n.casefold(): i for i, n in enumerate(names)}
+        best: tuple[int, int, int] | None = None
+        for index, (name, special) in enumerate(out):
+            if special:
+                continue
+            delim = delimiters.get(name, "/")
+            parts = name.split(delim) if delim else [name]
+            if parts[0].upper() == "INBOX" and len(parts) > 1:
+                parts = parts[1:]  # Courier-style "INBOX.Sent Items"
+            leaf = parts[-1].strip().casefold()
+            if leaf in rank:
+                key = (len(parts) > 1 and not parts[0].startswith("["), rank[leaf], index)
+                if best is None or key < best:
+                    best = key
+        if best is not None:
+            name, _ = out[best[2]]
+            out[best[2]] = (name, kind)
+    return out
 
 
 def parse_message_fetch(data: list) -> dict[int, dict] | None:
@@ -385,33 +431,31 @@ class ImapSession:
     def list_folders(self) -> list[tuple[str, str]]:
         """(name, special-use) for every selectable folder."""
         assert self.client is not None
-        folders = []
-        for flags, _delim, name in self._call(self.client.list_folders):
+        folders: list[tuple[str, str]] = []
+        delimiters: dict[str, str] = {}
+        for flags, delim, name in self._call(self.client.list_folders):
             if b"\\Noselect" in flags or b"\\NonExistent" in flags:
                 continue
             special = next((SPECIAL_FLAGS[f] for f in flags if f in SPECIAL_FLAGS), "")
             if not special and name.upper() == "INBOX":
                 special = "inbox"
             folders.append((name, special))
-        return folders
+            if delim:
+                delimiters[name] = delim.decode() if isinstance(delim, bytes) else str(delim)
+        return _special_by_name(folders, delimiters)
 
     def default_sync_folders(self) -> list[tuple[str, str]]:
-        """INBOX and the Sent folder (SPECIAL-USE, else a common name)."""
+        """INBOX and the Sent folder (SPECIAL-USE, else a common name: ``list_folders``)."""
         folders = self.list_folders()
         chosen = [(name, "inbox") for name, _ in folders if name.upper() == "INBOX"][:1]
         sent = [f for f in folders if f[1] == "sent"]
-        if not sent:
-            by_name = {name.lower(): name for name, _ in folders}
-            sent = [(by_name[n.lower()], "sent") for n in SENT_NAMES if n.lower() in by_name][:1]
         return chosen + sent[:1]
 
+    def sent_folder(self) -> str | None:
+        return next((name for name, special in self.list_folders() if special == "sent"), None)
+
     def trash_folder(self) -> str | None:
-        folders = self.list_folders()
-        for name, special in folders:
-            if special == "trash":
-                return name
-        by_name = {name.lower(): name for name, _ in folders}
-        return next((by_name[n.lower()] for n in TRASH_NAMES if n.lower() in by_name), None)
+        return next((name for name, special in self.list_folders() if special == "trash"), None)
 
     def status(self, folder: str) -> FolderStatus:
         """STATUS without selecting: the cheap no-change check."""

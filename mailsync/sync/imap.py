@@ -281,9 +281,13 @@ class ImapSync(SyncRun):
             found = session.default_sync_folders()
         folders = []
         for name, special_use in found:
-            folder, _ = MailFolder.objects.get_or_create(
+            folder, created = MailFolder.objects.get_or_create(
                 mailbox=self.mailbox, name=name, defaults={"special_use": special_use}
             )
+            if not created and folder.special_use != special_use and special_use:
+                # e.g. a Sent folder first listed by hand, now found as the Sent folder
+                folder.special_use = special_use
+                folder.save(update_fields=["special_use"])
             folders.append(folder)
         self.report.folders = len(folders)
         return folders

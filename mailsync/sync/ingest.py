@@ -391,6 +391,10 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     # read or flagged as its places now are; so is a new mail that came twice in this batch.
     if existing and undelete:
         Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
+    if existing and folder.special_use == "sent":
+        # Seen first in another folder (Gmail's All Mail, an archive): in Sent, it was sent.
+        Email.objects.filter(pk__in=existing.values(), direction=Email.Direction.RECEIVED).update(
+            direction=Email.Direction.SENT)
     seen_twice = len(prepared) - len({p.fingerprint for p in prepared})
     refresh_flags(list(existing.values()) + ([e.pk for e in created] if seen_twice else []))
     if created:

@@ -1,8 +1,9 @@
 """Re-encrypt every stored secret under the first key of MAILROOM_ENCRYPTION_KEYS.
 
 Rotation: put the new key first (``NEW,OLD``), run this command, then remove the old key.
-Loading a row decrypts with any key; saving encrypts with the first. One transaction per
-model, rows locked, so a failure leaves nothing half-rotated.
+Loading a row decrypts with any key; saving encrypts with the first. One transaction for
+all of them, rows locked, so a failure (a secret under a key no longer configured) leaves
+nothing half-rotated; secrets are few (one or two per mailbox).
 """
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
         total = 0
+        done: list[str] = []
         try:
-            for model, field in encrypted_fields():
-                with transaction.atomic():
+            with transaction.atomic():
+                for model, field in encrypted_fields():
                     rows = list(
                         model._base_manager.select_for_update().exclude(**{field: ""}).only("pk", field)
                     )
                     model._base_manager.bulk_update(rows, [field], batch_size=BATCH)
-                total += len(rows)
-                self.stdout.write(f"{model._meta.label}.{field}: {len(rows)} re-encrypted")
+                    total += len(rows)
+                    done.append(f"{model._meta.label}.{field}: {len(rows)} re-encrypted")
         except EncryptionNotConfigured as exc:
             raise CommandError(str(exc)) from exc
+        for line in done:
+            self.stdout.write(line)
         self.stdout.write(self.style.SUCCESS(f"Done: {total} secret(s) now under the newest key."))
