@@ -5,6 +5,7 @@ Pages, the API, Celery tasks, the IDLE watcher and management commands call thes
 from __future__ import annotations
 
 from datetime import timedelta
+import functools
 import logging
 import socket
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.views.decorators.debug import sensitive_variables
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
@@ -466,6 +467,31 @@ def _server_session(mailbox: Mailbox):  # noqa: ANN202
     return ImapSession(server_settings(mailbox, timeout=20))
 
 
+# Advisory lock key space of CRM actions on one email (the first of the two int4 keys).
+ACTION_LOCK = 0x4143  # "AC"
+
+
+def _one_action_per_email(fn):  # noqa: ANN001, ANN202
+    """CRM actions on one email run one at a time (across workers): two at once (a move in
+    one tab, a delete in another) both acted on the same UID, and the server, which moves
+    by COPY + EXPUNGE, kept a copy in each target. The second now reads the places the
+    first left and acts there (or is told the mail moved)."""
+    @functools.wraps(fn)
+    def serialized(*, email: Email, **kwargs: Any):  # noqa: ANN202
+        if connection.vendor != "postgresql":
+            return fn(email=email, **kwargs)
+        key = [ACTION_LOCK, email.pk % 2**31]
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", key)
+        try:
+            return fn(email=email, **kwargs)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+    return serialized
+
+
+@_one_action_per_email
 def email_update(*, actor: User, email: Email, seen: bool | None = None,
                  flagged: bool | None = None, folder: str | None = None) -> Email:
     """Mark read/unread, flag/unflag, or move; done on the IMAP server first, then stored.
@@ -607,6 +633,7 @@ def _record_moves(*, email: Email, folder: str, special_use: str,
     )
 
 
+@_one_action_per_email
 def email_delete(*, actor: User, email: Email) -> str:
     """Delete: to the server's Trash for IMAP; in the CRM a recoverable tombstone. Returns
     what happened on the server: "trash" (one copy moved there, other copies removed),
