@@ -103,6 +103,10 @@ class Mailbox(models.Model):
     budget_bytes_used = models.BigIntegerField(default=0)
     # Lease used as the sync lock where PostgreSQL advisory locks are unavailable (SQLite).
     lease_until = models.DateTimeField(null=True, blank=True)
+    lease_holder = models.CharField(max_length=300, blank=True, default="")  # "host:pid" (SQLite)
+    # A sync was asked for while one ran (IDLE, "Sync now", the poll): the running one queues
+    # one more when it ends, instead of the request retrying against the lock.
+    sync_requested = models.BooleanField(default=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     modified_at = models.DateTimeField(auto_now=True)

@@ -105,7 +105,9 @@ def _sync_running(mailbox_id: int) -> bool:
     from .sync.lock import LOCK_NAMESPACE
 
     if connection.vendor != "postgresql":
-        return True  # the embedded default's lease: trust the state
+        from .sync.lock import lease_alive
+
+        return lease_alive(mailbox_id)  # the embedded default's lease
     with connection.cursor() as cursor:
         # A two-key advisory lock is (classid, objid) with objsubid 2.
         cursor.execute(

@@ -313,15 +313,36 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
     if mailbox.state == Mailbox.State.PAUSED and mailbox.paused_until and mailbox.paused_until > timezone.now():
         log.info("mailbox %s: paused until %s", mailbox_id, mailbox.paused_until)
         return None
-    if mailbox.protocol == Mailbox.Protocol.POP3:
-        report = pop3_mailbox_sync(mailbox=mailbox)
-    else:
-        report = imap_mailbox_sync(mailbox=mailbox)
-    if report.new or report.completed:
-        from . import tasks  # noqa: PLC0415  (tasks import services)
+    from . import tasks  # noqa: PLC0415  (tasks import services)
 
+    held = True  # this call held the mailbox's lock (not MailboxBusy)
+    try:
+        if mailbox.protocol == Mailbox.Protocol.POP3:
+            report = pop3_mailbox_sync(mailbox=mailbox)
+        else:
+            report = imap_mailbox_sync(mailbox=mailbox)
+    except MailboxBusy:
+        held = False
+        raise
+    finally:
+        # Asked for while this run held the mailbox (the lock is released now): one more.
+        if held and Mailbox.objects.filter(pk=mailbox_id, sync_requested=True).update(sync_requested=False):
+            transaction.on_commit(lambda: tasks.sync_mailbox.delay(mailbox_id))
+    if report.new or report.completed:
         transaction.on_commit(lambda: tasks.parse_emails.delay(mailbox_id))
     return report
+
+
+def mailbox_sync_requested(*, mailbox_id: int) -> bool:
+    """A sync was asked for while another held the mailbox: the running one will queue one
+    more when it ends. True if none holds it any more (it ended meanwhile, before it could
+    see the request): the caller should queue the sync itself."""
+    from .selectors import _sync_running  # noqa: PLC0415
+
+    Mailbox.objects.filter(pk=mailbox_id).update(sync_requested=True)
+    if _sync_running(mailbox_id):
+        return False
+    return bool(Mailbox.objects.filter(pk=mailbox_id, sync_requested=True).update(sync_requested=False))
 
 
 def emails_parse_pending(*, mailbox_id: int, limit: int = PARSE_BATCH) -> int:

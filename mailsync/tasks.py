@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
     try:
         services.mailbox_sync(mailbox_id=mailbox_id)
-    except MailboxBusy as exc:
-        # A sync is running; it may have passed the point where this change shows, so run
-        # again right after it rather than after the transient-error backoff.
-        raise self.retry(exc=exc, countdown=2, max_retries=60) from exc
+    except MailboxBusy:
+        # A sync is running and may have passed the point where this change shows: it runs
+        # one more when it ends (however long it takes: a first sync may take an hour). No
+        # retry against the lock: that used the transient-fault budget and ended in an error.
+        if services.mailbox_sync_requested(mailbox_id=mailbox_id):
+            sync_mailbox.apply_async((mailbox_id,), countdown=1)  # it ended meanwhile
     except MailUserError as exc:
         # Wrong password and the like: the status says what to fix; retrying would only
         # lock the account at the provider.

@@ -95,6 +95,7 @@ class SyncRun:
         fields: dict[str, object] = {
             "state": Mailbox.State.SYNCING, "sync_started_at": timezone.now(),
             "messages_done": 0, "messages_total": 0, "bytes_done": 0, "bytes_total": 0,
+            "sync_requested": False,  # this run sees what was asked for before it began
         }
         if self.mailbox.budget_day != today:
             fields.update(budget_day=today, budget_bytes_used=0)

@@ -419,6 +419,18 @@ def refresh_flags(email_ids: Collection[int]) -> None:
     UIDVALIDITY) has the flag. A mail with no place (POP3, a tombstone) keeps its own."""
     if not email_ids:
         return
+    if connection.vendor != "postgresql":
+        # SQLite (the embedded default) has no JSON "contains": the same rule in Python.
+        state: dict[int, list[bool]] = {}
+        for email_id, flags in (EmailLocation.objects.filter(email_id__in=list(email_ids),
+                                                             uidvalidity=F("folder__uidvalidity"))
+                                .values_list("email_id", "flags")):
+            seen_flagged = state.setdefault(email_id, [False, False])
+            seen_flagged[0] |= "\\Seen" in (flags or [])
+            seen_flagged[1] |= "\\Flagged" in (flags or [])
+        for email_id, (seen, flagged) in state.items():
+            Email.objects.filter(pk=email_id).update(seen=seen, flagged=flagged)
+        return
     places = EmailLocation.objects.filter(email=OuterRef("pk"), uidvalidity=F("folder__uidvalidity"))
     Email.objects.filter(pk__in=list(email_ids)).filter(Exists(places)).update(
         seen=Exists(places.filter(flags__contains=["\\Seen"])),

@@ -6,6 +6,8 @@ mailbox row that expires by itself.
 """
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -37,12 +39,46 @@ def mailbox_lock(mailbox_id: int) -> Iterator[None]:
                 cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_NAMESPACE, mailbox_id])
         return
     now = timezone.now()
+    holder = f"{socket.gethostname()}:{os.getpid()}"
     taken = Mailbox.objects.filter(
         Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=mailbox_id
-    ).update(lease_until=now + LEASE)
+    ).update(lease_until=now + LEASE, lease_holder=holder)
+    if not taken:
+        # A worker killed mid-sync never gives its lease back: on this machine a holder
+        # process that is gone is seen at once (else the mailbox waited 65 minutes).
+        other = Mailbox.objects.filter(pk=mailbox_id).values_list("lease_holder", flat=True).first()
+        if other and _gone(other):
+            taken = Mailbox.objects.filter(pk=mailbox_id, lease_holder=other).update(
+                lease_until=now + LEASE, lease_holder=holder)
     if not taken:
         raise MailboxBusy("Another sync of this mailbox is running.")
     try:
         yield
     finally:
-        Mailbox.objects.filter(pk=mailbox_id).update(lease_until=None)
+        Mailbox.objects.filter(pk=mailbox_id).update(lease_until=None, lease_holder="")
+
+
+def _gone(holder: str) -> bool:
+    """A lease holder ("host:pid") that is a process of this machine no longer running."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process not reaped yet is a zombie: gone all the same (Linux)
+        with open(f"/proc/{int(pid)}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def lease_alive(mailbox_id: int) -> bool:
+    """SQLite: whether a sync run holds the mailbox's lease now."""
+    row = Mailbox.objects.filter(pk=mailbox_id).values_list("lease_until", "lease_holder").first()
+    if row is None or row[0] is None or row[0] < timezone.now():
+        return False
+    return not (row[1] and _gone(row[1]))
