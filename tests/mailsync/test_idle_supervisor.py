@@ -118,20 +118,36 @@ def test_flag_change_and_expunge_trigger_on_change(dovecot, mail_user, imap_mail
         watcher.join(10)
 
 
-def test_change_while_sync_lock_busy_is_retried_soon(imap_mailbox, monkeypatch):
-    from celery.exceptions import Retry
-
+def test_change_while_sync_lock_busy_runs_after_the_running_sync(imap_mailbox, monkeypatch,
+                                                                  django_capture_on_commit_callbacks):
+    """A change (IDLE) while a sync holds the mailbox: the task notes it and ends, with no
+    retry against the lock; the running sync queues one more when it ends."""
+    from mailsync import services
+    from mailsync.models import Mailbox
     from mailsync.tasks import sync_mailbox
 
-    seen = {}
-
-    def fake_retry(*args, **kwargs):
-        seen.update(kwargs)
-        raise Retry("retry")
-
-    monkeypatch.setattr(sync_mailbox, "retry", fake_retry)
+    queued = []
+    monkeypatch.setattr(sync_mailbox, "retry", lambda *a, **k: pytest.fail("retried against the lock"))
+    monkeypatch.setattr(sync_mailbox, "apply_async", lambda *a, **k: queued.append(a))
+    monkeypatch.setattr(sync_mailbox, "delay", lambda *a, **k: queued.append(a))
     with sync_lock_held(imap_mailbox.pk):
-        with pytest.raises(Retry):
-            sync_mailbox.run(imap_mailbox.pk)
-    assert seen.get("countdown", 999) <= 5, seen
-    assert seen.get("max_retries", 0) >= 10, seen
+        sync_mailbox.run(imap_mailbox.pk)
+    assert Mailbox.objects.get(pk=imap_mailbox.pk).sync_requested and not queued
+    # A run clears requests made before it began (it sees those changes): none queued.
+    with django_capture_on_commit_callbacks(execute=True):
+        services.mailbox_sync(mailbox_id=imap_mailbox.pk)
+    assert queued == []
+    # A request noted while the run holds the mailbox: one more sync when it ends.
+    from mailsync.sync.imap import ImapSync
+
+    real = ImapSync._sync_folders
+
+    def with_a_request_meanwhile(self, session):  # noqa: ANN001, ANN202
+        Mailbox.objects.filter(pk=self.mailbox.pk).update(sync_requested=True)
+        return real(self, session)
+
+    monkeypatch.setattr(ImapSync, "_sync_folders", with_a_request_meanwhile)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.mailbox_sync(mailbox_id=imap_mailbox.pk)
+    assert queued == [(imap_mailbox.pk,)]
+    assert not Mailbox.objects.get(pk=imap_mailbox.pk).sync_requested
