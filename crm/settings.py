@@ -228,6 +228,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):  # type: ignore[union-attr]
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(_queue_dir / "processed"),
         "store_processed": False,
+        # Else kombu writes its exchange tables to ./control in whatever folder it started in.
+        "control_folder": str(_queue_dir / "control"),
     }
 else:
     # A mail sync may run long; redelivery to a second worker is harmless (syncs take a
