@@ -5,9 +5,7 @@ from the customer's colleague stayed off the deal; a contact saved while a sync 
 mail got none of it.)"""
 from __future__ import annotations
 
-import itertools
 import threading
-from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.test import Client
@@ -18,15 +16,14 @@ from crm import services as crm_services
 from crm.models import Contact, Deal, Lead
 from crm.signals import record_saved
 from mailsync import services
-from mailsync.association import emails_associate
-from mailsync.models import Email, EmailLink, EmailParticipant, Mailbox
+from mailsync.models import Email, EmailLink, Mailbox
 from mailsync.selectors import emails_of_record, emails_unmatched, emails_visible_to
 from mailsync.sync.imap import ImapSync
 from tests.factories import (AdministratorFactory, ContactFactory, DealFactory, LeadFactory,
                              MailboxFactory, UserFactory)
 from tests.mailsync.conftest import make_message
+from tests.mailsync.test_association_records import mail  # a synced mail, as the sync writes it
 
-_n = itertools.count(1)
 
 
 def sync(mailbox: Mailbox):
@@ -36,22 +33,6 @@ def sync(mailbox: Mailbox):
 
 def subjects(**link) -> set[str]:
     return set(EmailLink.objects.filter(**link).values_list("email__subject", flat=True))
-
-
-def mail(mailbox: Mailbox, *, sender: str, to: str | None = None, cc: str = "",
-         subject: str | None = None) -> Email:
-    """A synced mail written as the sync writes it (participants lower-case, then associated)."""
-    n = next(_n)
-    to = to or mailbox.email_address
-    e = Email.objects.create(mailbox=mailbox, fingerprint=f"probefp{n}", content_hash=f"probeh{n}",
-                             message_id=f"probe{n}@client.example", subject=subject or f"P{n}",
-                             from_address=sender, direction="received",
-                             date=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(hours=n))
-    rows = [("from", sender), ("to", to)] + ([("cc", cc)] if cc else [])
-    for role, a in rows:
-        EmailParticipant.objects.create(email=e, role=role, address=a.lower())
-    emails_associate(email_ids=[e.pk], exclude_addresses=[mailbox.email_address])
-    return e
 
 
 # -- records changed in the admin console --------------------------------------------------------
