@@ -179,6 +179,11 @@ MAILROOM_TOMBSTONE_DAYS = int(_env("MAILROOM_TOMBSTONE_DAYS", "30"))  # type: ig
 MAILROOM_SYNC_PROCESS_MIN_MESSAGES = int(
     _env("MAILROOM_SYNC_PROCESS_MIN_MESSAGES", "400")  # type: ignore[arg-type]
 )
+# A mailbox uses at most two connections to its server: the IDLE watcher's and one more that a
+# sync, a CRM action (mark read, move, delete), a copy to Sent or a login test take in turn
+# (mailsync.sync.lock.ConnectionSlot). How long an action waits for it (a running sync hands
+# it over after its current batch) before the user is told to try again.
+MAILROOM_CONNECTION_WAIT = float(_env("MAILROOM_CONNECTION_WAIT", "15"))  # type: ignore[arg-type]
 
 # --- REST API --------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -40,6 +40,13 @@ class MailServerUnreachable(MailTransientError):
     http_status = 400  # usually a wrong host or port in what the user entered
 
 
+class MailConnectionsLimit(MailTransientError):
+    """The server refused a login because the account has too many connections open."""
+
+    code = "too_many_connections"
+    http_status = 503
+
+
 class MailProtocolError(MailTransientError):
     code = "protocol_error"
 
@@ -57,6 +64,14 @@ class MailboxBusy(MailTransientError):
     """Another sync of this mailbox holds the lock."""
 
     code = "busy"
+    http_status = 409
+
+
+class ConnectionBusy(MailTransientError):
+    """The mailbox's one connection besides IDLE stayed in use (a sync, another action) for
+    longer than this caller waits (``mailsync.sync.lock.ConnectionSlot``)."""
+
+    code = "connection_busy"
     http_status = 409
 
 

@@ -450,7 +450,11 @@ def _append_to_sent(mailbox: Mailbox, raw: bytes) -> str | None:
     from .protocols.imap import ImapSession  # noqa: PLC0415
     from .sync.imap import server_settings  # noqa: PLC0415
 
-    with ImapSession(server_settings(mailbox, timeout=30)) as session:
+    from .sync.lock import connection_slot  # noqa: PLC0415
+
+    # The mailbox's one connection besides IDLE: a running sync hands it over between batches.
+    with connection_slot(mailbox.pk, wait=60), \
+            ImapSession(server_settings(mailbox, timeout=30)) as session:
         # The same Sent folder the sync picks (SPECIAL-USE, else by name, in any case).
         sent = session.sent_folder()
         if sent is None:

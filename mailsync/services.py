@@ -4,6 +4,7 @@ Pages, the API, Celery tasks, the IDLE watcher and management commands call thes
 """
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 import functools
 import logging
@@ -255,8 +256,14 @@ def mailbox_test(*, mailbox: Mailbox) -> list[tuple[str, str]]:
     MailError that says what to fix."""
     if mailbox.protocol == Mailbox.Protocol.POP3:
         folders = pop3_check_login(server_settings(mailbox, timeout=15))
-    else:
+    elif mailbox.pk is None:
         folders = check_login(server_settings(mailbox, timeout=15))
+    else:
+        from .sync.lock import connection_slot  # noqa: PLC0415
+
+        # A saved mailbox's sync may be running: the test takes its turn on the connection.
+        with connection_slot(mailbox.pk, wait=settings.MAILROOM_CONNECTION_WAIT):
+            folders = check_login(server_settings(mailbox, timeout=15))
     from .sending import smtp_test  # noqa: PLC0415  (sending imports the sync engine)
 
     smtp_test(mailbox=mailbox)
@@ -482,10 +489,12 @@ def _select_same_uids(session, mailbox: Mailbox, name: str, uids: list[int]):  #
     return selected
 
 
-def _server_session(mailbox: Mailbox):  # noqa: ANN202
+def _server_session(mailbox: Mailbox, *, timeout: float = 20):  # noqa: ANN202
+    """A connection for a CRM action; the caller holds the mailbox's connection slot
+    (``_one_action_per_email``)."""
     from .protocols.imap import ImapSession
 
-    return ImapSession(server_settings(mailbox, timeout=20))
+    return ImapSession(server_settings(mailbox, timeout=timeout))
 
 
 # Advisory lock key space of CRM actions on one email (the first of the two int4 keys).
@@ -496,16 +505,28 @@ def _one_action_per_email(fn):  # noqa: ANN001, ANN202
     """CRM actions on one email run one at a time (across workers): two at once (a move in
     one tab, a delete in another) both acted on the same UID, and the server, which moves
     by COPY + EXPUNGE, kept a copy in each target. The second now reads the places the
-    first left and acts there (or is told the mail moved)."""
+    first left and acts there (or is told the mail moved).
+
+    An IMAP mailbox's action then holds the mailbox's one connection besides IDLE for all
+    of its work (``ConnectionSlot``; a running sync hands it over after its current batch):
+    the mail's places are read once it has it (a place the sync stored meanwhile is acted
+    on too, not deleted from the CRM only), and no sync reads the server between the
+    action's change there and its record here."""
     @functools.wraps(fn)
     def serialized(*, email: Email, **kwargs: Any):  # noqa: ANN202
+        from .sync.lock import connection_slot  # noqa: PLC0415
+
+        turn = (connection_slot(email.mailbox_id, wait=settings.MAILROOM_CONNECTION_WAIT)
+                if email.mailbox.protocol == Mailbox.Protocol.IMAP else contextlib.nullcontext())
         if connection.vendor != "postgresql":
-            return fn(email=email, **kwargs)
+            with turn:
+                return fn(email=email, **kwargs)
         key = [ACTION_LOCK, email.pk % 2**31]
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s, %s)", key)
         try:
-            return fn(email=email, **kwargs)
+            with turn:
+                return fn(email=email, **kwargs)
         finally:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)

@@ -296,8 +296,11 @@ def _server_folders(mailbox: Mailbox) -> tuple[list[str], str]:
         from .protocols.imap import ImapSession
         from .sync.imap import server_settings
 
+        from .sync.lock import connection_slot
+
         try:
-            with ImapSession(server_settings(mailbox, timeout=10)) as session:
+            with connection_slot(mailbox.pk, wait=5), \
+                    ImapSession(server_settings(mailbox, timeout=10)) as session:
                 names = [name for name, _ in session.list_folders()]
         except MailError as exc:
             return known, str(exc)

@@ -23,7 +23,7 @@ from imapclient.imapclient import seq_to_parenstr_upper
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.response_parser import parse_fetch_response
 
-from ..exceptions import MailAuthError, MailConfigError, MailProtocolError, MailTLSError
+from ..exceptions import MailAuthError, MailConfigError, MailConnectionsLimit, MailProtocolError, MailTLSError
 from .base import (
     CopiedMessages,
     FetchedMessage,
@@ -381,6 +381,12 @@ class ImapSession:
         except LoginError as exc:
             text = str(exc)
             self.close()
+            if _too_many_connections(text):
+                raise MailConnectionsLimit(
+                    "The mail server refused another connection: too many are open to this "
+                    "account at once (mail apps, phones, other services).",
+                    hint="It is retried by itself. If this lasts, close mail apps you no longer use.",
+                ) from exc
             if "PRIVACYREQUIRED" in text or "plaintext" in text.lower():
                 raise MailTLSError(
                     "The server refuses passwords over an unencrypted connection.",
@@ -666,6 +672,16 @@ class ImapSession:
     def noop(self) -> None:
         assert self.client is not None
         self._call(self.client.noop)
+
+
+def _too_many_connections(text: str) -> bool:
+    """A LOGIN refused because the account has too many connections open, not because of
+    its password: Dovecot "[LIMIT] Maximum number of connections from user+IP exceeded",
+    Gmail "[ALERT] Too many simultaneous connections", others "[LIMIT]"/"[UNAVAILABLE]"
+    (RFC 5530). Taken for a wrong password, it stopped the mailbox until the user acted."""
+    lowered = text.lower()
+    return ("[limit]" in lowered or "[unavailable]" in lowered or "too many simultaneous connections" in lowered
+            or "maximum number of connections" in lowered or "too many connections" in lowered)
 
 
 def check_login(settings: ServerSettings) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from types import TracebackType
 
 from ..exceptions import (
     MailAuthError,
+    MailConnectionsLimit,
     MailConfigError,
     MailError,
     MailProtocolError,
@@ -93,6 +94,12 @@ def _login_error(reply: str, host: str) -> MailError:
             "POP3 is turned off for this account at the provider.",
             hint=("Turn on POP in the account's settings (Gmail: Settings, Forwarding and "
                   "POP/IMAP, Enable POP), then try again."),
+        )
+    if "maximum number of connections" in text or "too many" in text and "connection" in text:
+        return MailConnectionsLimit(
+            "The mail server refused another connection: too many are open to this account "
+            "at once (mail apps, phones, other services).",
+            hint="It is retried by itself. If this lasts, close mail apps you no longer use.",
         )
     if "[in-use]" in text:
         return MailProtocolError(

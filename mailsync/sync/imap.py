@@ -33,7 +33,7 @@ from .pipeline import batched, run_ahead
 from .ingest import complete_truncated, ingest_batch, refresh_flags
 from .prepare import prepare_batch
 from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
-from .lock import mailbox_lock
+from .lock import ConnectionSlot, connection_slot, mailbox_lock
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 BATCH_MESSAGES = int(os.environ.get("MAILROOM_TEST_BATCH_MESSAGES", "250"))
 BATCH_BYTES = 12 * 1024 * 1024
 # Tests that kill a worker mid-sync slow each commit down to aim the kill between two.
+# How long a sync waits for the connection a CRM action holds (they take seconds).
+SYNC_CONNECTION_WAIT = 120.0
 _TEST_STORE_DELAY = float(os.environ.get("MAILROOM_TEST_STORE_DELAY", "0"))
 # Flags are fetched for this many UIDs per command where CONDSTORE is missing.
 FLAG_BATCH = 5000
@@ -84,6 +86,7 @@ class ImapSync(SyncRun):
         self.session: ImapSession | None = None
         self._own_session = False
         self._spare = None  # a fetch process started ahead (initial sync)
+        self._slot: ConnectionSlot | None = None  # the connection slot, when this run holds it
         self._known_folders: list[MailFolder] = []  # this mailbox's folders, read by _folders
         self._sizes: dict[int, int] = {}  # RFC822.SIZE of the UIDs being downloaded
         self._kept_back: set[int] = set()  # folders with messages the server did not send
@@ -106,9 +109,13 @@ class ImapSync(SyncRun):
         if self._can_use_fetch_process() and self._download_likely():
             spare = self._spare = spawn_ahead()
         try:
-            with self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
+            # The mailbox's one connection besides IDLE: held for the run, handed over
+            # between batches to a CRM action that waits for it (_hand_over).
+            with connection_slot(self.mailbox.pk, wait=SYNC_CONNECTION_WAIT) as self._slot, \
+                    self.session_factory(server_settings(self.mailbox, timeout=self.timeout)) as own:
                 self._sync_folders(own)
         finally:
+            self._slot = None
             # Also when it was handed over: a generator never started runs no finally
             # (an exception between the handover and its first batch). Ending an ended
             # process only reaps it.
@@ -509,6 +516,18 @@ class ImapSync(SyncRun):
         limit are imported as their headers, with a notice."""
         limit = self.mailbox.max_message_bytes
         self._sizes = sizes
+        while batches:
+            stored = self._fetch_and_store_some(session, folder, batches, advance_to, sizes, limit)
+            batches = batches[stored:]
+            if batches:  # stopped early: a CRM action waits for the connection
+                self._hand_over(session, folder)
+
+    def _fetch_and_store_some(self, session: ImapSession, folder: MailFolder, batches: list[list[int]],
+                              advance_to: Callable[[list[int]], Callable[[MailFolder], None]],
+                              sizes: dict[int, int], limit: int) -> int:
+        """Batches fetched and stored, in order, until all are or something waits for the
+        connection; how many were stored. The session is open and on the folder after all of
+        them, closed after an early stop."""
         if self._use_fetch_process(batches):
             # The child opens its own connection; this one is closed meanwhile, so the
             # mailbox never holds more than two (the sync's and the IDLE watcher's).
@@ -516,20 +535,35 @@ class ImapSync(SyncRun):
             job = FetchJob(server_settings(self.mailbox, timeout=self.timeout), folder.name,
                            folder.uidvalidity, batches, sizes, limit)
             spare, self._spare = self._spare, None
-            self._store_batches(folder, fetch_in_child(job, spare), advance_to)
-            session.connect()
-            again = session.select(folder.name, readonly=True)
-            if again.uidvalidity != folder.uidvalidity:
-                raise MailTransientError(
-                    "The folder changed on the server (UIDVALIDITY) during the sync; it is "
-                    "synced again on the next run."
-                )
-            return
+            stored = self._store_batches(folder, fetch_in_child(job, spare), advance_to, len(batches))
+            if stored == len(batches):
+                self._reopen(session, folder)
+            return stored
 
         def fetch(batch: list[int]) -> list:
             return fetch_batch(session, batch, sizes, limit)
 
-        self._store_batches(folder, _prefetch(fetch, batches), advance_to)
+        stored = self._store_batches(folder, _prefetch(fetch, batches), advance_to, len(batches))
+        if stored < len(batches):
+            session.close()
+        return stored
+
+    def _reopen(self, session: ImapSession, folder: MailFolder) -> None:
+        session.connect()
+        again = session.select(folder.name, readonly=True)
+        if again.uidvalidity != folder.uidvalidity:
+            raise MailTransientError(
+                "The folder changed on the server (UIDVALIDITY) during the sync; it is "
+                "synced again on the next run."
+            )
+
+    def _hand_over(self, session: ImapSession, folder: MailFolder) -> None:
+        """The connection (closed) goes to the CRM action that waits for it; the download
+        goes on from the next batch once it is done (a new connection)."""
+        assert self._slot is not None
+        log.info("mailbox %s: connection handed over to a waiting action", self.mailbox.pk)
+        self._slot.hand_over(wait=SYNC_CONNECTION_WAIT)
+        self._reopen(session, folder)
 
     def _can_use_fetch_process(self) -> bool:
         return (self._own_session and self.session_factory is ImapSession
@@ -543,14 +577,19 @@ class ImapSync(SyncRun):
         )
 
     def _store_batches(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],
-                       advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
-        # Closed at once on an error: the fetch process (or thread) stops now, not when the
-        # traceback that references this frame is freed.
+                       advance_to: Callable[[list[int]], Callable[[MailFolder], None]],
+                       count: int) -> int:
+        # Closed at once on an error or an early stop: the fetch process (or thread) stops
+        # now, not when the traceback that references this frame is freed.
         with contextlib.closing(source):
-            self._store_all(folder, source, advance_to)
+            return self._store_all(folder, source, advance_to, count)
 
     def _store_all(self, folder: MailFolder, source: Iterator[tuple[list[int], list]],
-                   advance_to: Callable[[list[int]], Callable[[MailFolder], None]]) -> None:
+                   advance_to: Callable[[list[int]], Callable[[MailFolder], None]],
+                   count: int) -> int:
+        """Store the batches of ``source`` (``count`` of them); after each, stop if a CRM
+        action waits for the connection. How many were stored."""
+        stored = 0
         for batch, prepared, kept_back in source:
             self._check_budget()
             truncated = [p.message for p in prepared if p.message.truncated]
@@ -578,6 +617,10 @@ class ImapSync(SyncRun):
             self.report.new += result.stored
             self.report.located += result.located
             self.report.failed += result.failed
+            stored += 1
+            if stored < count and self._slot is not None and self._slot.wanted():
+                break
+        return stored
 
     def _notice_kept_back(self, folder: MailFolder, messages: list) -> None:
         from ..models import MessageError
@@ -697,7 +740,8 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             by_folder.setdefault(error.folder_id, []).append(error)
     if not by_folder:
         return 0
-    with mailbox_lock(mailbox.pk), ImapSession(server_settings(mailbox)) as session:
+    with mailbox_lock(mailbox.pk), connection_slot(mailbox.pk, wait=settings.MAILROOM_CONNECTION_WAIT), \
+            ImapSession(server_settings(mailbox)) as session:
         for folder_errors in by_folder.values():
             folder = folder_errors[0].folder
             selected = session.select(folder.name, readonly=True)

@@ -16,7 +16,7 @@ import pytest
 from django.db import connection
 
 from mailsync import services
-from mailsync.exceptions import MailboxBusy, MailError, MailUserError
+from mailsync.exceptions import MailboxBusy, MailboxOutOfDate, MailError, MailUserError
 from mailsync.models import Email, EmailLocation, MailFolder, Mailbox
 from mailsync.protocols.imap import ImapSession
 from mailsync.sync import imap as engine
@@ -134,6 +134,35 @@ class Bg(threading.Thread):
             connection.close()
 
 
+def connection_waited_for(mailbox_id: int) -> bool:
+    """Whether something waits for the mailbox's one connection besides IDLE (pg_locks)."""
+    from mailsync.sync.lock import CONNECTION_NAMESPACE
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND "
+                       "classid = %s AND objid = %s AND NOT granted)", [CONNECTION_NAMESPACE, mailbox_id])
+        return cursor.fetchone()[0]
+
+
+def act_while_paused(mailbox: Mailbox, go: threading.Event, actions):  # noqa: ANN001, ANN201
+    """Run ``actions()`` (CRM actions, another mail program) while the sync is paused in the
+    middle of storing a batch; their result. The sync holds the mailbox's connection: the
+    actions wait for it, the sync goes on once they do, and hands it over at the end of that
+    batch (``ConnectionSlot``), so each action runs between two batches. (These tests used to
+    run the actions while the sync was paused mid-batch, on a third connection.)"""
+    worker = Bg(actions)
+    worker.start()
+    try:
+        wait_for(lambda: connection_waited_for(mailbox.pk) or not worker.is_alive(), 30)
+    finally:
+        go.set()
+    worker.join(120)
+    assert not worker.is_alive(), "the actions never got the connection"
+    if worker.error is not None:
+        raise worker.error
+    return worker.result
+
+
 def deliver_many(dovecot, user, n: int, prefix: str) -> list[str]:
     subjects = [f"{prefix} {i:02d}" for i in range(n)]
     for s in subjects:
@@ -208,22 +237,27 @@ def test_move_to_archive_while_incremental_sync_sees_the_vanished_uid(dovecot, m
     dovecot.deliver(mail_user, make_message(subject="Trigger"))  # something for the sync to do
     target = email_of(imap_mailbox, subjects[0])
     real_move = ImapSession.move
-    ran = []
+    started = []
 
     def move(self, uids, destination):  # noqa: ANN001, ANN202
         copied = real_move(self, uids, destination)
-        # A sync (IDLE push, beat, "Sync now") runs right between the server's MOVE and the
-        # CRM's write of it.
+        # A sync (IDLE push, beat, "Sync now") starts right between the server's MOVE and
+        # the CRM's write of it. (It used to run there and see the UID vanish; since the
+        # action holds the mailbox's one connection besides IDLE, the sync waits for it
+        # and runs after the action is written.)
         t = Bg(sync, Mailbox.objects.get(pk=imap_mailbox.pk))
         t.start()
-        t.join(30)
-        ran.append(t.error)
+        t.join(1)
+        assert t.is_alive(), "the sync did not wait for the action's connection"
+        started.append(t)
         return copied
 
     monkeypatch.setattr(ImapSession, "move", move)
     services.email_update(actor=imap_mailbox.owner, email=target, folder="Archive")
     monkeypatch.undo()
-    assert ran == [None]
+    [t] = started
+    t.join(30)
+    assert not t.is_alive() and t.error is None, t.error
     sync(imap_mailbox)
     sync(imap_mailbox)
     target.refresh_from_db()
@@ -254,14 +288,18 @@ def test_action_while_uidvalidity_remap_runs(dovecot, mail_user, imap_mailbox, m
     t.start()
     assert paused.wait(30)
     target = email_of(imap_mailbox, subjects[0])  # oldest: re-fetched by the last batch
-    try:
-        if action == "delete":
-            outcome = services.email_delete(actor=imap_mailbox.owner, email=target)
-        else:
+
+    def act() -> str:
+        try:
+            if action == "delete":
+                return services.email_delete(actor=imap_mailbox.owner, email=target)
             services.email_update(actor=imap_mailbox.owner, email=target, seen=True)
-            outcome = "done"
-    except MailError as exc:  # refusing ("try again in a moment") is acceptable
-        outcome = type(exc).__name__
+            return "done"
+        except MailboxOutOfDate as exc:  # refusing ("try again in a moment") is acceptable
+            return type(exc).__name__
+
+    try:
+        outcome = act_while_paused(imap_mailbox, go, act)
     finally:
         go.set()
         t.join(60)
@@ -315,7 +353,8 @@ def test_actions_and_other_client_during_initial_sync_fetch_process(dovecot, mai
     t = Bg(sync, Mailbox.objects.get(pk=imap_mailbox.pk))
     t.start()
     assert paused.wait(60)
-    try:
+
+    def act() -> str:
         owner = imap_mailbox.owner
         services.email_update(actor=owner, email=email_of(imap_mailbox, subjects[23]), seen=True)
         services.email_update(actor=owner, email=email_of(imap_mailbox, subjects[22]), flagged=True)
@@ -331,13 +370,17 @@ def test_actions_and_other_client_during_initial_sync_fetch_process(dovecot, mai
         other.uid("MOVE", str(uids[4]), "Sent")                       # not stored: moved
         other.uid("MOVE", str(uids[16]), "Sent")                      # stored: moved
         other.logout()
+        return outcome
+
+    try:
+        outcome = act_while_paused(imap_mailbox, go, act)
     finally:
         go.set()
         t.join(60)
     assert t.error is None, t.error
     monkeypatch.undo()
     sync(imap_mailbox)
-    assert used_child == [True]
+    assert used_child and used_child[0]
     assert outcome == "trash"
     gone = email_of(imap_mailbox, subjects[20])
     assert gone.deleted_at is not None
@@ -369,7 +412,8 @@ def test_actions_and_other_client_during_incremental_sync(dovecot, mail_user, im
     t = Bg(sync, Mailbox.objects.get(pk=imap_mailbox.pk))
     t.start()
     assert paused.wait(60)
-    try:
+
+    def act() -> None:
         owner = imap_mailbox.owner
         services.email_update(actor=owner, email=email_of(imap_mailbox, old[0]), seen=True)
         services.email_update(actor=owner, email=email_of(imap_mailbox, old[1]), flagged=True, seen=True)
@@ -383,6 +427,9 @@ def test_actions_and_other_client_during_incremental_sync(dovecot, mail_user, im
         other.uid("MOVE", str(old_uids[6]), "Sent")
         other.uid("STORE", str(old_uids[0]), "-FLAGS", "(\\Seen)")  # undoes the CRM's read
         other.logout()
+
+    try:
+        act_while_paused(imap_mailbox, go, act)
     finally:
         go.set()
         t.join(60)
@@ -421,7 +468,8 @@ def test_delete_while_same_mail_in_unstored_batch(dovecot, mail_user, imap_mailb
     t.start()
     assert paused.wait(30)
     try:
-        outcome = services.email_delete(actor=imap_mailbox.owner, email=email_of(imap_mailbox, "Twin"))
+        outcome = act_while_paused(imap_mailbox, go, lambda: services.email_delete(
+            actor=imap_mailbox.owner, email=email_of(imap_mailbox, "Twin")))
     finally:
         go.set()
         t.join(60)
