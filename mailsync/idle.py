@@ -29,7 +29,8 @@ CHECK_INTERVAL = 1.0
 BACKOFF_START, BACKOFF_MAX = 2.0, 300.0
 # A session that lasted this long resets the reconnect backoff (one ended at once does not).
 STABLE_AFTER = 60.0
-# How long a watcher whose mailbox settings changed is waited for before its replacement starts.
+# How long a new watcher waits for the stopped one of the same mailbox (settings changed, or
+# deactivated and activated again) to close its connection before it connects anyway.
 REPLACE_WAIT = 10.0
 # Responses during IDLE that mean the folder changed (new mail, expunge, flag change).
 CHANGE_RESPONSES = {b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"}
@@ -55,7 +56,8 @@ class MailboxWatcher(threading.Thread):
 
     def __init__(self, mailbox_id: int, settings: ServerSettings, on_change: OnChange, *,
                  folder: str = "INBOX", reidle_after: float = REIDLE_AFTER,
-                 check_interval: float = CHECK_INTERVAL, stable_after: float = STABLE_AFTER) -> None:
+                 check_interval: float = CHECK_INTERVAL, stable_after: float = STABLE_AFTER,
+                 replaces: MailboxWatcher | None = None) -> None:
         super().__init__(name=f"idle-{mailbox_id}", daemon=True)
         self.mailbox_id = mailbox_id
         self.settings = settings
@@ -68,11 +70,21 @@ class MailboxWatcher(threading.Thread):
         self.connected = threading.Event()
         self.failed: MailError | None = None
         self._connected_at = 0.0
+        # The stopped watcher of this mailbox, maybe still closing its connection.
+        self.replaces = replaces
 
     def stop(self) -> None:
         self.stopping.set()
 
     def run(self) -> None:
+        if self.replaces is not None:
+            # A mailbox holds one IDLE connection (providers cap connections; the sync needs
+            # the other): the old one ends first. Waited for here, not by the supervisor, so
+            # that one stuck connecting (its own timeout) holds up no other mailbox. Not cut
+            # short by our own stop: a watcher replaced while it waits is waited for in turn,
+            # and so, through it, is the one that still holds the connection.
+            self.replaces.join(REPLACE_WAIT)
+            self.replaces = None
         backoff = BACKOFF_START
         while not self.stopping.is_set():
             try:
@@ -102,6 +114,10 @@ class MailboxWatcher(threading.Thread):
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _notify(self) -> None:
+        if self.stopping.is_set():
+            # Deactivated or deleted meanwhile (a login that completed after the stop, the
+            # DONE reply): no sync for a mailbox that is no longer watched.
+            return
         try:
             self.on_change(self.mailbox_id)
         except Exception:  # noqa: BLE001
@@ -175,6 +191,9 @@ class IdleSupervisor:
         self.refresh_interval = refresh_interval
         self.watcher_options = watcher_options
         self.watchers: dict[_Target, MailboxWatcher] = {}
+        # Stopped watchers that may still hold their connection, by mailbox: a new watcher of
+        # the same mailbox (even refreshes later) waits for its predecessor.
+        self.stopped: dict[int, MailboxWatcher] = {}
         self.stopping = threading.Event()
 
     def targets(self) -> dict[_Target, ServerSettings]:
@@ -195,21 +214,16 @@ class IdleSupervisor:
 
     def refresh(self) -> None:
         wanted = self.targets()
-        stopped: dict[int, MailboxWatcher] = {}
         for target in list(self.watchers):
             if target not in wanted:
                 watcher = self.watchers.pop(target)
                 watcher.stop()
-                stopped[target.mailbox_id] = watcher
+                self.stopped[target.mailbox_id] = watcher
+        self.stopped = {pk: w for pk, w in self.stopped.items() if w.is_alive()}
         for target, settings in wanted.items():
             if target not in self.watchers:
-                old = stopped.get(target.mailbox_id)
-                if old is not None:
-                    # New settings: the old connection ends first (a mailbox holds one IDLE
-                    # connection; providers cap connections). Bounded: one stuck connecting
-                    # (its own timeout) does not hold up every other mailbox.
-                    old.join(timeout=REPLACE_WAIT)
                 watcher = MailboxWatcher(target.mailbox_id, settings, self.on_change,
+                                         replaces=self.stopped.pop(target.mailbox_id, None),
                                          **self.watcher_options)
                 self.watchers[target] = watcher
                 watcher.start()
@@ -228,6 +242,7 @@ class IdleSupervisor:
         self.stopping.set()
         for watcher in self.watchers.values():
             watcher.stop()
-        for watcher in self.watchers.values():
+        for watcher in [*self.watchers.values(), *self.stopped.values()]:
             watcher.join(timeout=5)
         self.watchers.clear()
+        self.stopped.clear()
