@@ -21,6 +21,6 @@ def compress(data: bytes) -> bytes:
     return _compressor().compress(data)
 
 
-def decompress(data: bytes | memoryview) -> bytes:
+def decompress(data: bytes | bytearray | memoryview) -> bytes:
     _compressor()
-    return _local.d.decompress(bytes(data))
+    return _local.d.decompress(data if isinstance(data, (bytes, bytearray)) else bytes(data))

@@ -17,6 +17,7 @@ from mailsync.mime.charsets import decode_bytes
 from mailsync.mime.envelope import Envelope, _coerce_bytes, envelope_from_block, parse_envelope
 from mailsync.mime.filenames import safe_filename
 from mailsync.mime.headers import (
+    MAX_HEADER_BYTES,
     HeaderBlock,
     b64decode_lenient,
     decode_words,
@@ -58,7 +59,7 @@ class ParsedMessage:
 class _Pending:
     """A MIME entity waiting on the stack."""
 
-    data: bytes  # headers + body, still transfer-encoded
+    data: bytes | memoryview  # headers + body, still transfer-encoded (a view: a part of its parent)
     depth: int
     default_type: str
     alt_group: int | None  # id of the nearest multipart/alternative ancestor
@@ -96,13 +97,15 @@ class _Walk:
                 self.note(f"part {seen} unreadable ({type(exc).__name__})")
 
     def visit(self, item: _Pending, budget: int) -> list[_Pending]:
-        block = item.block or split_header_block(item.data)
+        block = item.block or self.header_block(item)
         if block.charset_hint is None:
             block.charset_hint = self.charset_hint  # raw 8-bit part headers: see HeaderBlock
         for defect in block.defects:
             if item.depth:
                 self.note(f"part: {defect}")
-        body = item.data[block.body_offset:]
+        # A view, not a copy: a large part's body is otherwise held twice (and its children
+        # once more) while it is split and decoded (worker memory, issue 3).
+        body = memoryview(item.data)[block.body_offset:]
         params = _params(block, item.default_type)
         ctype = params.get_content_type()
         if ctype.startswith("multipart/"):
@@ -130,13 +133,27 @@ class _Walk:
                 return [_Pending(c, item.depth + 1, default, alt, related) for c in children]
             # The boundary is missing or never occurs: like the stdlib, keep the body as text
             # so nothing the sender wrote is lost.
-            self.add_text("text/plain", body, _get(params.get_content_charset), item.alt_group)
+            self.add_text("text/plain", body.tobytes(), _get(params.get_content_charset), item.alt_group)
             return []
         self.leaf(block, body, params, ctype, item)
         return []
 
+    @staticmethod
+    def header_block(item: _Pending) -> HeaderBlock:
+        """The part's header block. A part of its parent's body is a view of the message
+        (split_multipart): only its header is copied to be read, not its body."""
+        if isinstance(item.data, bytes):
+            return split_header_block(item.data)
+        head = item.data[:MAX_HEADER_BYTES].tobytes()
+        block = split_header_block(head)
+        if block.body_offset >= len(head) and len(item.data) > len(head):
+            # No end of the header within the limit: read as a whole, as before.
+            item.data = item.data.tobytes()
+            block = split_header_block(item.data)
+        return block
+
     def leaf(
-        self, block: HeaderBlock, body: bytes, params: Message, ctype: str, item: _Pending
+        self, block: HeaderBlock, body: memoryview, params: Message, ctype: str, item: _Pending
     ) -> None:
         disposition = (block.text("content-disposition") or "").split(";", 1)[0].strip().lower()
         raw_name = _get(params.get_filename)
@@ -189,8 +206,15 @@ class _Walk:
         if text.strip():
             (self.html if ctype == "text/html" else self.plain).append((alt, text))
 
-    def transfer_decode(self, block: HeaderBlock, body: bytes) -> bytes:
+    def transfer_decode(self, block: HeaderBlock, view: memoryview) -> bytes:
         cte = (block.text("content-transfer-encoding") or "").strip().lower()
+        if cte == "base64":
+            # The usual case (an attachment as encoders write it): decoded straight from the
+            # message's bytes, without the lenient decoder's three working copies.
+            decoded = _plain_base64(view)
+            if decoded is not None:
+                return decoded
+        body = view.tobytes()
         if cte in ("", "7bit", "8bit", "binary"):
             return body
         if cte == "base64":
@@ -291,6 +315,23 @@ def split_base64_trailer(body: bytes) -> tuple[bytes, bytes]:
             return body, b""
         seen_data = True
     return body, b""
+
+
+_NOT_PLAIN_BASE64 = re.compile(rb"[^A-Za-z0-9+/\r\n]")
+_PADDING_AT_END = re.compile(rb"={1,2}[\r\n]*\Z")
+
+
+def _plain_base64(body: memoryview) -> bytes | None:
+    """Base64 as encoders write it (only the alphabet in lines, padding at the very end, a
+    whole number of quanta) decoded straight from the message's bytes; None for anything
+    else, which the lenient decoder reads (junk characters, padding in pieces, a footer)."""
+    padding = _PADDING_AT_END.search(body, max(0, len(body) - 8))
+    if _NOT_PLAIN_BASE64.search(body[:padding.start()] if padding else body):
+        return None
+    try:
+        return binascii.a2b_base64(body)
+    except binascii.Error:  # a count that is not a whole number of quanta: repaired there
+        return None
 
 
 def _data_line(line: bytes) -> bool:
