@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timezone
 from types import TracebackType
@@ -330,6 +331,17 @@ class ImapSession:
         self.close()
 
     def connect(self) -> None:
+        """Connect and log in. A login refused for too many connections is tried again twice
+        within a second: a server counts a connection for a moment after it closed, and the
+        mailbox's own connections take turns (one closes, the next opens at once)."""
+        for pause in LIMIT_RETRY_PAUSES:
+            try:
+                return self._connect_once()
+            except MailConnectionsLimit:
+                time.sleep(pause)
+        self._connect_once()
+
+    def _connect_once(self) -> None:
         s = self.settings
         connector = functools.partial(open_checked_socket, s)
         try:
@@ -672,6 +684,10 @@ class ImapSession:
     def noop(self) -> None:
         assert self.client is not None
         self._call(self.client.noop)
+
+
+# Seconds between logins refused for too many connections, in one connect().
+LIMIT_RETRY_PAUSES = (0.15, 0.6)
 
 
 def _too_many_connections(text: str) -> bool:

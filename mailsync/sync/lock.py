@@ -153,9 +153,13 @@ class ConnectionSlot:
         """Whether something else waits for the slot now."""
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
+                # Advisory locks belong to one database, pg_locks shows every database's: a
+                # waiter for the same mailbox id in another CRM database on this server (a
+                # second tenant, staging) is not ours.
                 cursor.execute(
                     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND classid = %s AND objid = %s AND objsubid = 2 AND NOT granted)",
+                    "AND classid = %s AND objid = %s AND objsubid = 2 AND NOT granted "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
                     self._key())
                 return bool(cursor.fetchone()[0])
         return any(path.name != self._want_name() for path in self._wants())
@@ -183,10 +187,15 @@ class ConnectionSlot:
 
     def _wants(self):  # noqa: ANN202
         fresh = time.time() - 120  # a waiter killed meanwhile leaves a stale marker
+        host = socket.gethostname()
         found = []
         for path in self._dir().glob(f"mailbox-{self.mailbox_id}.want.*"):
+            # "mailbox-<id>.want.<pid>.<thread>": a waiter that died (killed by a timeout or
+            # the OOM killer) is no waiter, else the sync handed over to it after every batch
+            # (closing its connection, waiting 2 s for nobody) until the marker aged out.
+            pid = path.name.split(".")[2]
             try:
-                if path.stat().st_mtime >= fresh:
+                if path.stat().st_mtime >= fresh and not _gone(f"{host}:{pid}"):
                     found.append(path)
             except OSError:
                 continue
