@@ -60,9 +60,14 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
     """What the status panel and the API show: state, progress, estimate, errors."""
     from .models import MessageError
 
+    # The lock is read before the state, and again after it: a sync sets its end state before
+    # it lets go of the lock, and takes the lock before it says "syncing". Read the other way
+    # round, a sync ending between the two reads showed as "Interrupted".
+    running = _sync_running(mailbox.pk)
     mailbox.refresh_from_db()
     eta = None
-    interrupted = mailbox.state == Mailbox.State.SYNCING and not _sync_running(mailbox.pk)
+    interrupted = (mailbox.state == Mailbox.State.SYNCING and not running
+                   and not _sync_running(mailbox.pk))
     if (mailbox.state == Mailbox.State.SYNCING and not interrupted and mailbox.sync_started_at
             and mailbox.bytes_done):
         elapsed = (timezone.now() - mailbox.sync_started_at).total_seconds()
