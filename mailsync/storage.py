@@ -3,6 +3,7 @@ similar ratio, so keeping every byte costs little on the sync's hot path)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import zstandard
 
@@ -24,3 +25,15 @@ def compress(data: bytes) -> bytes:
 def decompress(data: bytes | bytearray | memoryview) -> bytes:
     _compressor()
     return _local.d.decompress(data if isinstance(data, (bytes, bytearray)) else bytes(data))
+
+
+CHUNK = 1 << 20
+
+
+def decompressed_chunks(data: bytes | bytearray | memoryview, size: int = CHUNK) -> Iterator[bytes]:
+    """The decompressed content of ``data`` in pieces of ``size`` bytes: a large attachment
+    is sent as it is decompressed, never held whole beside its compressed form."""
+    _compressor()
+    with _local.d.stream_reader(data) as reader:
+        while piece := reader.read(size):
+            yield piece

@@ -24,7 +24,7 @@ from crm.api.filters import StableOrderingFilter, flag
 from .. import selectors, services, tasks
 from ..exceptions import MailServerUnreachable
 from ..models import Attachment, Email, EmailLink, EmailLocation, Mailbox
-from ..storage import decompress
+from ..views import attachment_content_response
 from . import serializers as s
 
 
@@ -266,8 +266,9 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     def attachment(self, request: Request, pk: str | None = None, attachment_id: str | None = None) -> HttpResponse:
         """Download an attachment: always as a download, never rendered by the browser."""
         email = self.get_object()
-        attachment = get_object_or_404(Attachment.objects.select_related("blob"), pk=attachment_id, email=email)
-        response = HttpResponse(decompress(attachment.blob.data), content_type="application/octet-stream")
+        attachment = get_object_or_404(Attachment, pk=attachment_id, email=email)
+        # Streamed when large: a web process stays under 200 MB (mailsync/views.py).
+        response = attachment_content_response(attachment, content_type="application/octet-stream")
         from django.utils.http import content_disposition_header
 
         response["Content-Disposition"] = content_disposition_header(True, attachment.filename)

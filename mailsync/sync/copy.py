@@ -6,7 +6,6 @@ in memory. COPY (FORMAT binary) streams the compressed bytes as they are; measur
 """
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Iterable
 
@@ -20,17 +19,13 @@ _TRAILER = struct.pack("!h", -1)
 CHUNK = 50
 
 
-def _binary_rows(rows: Iterable[tuple[int, bytes, int]]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    buffer.write(_HEADER)
+def _source_pieces(rows: Iterable[tuple[int, bytes, int]]) -> Iterable[bytes]:
+    yield _HEADER
     for email_id, data, size in rows:
-        buffer.write(struct.pack("!hiq", 3, 8, email_id))
-        buffer.write(struct.pack("!i", len(data)))
-        buffer.write(data)
-        buffer.write(struct.pack("!ii", 4, size))
-    buffer.write(_TRAILER)
-    buffer.seek(0)
-    return buffer
+        yield struct.pack("!hiqi", 3, 8, email_id, len(data))
+        yield data
+        yield struct.pack("!ii", 4, size)
+    yield _TRAILER
 
 
 def write_sources(rows: list[tuple[int, bytes, int]]) -> None:
@@ -47,7 +42,8 @@ def write_sources(rows: list[tuple[int, bytes, int]]) -> None:
         for start in range(0, len(rows), CHUNK):
             cursor.copy_expert(
                 f'COPY "{table}" ("email_id", "data", "size") FROM STDIN WITH (FORMAT binary)',
-                _binary_rows(rows[start:start + CHUNK]),
+                # Streamed: a buffer of the rows held a second copy of a large source.
+                _Chunks(_source_pieces(rows[start:start + CHUNK])), 1 << 20,  # size: positional (Django's debug cursor takes no keywords)
             )
 
 
@@ -101,47 +97,51 @@ def write_blobs(rows: list[tuple[str, bytes, int]]) -> None:
                        "(sha256 varchar(64), data bytea, size integer)")
         cursor.execute("DELETE FROM mailroom_blob_in")
         cursor.copy_expert("COPY mailroom_blob_in (sha256, data, size) FROM STDIN WITH (FORMAT binary)",
-                           _Chunks(_blob_pieces(rows)), size=1 << 20)
+                           _Chunks(_blob_pieces(rows)), 1 << 20)
         cursor.execute(f'INSERT INTO "{table}" (sha256, data, size) '
                        "SELECT DISTINCT ON (sha256) sha256, data, size FROM mailroom_blob_in "
                        "ON CONFLICT (sha256) DO NOTHING")
         cursor.execute("DELETE FROM mailroom_blob_in")
 
 
-class _Collect:
-    """A file-like sink for ``copy_expert`` (COPY ... TO STDOUT)."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.buffer += data
-        return len(data)
-
-
 def read_source(email_id: int) -> bytearray | bytes | None:
-    """The compressed source of one mail, or None. PostgreSQL: binary COPY, so a large
-    source arrives as its bytes (a SELECT brings bytea as hex text: three times its size in
-    the worker at once)."""
+    """The compressed source of one mail, or None. PostgreSQL: in pieces (``_read_bytea``):
+    one SELECT brings bytea as hex text, three times its size in the worker at once."""
     from ..models import EmailSource  # noqa: PLC0415
 
     if connection.vendor != "postgresql":
         return EmailSource.objects.filter(email_id=email_id).values_list("data", flat=True).first()
-    sink = _Collect()
-    table = EmailSource._meta.db_table
+    return _read_bytea(EmailSource._meta.db_table, "email_id", email_id)
+
+
+def read_blob(blob_id: int) -> bytearray | bytes | None:
+    """The compressed content of one attachment blob, or None, read as ``read_source``."""
+    from ..models import AttachmentBlob  # noqa: PLC0415
+
+    if connection.vendor != "postgresql":
+        return AttachmentBlob.objects.filter(pk=blob_id).values_list("data", flat=True).first()
+    return _read_bytea(AttachmentBlob._meta.db_table, "id", blob_id)
+
+
+# Bytes per query when a large value is read in pieces (hex text of twice this at a time).
+READ_PIECE = 4 << 20
+
+
+def _read_bytea(table: str, key: str, value: int) -> bytearray | None:
+    """The ``data`` column of the row whose ``key`` is ``value``, into one buffer of its
+    size, a piece at a time (the column is stored uncompressed by PostgreSQL, migration
+    0008, so a substring reads only its own pages). A COPY brought it as one message: libpq's
+    buffer, psycopg2's copy and this one, ~3x a large value at once."""
+    where = f'FROM "{table}" WHERE "{key}" = %s'
     with connection.cursor() as cursor, connection.wrap_database_errors:
-        cursor.copy_expert(
-            f'COPY (SELECT "data" FROM "{table}" WHERE "email_id" = {int(email_id)}) '
-            "TO STDOUT WITH (FORMAT binary)", sink, size=1 << 20)
-    data = sink.buffer
-    # Header (11-byte signature, flags, extension length), then one tuple: field count
-    # (int16), length (int32), the bytes; then the trailer (int16 -1).
-    start = len(_HEADER)
-    if len(data) <= start + 2:
-        return None  # no row
-    (length,) = struct.unpack_from("!i", data, start + 2)
-    if length < 0:
-        return None
-    del data[start + 6 + length:]
-    del data[:start + 6]
+        cursor.execute(f'SELECT octet_length("data") {where}', [value])
+        row = cursor.fetchone()
+        if row is None or row[0] is None:
+            return None
+        data = bytearray(row[0])
+        for offset in range(0, len(data), READ_PIECE):
+            cursor.execute(f'SELECT substring("data" FROM %s FOR %s) {where}', [offset + 1, READ_PIECE, value])
+            piece = cursor.fetchone()[0]
+            data[offset:offset + len(piece)] = piece  # the same length: copied in place
+            del piece
     return data
