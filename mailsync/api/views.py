@@ -148,6 +148,22 @@ def _on_the_mail_server() -> Iterator[None]:
         raise
 
 
+_MAIL_ERROR = inline_serializer(name="MailServerError", fields={
+    "detail": serializers.CharField(), "code": serializers.CharField(), "hint": serializers.CharField()})
+# What an action on the mail server may answer besides success (README, API).
+_SERVER_ACTION_ERRORS = {
+    409: OpenApiResponse(_MAIL_ERROR, description=(
+        "Repeat later. code out_of_date: the mail or its folder changed on the server since "
+        "the last sync (a sync has started); connection_busy: the mailbox's one connection "
+        "besides IDLE stayed in use (a sync hands it over between batches) for "
+        "MAILROOM_CONNECTION_WAIT seconds.")),
+    502: OpenApiResponse(_MAIL_ERROR, description="The mail server could not be reached or failed."),
+    503: OpenApiResponse(_MAIL_ERROR, description=(
+        "code too_many_connections: the server refused a login, the account has too many "
+        "connections open (other mail apps count too).")),
+}
+
+
 class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                    viewsets.GenericViewSet):
     """Synced and sent emails you may see. PATCH and DELETE reach the IMAP server."""
@@ -182,7 +198,8 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     def retrieve(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
         return super().retrieve(request, *args, **kwargs)
 
-    @extend_schema(request=s.EmailUpdateSerializer, responses=s.EmailDetailSerializer)
+    @extend_schema(request=s.EmailUpdateSerializer,
+                   responses={200: s.EmailDetailSerializer, **_SERVER_ACTION_ERRORS})
     def partial_update(self, request: Request, pk: str | None = None) -> Response:
         """Mark read/unread, flag or move; done on the mail server, then in the CRM."""
         email = self.get_object()
@@ -197,7 +214,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         description="Deleted. The header Mailroom-Delete-Outcome says what happened on the mail "
                     "server: trash (moved to its Trash), expunged (no Trash there, or it was in "
                     "the Trash: deleted for good) or crm (POP3 mail or mail not on the server: "
-                    "the CRM only).")})
+                    "the CRM only)."), **_SERVER_ACTION_ERRORS})
     def destroy(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
         email = self.get_object()
         with _on_the_mail_server():

@@ -167,3 +167,17 @@ def test_schema_port_bounds_match_what_a_mail_client_accepts(client):
     schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
     port = schema["components"]["schemas"]["Mailbox"]["properties"]["incoming_port"]
     assert port.get("maximum", 10**12) <= 65535, port
+
+
+def test_schema_says_what_an_action_on_the_mail_server_may_answer(client):
+    """PATCH and DELETE of an email act on the mail server first: the schema documents the
+    409 (out_of_date, connection_busy) and 503 (too_many_connections) a client must handle,
+    with the JSON error body (detail, code, hint)."""
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+    path = schema["paths"]["/api/v1/emails/{id}/"]
+    for method in ("patch", "delete"):
+        responses = path[method]["responses"]
+        assert {"409", "502", "503"} <= set(responses), (method, sorted(responses))
+        assert "connection_busy" in responses["409"]["description"]
+        body = responses["409"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert set(schema["components"]["schemas"][body]["properties"]) == {"detail", "code", "hint"}
