@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +27,8 @@ from mailsync.sync import imap as imap_sync
 from mailsync.sync.imap import ImapSync
 from mailsync.sync.lock import CONNECTION_NAMESPACE, ConnectionSlot, connection_slot
 from tests.mailsync.conftest import kill_worker_midway, wait_for
-from tests.mailsync.test_two_connections_per_mailbox import _CappedServer, client, fill, limit_refusals, mailbox_on
+from tests.mailsync.test_two_connections_per_mailbox import client, fill, limit_refusals, mailbox_on
+from tests.testbed import dovecot as testbed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,12 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def capped(test_ca):  # noqa: ANN001, ANN201
     """A private Dovecot allowing two connections per user and IP (as providers cap them)."""
-    root = Path(tempfile.mkdtemp(prefix="mailroom-slot-review-"))
-    server = _CappedServer(root, test_ca)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with testbed.running_dovecot(test_ca, prefix="mailroom-slot-review-", max_userip_connections=2) as server:
+        yield server
+
+
+def slowed(monkeypatch, *, batch: int, delay: float) -> None:  # noqa: ANN001
+    """Small batches and a pause after each commit (test hooks the engine reads): the sync is
+    still downloading when the test acts. The download itself is real."""
+    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", batch)
+    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", delay)
 
 
 class _Sync:
@@ -161,8 +163,7 @@ def test_a_uidvalidity_reset_while_an_action_holds_the_handed_over_connection_lo
     user = capped.add_user()
     fill(capped, user, 40)
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.1)
+    slowed(monkeypatch, batch=5, delay=0.1)
     sync = _Sync(mailbox.pk)
     wait_for(lambda: stored(mailbox) >= 10, 20)
     with connection_slot(mailbox.pk, wait=15):  # what _one_action_per_email takes for an action
@@ -199,8 +200,7 @@ def test_an_action_that_fails_on_the_server_midway_releases_the_connection_and_t
     fill(capped, user, 40)
     capped.create_folder(user, "Archive")
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.1)
+    slowed(monkeypatch, batch=5, delay=0.1)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
@@ -234,8 +234,7 @@ def test_a_mail_sent_during_a_long_sync_is_delivered_once_and_copied_to_sent_onc
     mailbox.smtp_host, mailbox.smtp_port, mailbox.smtp_security = smtp_outbox.host, smtp_outbox.port, "starttls"
     mailbox.smtp_username, mailbox.smtp_password = smtp_outbox.username, smtp_outbox.password
     mailbox.save()
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.1)
+    slowed(monkeypatch, batch=5, delay=0.1)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
@@ -269,8 +268,7 @@ def test_ten_quick_actions_during_one_long_sync_all_succeed_and_the_crm_matches_
     user = capped.add_user()
     fill(capped, user, 80)
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.05)
+    slowed(monkeypatch, batch=5, delay=0.05)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
@@ -311,8 +309,7 @@ def test_a_second_sync_while_an_action_waits_is_busy_and_the_action_gets_the_con
     user = capped.add_user()
     fill(capped, user, 20)
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.6)  # the action waits long enough to be seen
+    slowed(monkeypatch, batch=5, delay=0.6)  # the action waits long enough to be seen
     refusals = limit_refusals(capped)
     outcome: dict[str, object] = {}
     with idle_watcher(capped, user):
@@ -355,8 +352,7 @@ def test_the_in_process_prefetch_hands_the_connection_over_too(capped, monkeypat
     user = capped.add_user()
     fill(capped, user, 40)
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.1)
+    slowed(monkeypatch, batch=5, delay=0.1)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
@@ -381,8 +377,7 @@ def test_a_hand_over_that_leaves_fewer_than_the_process_minimum_goes_on_in_proce
     user = capped.add_user()
     fill(capped, user, 14)
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 3)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.3)
+    slowed(monkeypatch, batch=3, delay=0.3)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
@@ -498,8 +493,7 @@ def test_hand_overs_over_plain_imap_meet_no_refusal_for_a_connection_just_closed
     refusals = limit_refusals(capped)
     mailbox.incoming_port, mailbox.incoming_security = capped.imap_port, "none"
     mailbox.save()
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.05)
+    slowed(monkeypatch, batch=5, delay=0.05)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)
         wait_for(lambda: stored(mailbox) >= 10, 20)
@@ -527,8 +521,7 @@ def test_the_settings_page_lists_the_servers_folders_during_a_long_sync(capped, 
     fill(capped, user, 40)
     capped.create_folder(user, "Customers")
     mailbox = mailbox_on(capped, user)
-    monkeypatch.setattr(imap_sync, "BATCH_MESSAGES", 5)
-    monkeypatch.setattr(imap_sync, "_TEST_STORE_DELAY", 0.1)
+    slowed(monkeypatch, batch=5, delay=0.1)
     refusals = limit_refusals(capped)
     with idle_watcher(capped, user):
         sync = _Sync(mailbox.pk)

@@ -15,12 +15,9 @@ that failed say so in their docstring, with what was fixed.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
@@ -33,33 +30,14 @@ from tests.testbed import dovecot as testbed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-_UNLIMITED = "mail_max_userip_connections = 1000\n"
 _REFUSED = "Maximum number of connections from user+IP exceeded"
 
 
-class _OneConnectionServer(testbed.DovecotServer):
-    """The testbed's Dovecot with one IMAP connection allowed per user (and IP)."""
-
-    def _write_config(self, uid: int, gid: int) -> None:
-        saved = testbed.CONFIG_TEMPLATE
-        assert _UNLIMITED in saved
-        testbed.CONFIG_TEMPLATE = saved.replace(_UNLIMITED, "mail_max_userip_connections = 1\n")
-        try:
-            super()._write_config(uid, gid)
-        finally:
-            testbed.CONFIG_TEMPLATE = saved
-
-
 @pytest.fixture(scope="module")
-def one_conn(test_ca) -> Iterator[_OneConnectionServer]:  # noqa: ANN001
-    root = Path(tempfile.mkdtemp(prefix="mailroom-idle-churn-"))
-    server = _OneConnectionServer(root, test_ca)
-    try:
-        server.start()
+def one_conn(test_ca) -> Iterator[testbed.DovecotServer]:  # noqa: ANN001
+    """The testbed's Dovecot with one IMAP connection allowed per user (and IP)."""
+    with testbed.running_dovecot(test_ca, prefix="mailroom-idle-churn-", max_userip_connections=1) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- helpers ----------------------------------------------------------------------------------

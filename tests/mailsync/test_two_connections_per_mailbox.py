@@ -15,8 +15,6 @@ that says why, and a refused login for too many connections is a transient error
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,28 +40,11 @@ pytestmark = pytest.mark.django_db(transaction=True)
 LIMIT_LINE = "Maximum number of connections"
 
 
-class _CappedServer(testbed.DovecotServer):
-    """The test Dovecot, allowing two connections per user and IP."""
-
-    def _write_config(self, uid: int, gid: int) -> None:
-        saved = testbed.CONFIG_TEMPLATE
-        testbed.CONFIG_TEMPLATE = saved.replace("mail_max_userip_connections = 1000",
-                                                "mail_max_userip_connections = 2")
-        assert testbed.CONFIG_TEMPLATE != saved
-        try:
-            super()._write_config(uid, gid)
-        finally:
-            testbed.CONFIG_TEMPLATE = saved
-
-
 @pytest.fixture(scope="module")
 def capped(test_ca):  # noqa: ANN001, ANN201
-    root = Path(tempfile.mkdtemp(prefix="mailroom-capped-"))
-    server = _CappedServer(root, test_ca)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    """The test Dovecot, allowing two connections per user and IP."""
+    with testbed.running_dovecot(test_ca, prefix="mailroom-capped-", max_userip_connections=2) as server:
+        yield server
 
 
 @contextlib.contextmanager

@@ -68,8 +68,9 @@ auth_failure_delay = 0 secs
 # "user@example.test" and "user" are the same account, as at most providers.
 auth_username_format = %Ln
 postmaster_address = postmaster@{domain}
-# Tests open many connections as one user from 127.0.0.1.
-mail_max_userip_connections = 1000
+# Tests open many connections as one user from 127.0.0.1 (some servers cap them, as
+# providers do: DovecotServer(max_userip_connections=N)).
+mail_max_userip_connections = {max_userip_connections}
 mail_plugins =
 
 # One passwd-file per user: Dovecot re-stats a passwd-file at most once a
@@ -253,8 +254,9 @@ def _wait_for_port(port: int, deadline: float) -> bool:
 class DovecotServer:
     """Handle on the running private Dovecot, with helpers to shape mailboxes."""
 
-    def __init__(self, root: Path, ca: TestCA) -> None:
+    def __init__(self, root: Path, ca: TestCA, *, max_userip_connections: int = 1000) -> None:
         self.root = root
+        self.max_userip_connections = max_userip_connections
         self.ca = ca
         self.host = HOST
         self.imap_port = self.imaps_port = self.pop3_port = self.pop3s_port = 0
@@ -314,6 +316,7 @@ class DovecotServer:
                 mail_root=self.mail_root,
                 vmail_uid=uid,
                 vmail_gid=gid,
+                max_userip_connections=self.max_userip_connections,
                 imap_port=self.imap_port,
                 imaps_port=self.imaps_port,
                 pop3_port=self.pop3_port,
@@ -598,14 +601,23 @@ def _parse_tab(output: str) -> list[dict[str, str]]:
     return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
 
 
-@pytest.fixture(scope="session")
-def dovecot(test_ca: TestCA) -> Iterator[DovecotServer]:
-    """The session's private Dovecot; add a fresh user per test with ``add_user()``."""
-    root = Path(tempfile.mkdtemp(prefix="mailroom-dovecot-"))
-    server = DovecotServer(root, test_ca)
+@contextlib.contextmanager
+def running_dovecot(ca: TestCA, *, prefix: str = "mailroom-dovecot-",
+                    max_userip_connections: int = 1000) -> Iterator[DovecotServer]:
+    """A private Dovecot in a temporary directory, stopped and removed afterwards.
+    ``max_userip_connections``: as providers cap an account's connections."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    server = DovecotServer(root, ca, max_userip_connections=max_userip_connections)
     try:
         server.start()
         yield server
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot(test_ca: TestCA) -> Iterator[DovecotServer]:
+    """The session's private Dovecot; add a fresh user per test with ``add_user()``."""
+    with running_dovecot(test_ca) as server:
+        yield server
