@@ -63,6 +63,22 @@ class HeaderBlock:
         return [header_bytes_to_str(v, hint) for v in self.fields.get(name, ())]
 
 
+def without_fields(head: bytes, names: frozenset[bytes] | set[bytes]) -> bytes:
+    """A CRLF header block (no empty line at its end) without the fields named in ``names``
+    (lower-case), folded continuation lines included."""
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() in names
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept)
+
+
 def split_header_block(raw: bytes, limit: int = MAX_HEADER_BYTES) -> HeaderBlock:
     """Split the header block (up to the first empty line) into unfolded fields."""
     fields: dict[str, list[bytes]] = {}

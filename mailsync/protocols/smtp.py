@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import aiosmtplib
 
+from ..mime.headers import without_fields
 from ..exceptions import (
     MailAuthError,
     MailConfigError,
@@ -242,19 +243,7 @@ class _NoAnswerAfterData(Exception):
     """The connection failed once DATA had begun: the server may have accepted the mail."""
 
 
-def _without_bcc(head: bytes) -> bytes:
-    """The header block without its Bcc and Resent-Bcc fields (folded lines included)."""
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                kept.append(line)
-            continue
-        skipping = line.split(b":", 1)[0].strip().lower() in (b"bcc", b"resent-bcc")
-        if not skipping:
-            kept.append(line)
-    return b"\r\n".join(kept)
+_BCC = frozenset({b"bcc", b"resent-bcc"})
 
 
 def _split(raw: bytes) -> tuple[bytes, int]:
@@ -285,7 +274,7 @@ async def _send(settings: ServerSettings, raw: bytes, sender: str,
                 # transmitted (the envelope still carries it). Parsing and re-generating a
                 # large mail took ~8 times its size in memory (issue 3: worker < 200 MB).
                 options = ["BODY=8BITMIME"] if client.supports_extension("8BITMIME") else []
-                kept = _without_bcc(head)
+                kept = without_fields(head, _BCC)
                 data = raw if kept == head else b"".join((kept, b"\r\n\r\n", memoryview(raw)[body_at:]))
                 refused, _ = await client.sendmail(sender, list(recipients), data, mail_options=options)
             else:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..mime import Envelope, derived_message_key, parse_envelope, wire_form
+from ..mime.headers import without_fields
 from ..protocols.base import FetchedMessage
 from ..storage import compress
 
@@ -71,18 +72,7 @@ def fingerprint(envelope: Envelope, raw: bytes, wire: bytes) -> str:
     end = wire.find(b"\r\n\r\n")
     head, body = ((wire, memoryview(b"")) if end < 0
                   else (wire[:end + 2], memoryview(wire)[end + 2:]))
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
-            if not skipping:
-                kept.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        skipping = name in NOT_FINGERPRINTED
-        if not skipping:
-            kept.append(line)
-    digest.update(b"\r\n".join(kept))
+    digest.update(without_fields(head, NOT_FINGERPRINTED))
     digest.update(body)
     return digest.hexdigest()
 
