@@ -486,7 +486,8 @@ class ImapSync(SyncRun):
         uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
         planned = self._drop_plan(folder)
         if planned is not None:  # counted already (_plan): only the difference now
-            gone = [u for u in planned if u not in set(uids)]
+            still_there = set(uids)
+            gone = [u for u in planned if u not in still_there]
             self._add_totals(-len(gone), -sum(planned[u] for u in gone))
             sizes = {u: planned[u] for u in uids if u in planned}
             extra = [u for u in uids if u not in planned]
