@@ -5,8 +5,9 @@ fails. Certificates and host names are always verified (``tls_context()``); STAR
 asked for, is required, never skipped when the server does not offer it.
 
 aiosmtplib's low-level ``mail()``/``rcpt()`` pass CR/LF through to the wire (FIELD-NOTES), so
-every envelope address and header is checked here as a last line, and messages go out with
-``send_message`` only.
+every envelope address and header is checked here as a last line before any command is sent.
+A mail goes out as built, with DATA written in pieces (``_sendmail_in_pieces``), or, when the
+server needs it re-generated (SMTPUTF8, 8-bit data without 8BITMIME), with ``send_message``.
 """
 from __future__ import annotations
 
@@ -252,6 +253,104 @@ def _split(raw: bytes) -> tuple[bytes, int]:
     return (raw, len(raw)) if end < 0 else (raw[:end], end + 4)
 
 
+# DATA is written in pieces of about this size, each ending at a line end.
+DATA_PIECE = 1 << 20
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _lines_in_pieces(parts: Sequence[bytes | memoryview], size: int = DATA_PIECE):  # noqa: ANN202
+    """The concatenation of ``parts`` in pieces of about ``size`` bytes that each end after
+    an LF (but the last), so that a CRLF is never split and each piece starts a line."""
+    carry = b""
+    for part in parts:
+        view = memoryview(part)
+        start = 0
+        while start < len(view):
+            end = min(start + size, len(view))
+            if end < len(view):
+                cut = bytes(view[end:min(end + 8192, len(view))]).find(b"\n")
+                while cut < 0 and end < len(view):  # a very long line: look further
+                    end = min(end + 8192, len(view))
+                    cut = bytes(view[end:min(end + 8192, len(view))]).find(b"\n")
+                end = len(view) if cut < 0 else end + cut + 1
+            piece = carry + bytes(view[start:end]) if carry else bytes(view[start:end])
+            start = end
+            if piece.endswith(b"\n"):
+                carry = b""
+                yield piece
+            else:
+                carry = piece  # a part ended mid-line: joined with the next part's start
+    if carry:
+        yield carry
+
+
+def _wire_pieces(parts: Sequence[bytes | memoryview]):  # noqa: ANN202
+    """What DATA transmits, in pieces: every line end a CRLF (lone CR and LF too), lines
+    that start with a dot doubled (RFC 5321 4.5.2), a CRLF at the end. The same bytes as
+    aiosmtplib's ``execute_data_command`` without its terminating ``.CRLF``, which rewrote
+    the whole message at once, three copies of it (issue 3: a worker under 200 MB)."""
+    last = b""
+    for piece in _lines_in_pieces(parts):
+        out = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", piece))
+        last = out[-2:]
+        yield out
+    if last != b"\r\n":
+        yield b"\r\n"
+
+
+async def _sendmail_in_pieces(client: aiosmtplib.SMTP, sender: str, recipients: list[str],
+                              parts: Sequence[bytes | memoryview], options: list[str],
+                              timeout: float, begin_data) -> dict[str, aiosmtplib.SMTPResponse]:  # noqa: ANN001
+    """``client.sendmail`` with DATA written piece by piece (flow-controlled) instead of the
+    whole message rewritten in memory at once. MAIL, RCPT and RSET go through aiosmtplib's
+    public commands; DATA through its protocol object (``write``, ``read_response`` and the
+    drain of the transport's buffer), the way ``execute_data_command`` does it. The
+    refused recipients are returned as sendmail returns them; all refused is
+    SMTPRecipientsRefused."""
+    if client.supports_extension("size"):
+        options = [f"SIZE={sum(len(p) for p in _wire_pieces(parts))}", *options]
+    try:
+        await client.mail(sender, options=options, timeout=timeout)
+        refused: list[aiosmtplib.SMTPRecipientRefused] = []
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient, timeout=timeout)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append(exc)
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refused)
+        await begin_data()
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        try:
+            async with protocol._command_lock:  # noqa: SLF001
+                protocol._response_pending = True  # noqa: SLF001
+                protocol.write(b"DATA\r\n")
+                start = await protocol.read_response(timeout=timeout)
+                if start.code != aiosmtplib.SMTPStatus.start_input:
+                    raise aiosmtplib.SMTPDataError(start.code, start.message)
+                protocol._response_pending = True  # noqa: SLF001
+                for piece in _wire_pieces(parts):
+                    protocol.write(piece)
+                    await protocol._drain_helper()  # noqa: SLF001  (the transport's buffer stays small)
+                protocol.write(b".\r\n")
+                response = await protocol.read_response(timeout=timeout)
+                if response.code != aiosmtplib.SMTPStatus.completed:
+                    raise aiosmtplib.SMTPDataError(response.code, response.message)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()
+            raise
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        try:
+            await client.rset(timeout=timeout)
+        except (ConnectionError, aiosmtplib.SMTPResponseException):
+            pass
+        raise
+    return {exc.recipient: aiosmtplib.SMTPResponse(exc.code, exc.message) for exc in refused}
+
+
 async def _send(settings: ServerSettings, raw: bytes, sender: str,
                 recipients: Sequence[str]) -> dict[str, str]:
     client = _client(settings)
@@ -275,8 +374,14 @@ async def _send(settings: ServerSettings, raw: bytes, sender: str,
                 # large mail took ~8 times its size in memory (issue 3: worker < 200 MB).
                 options = ["BODY=8BITMIME"] if client.supports_extension("8BITMIME") else []
                 kept = without_fields(head, _BCC)
-                data = raw if kept == head else b"".join((kept, b"\r\n\r\n", memoryview(raw)[body_at:]))
-                refused, _ = await client.sendmail(sender, list(recipients), data, mail_options=options)
+                pieces = (kept, b"\r\n\r\n", memoryview(raw)[body_at:]) if body_at < len(raw) else (kept,)
+
+                async def begin_data() -> None:
+                    nonlocal data_begun
+                    data_begun = True
+
+                refused = await _sendmail_in_pieces(client, sender, list(recipients), pieces,
+                                                    options, settings.timeout, begin_data)
             else:
                 # SMTPUTF8 addresses, or 8-bit data to a server without 8BITMIME: the email
                 # package re-generates it as that server needs (send_message drops Bcc).

@@ -261,21 +261,20 @@ def test_downloading_a_large_attachment_stays_under_200_mb(dovecot, mail_user, i
     _under_limit(peaks)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Delivery still peaks at ~233 MB for a 24 MB mail: aiosmtplib's DATA rewrites every line "
-    "end with a regular expression (~4x the mail at once) and TLS holds the ciphertext; "
-    "fixing it means writing DATA in pieces below aiosmtplib's public API. Composing is at "
-    "~198 MB (EmailMessage.as_bytes)."))
 def test_sending_with_an_18_mb_attachment_and_its_copy_to_sent_stay_under_200_mb(
         dovecot, mail_user, imap_mailbox, smtp_outbox):  # noqa: ANN001
     """A mail with an 18 MB attachment (the limit; a 24 MB message) composed in the CRM,
     then delivered over SMTP and copied to the Sent folder, each stage measured alone.
 
-    Compose 320 MB before, 198 MB now (the source and the attachment were INSERTed as hex
-    text: now binary COPY). Deliver 385 MB before, 233 MB now (the source was SELECTed as
-    hex text: now read_source; smtp.send and sending._recipients parsed the whole mail: now
-    its header block only, and the mail is sent as built). Sent copy 234 MB before, 136 MB
-    now (imaplib's APPEND rewrote every line end: ImapSession._append_as_is)."""
+    Compose 320 MB, then 198 MB (the source and the attachment were INSERTed as hex
+    text: now binary COPY), now 150 MB (the email package held the attachment ~4 times
+    while encoding and generating: now a stand-in replaced by its base64 lines,
+    sending._with_contents). Deliver 385 MB, then 233 MB (the source was SELECTed as hex
+    text: now read_source; smtp.send and sending._recipients parsed the whole mail: now its
+    header block only), now 137 MB (aiosmtplib's DATA rewrote the whole message's line ends
+    at once, ~4 copies: now written in 1 MB pieces, smtp._sendmail_in_pieces). Sent copy
+    234 MB, now 136-140 MB (imaplib's APPEND rewrote every line end:
+    ImapSession._append_as_is)."""
     Mailbox.objects.filter(pk=imap_mailbox.pk).update(
         smtp_host=smtp_outbox.host, smtp_port=smtp_outbox.port, smtp_security="starttls",
         smtp_username=smtp_outbox.username, smtp_password=smtp_outbox.password)

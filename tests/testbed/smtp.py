@@ -39,6 +39,7 @@ class ReceivedMessage:
     login: str | None
     peer: tuple[str, int]
     tls: bool
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters (SIZE=..., BODY=...)
 
 
 class _RecordingHandler:
@@ -81,6 +82,7 @@ class _RecordingHandler:
                 login=login,
                 peer=(str(session.peer[0]), int(session.peer[1])) if session.peer else ("", 0),
                 tls=_is_tls(smtp, session),
+                mail_options=tuple(envelope.mail_options),
             )
         )
         return "250 2.0.0 Message accepted"
