@@ -3,17 +3,25 @@
 
 The watcher never stores mail itself: it calls ``on_change(mailbox_id)`` (by default, queue
 the mailbox's sync task), so push, "Sync now" and the beat poll share one code path.
-Several watcher processes split the mailboxes by ``mailbox_id % shards``.
+
+Several watcher processes split the mailboxes between them. On PostgreSQL they do it by
+themselves (``IdleClaims``): each holds an advisory lock per mailbox it watches, takes its
+fair share of the unclaimed ones and gives up what it holds over its share when another
+watcher starts; a watcher that dies loses its locks with its database session, and the
+others take its mailboxes over at their next refresh. ``--shard I --shards N`` (and the
+embedded SQLite default) split them statically by ``mailbox_id % shards``.
 """
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from django.db import close_old_connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, connections
 
 from .exceptions import MailError, MailServerUnreachable, MailUserError
 from .models import Mailbox
@@ -175,6 +183,68 @@ class MailboxWatcher(threading.Thread):
                     self._notify()
 
 
+# Advisory lock key space of IDLE claims (the first of the two int4 keys): (CLAIMS, id) is
+# "a watcher process IDLEs mailbox id", (CLAIMS, 0), held shared, "a watcher process runs".
+CLAIMS_NAMESPACE = 0x4D49  # "MI"
+
+
+class IdleClaims:
+    """The mailboxes this watcher process IDLEs, as PostgreSQL session advisory locks on a
+    database connection of its own (Django's may be closed between refreshes). Only the
+    lock decides: two watcher processes never hold one mailbox, and a killed one's locks go
+    with its session. Every call may raise DatabaseError (the connection was lost: every
+    claim with it)."""
+
+    def __init__(self) -> None:
+        self._db = None
+
+    def _cursor(self):  # noqa: ANN202
+        if self._db is None:
+            db = connections.create_connection(DEFAULT_DB_ALIAS)
+            db.ensure_connection()
+            db.set_autocommit(True)
+            with db.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_lock_shared(%s, 0)", [CLAIMS_NAMESPACE])
+            self._db = db
+        return self._db.cursor()
+
+    def _value(self, sql: str, params: list) -> object:
+        with self._cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()[0]
+
+    def held(self) -> set[int]:
+        with self._cursor() as cursor:
+            cursor.execute(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                "AND objsubid = 2 AND objid <> 0 AND granted AND pid = pg_backend_pid()",
+                [CLAIMS_NAMESPACE])
+            return {int(row[0]) for row in cursor.fetchall()}
+
+    def watchers(self) -> int:
+        """Watcher processes running against this database, this one included."""
+        return int(self._value(  # type: ignore[call-overload]
+            "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = %s AND objid = 0 AND objsubid = 2 AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            [CLAIMS_NAMESPACE]))
+
+    def claim(self, mailbox_id: int) -> bool:
+        return bool(self._value("SELECT pg_try_advisory_lock(%s, %s)", [CLAIMS_NAMESPACE, mailbox_id]))
+
+    def release(self, mailbox_id: int) -> None:
+        self._value("SELECT pg_advisory_unlock(%s, %s)", [CLAIMS_NAMESPACE, mailbox_id])
+
+    def close(self) -> None:
+        """Every claim goes (the session ends)."""
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except DatabaseError:
+                pass
+
+
 @dataclass(frozen=True)
 class _Target:
     mailbox_id: int
@@ -185,8 +255,13 @@ class IdleSupervisor:
     """Keeps one watcher per active IMAP mailbox of this shard, refreshing the set."""
 
     def __init__(self, *, shard: int = 0, shards: int = 1, on_change: OnChange = queue_sync,
-                 refresh_interval: float = 30.0, **watcher_options: float) -> None:
+                 refresh_interval: float = 30.0, claims: IdleClaims | None = None,
+                 **watcher_options: float) -> None:
         self.shard, self.shards = shard, shards
+        self.claims = claims
+        # Claimed mailboxes this process gives up (over its share): let go once their
+        # watcher has closed its connection, so that the next holder never overlaps it.
+        self.giving_up: set[int] = set()
         self.on_change = on_change
         self.refresh_interval = refresh_interval
         self.watcher_options = watcher_options
@@ -210,7 +285,56 @@ class IdleSupervisor:
             version = f"{mailbox.incoming_host}:{mailbox.incoming_port}:{mailbox.incoming_security}:" \
                       f"{mailbox.username}:{hash(mailbox.password)}"
             result[_Target(mailbox.pk, version)] = server_settings(mailbox, timeout=60)
+        if self.claims is not None:
+            result = self._claimed(result)
         return result
+
+    def _claimed(self, active: dict[_Target, ServerSettings]) -> dict[_Target, ServerSettings]:
+        """This process's share of ``active``: what it holds, up to its share, plus unclaimed
+        mailboxes it manages to claim. A lost claims connection (the database restarted)
+        means nothing is held any more: every watcher stops, and claims start again."""
+        assert self.claims is not None
+        ids = {t.mailbox_id for t in active}
+        try:
+            held = self.claims.held()
+            share = math.ceil(len(ids) / max(1, self.claims.watchers()))
+            keep = sorted(pk for pk in held if pk in ids and pk not in self.giving_up)
+            self.giving_up |= {*keep[share:], *(held - ids)}
+            keep = keep[:share]
+            unclaimed = [pk for pk in ids if pk not in held]
+            random.shuffle(unclaimed)  # two watchers starting at once do not race for the same ones
+            for pk in unclaimed:
+                if len(keep) >= share:
+                    break
+                if self.claims.claim(pk):
+                    keep.append(pk)
+        except DatabaseError:
+            log.warning("IDLE watcher: lost its claims (database connection); claiming again")
+            self.claims.close()
+            self.giving_up.clear()
+            return {}
+        kept = set(keep)
+        return {t: settings for t, settings in active.items() if t.mailbox_id in kept}
+
+    def _let_go(self) -> None:
+        """Release the claims given up whose watcher has ended (waited for up to
+        REPLACE_WAIT each); one still closing is let go at a later refresh."""
+        if self.claims is None or not self.giving_up:
+            return
+        watching = {t.mailbox_id for t in self.watchers}
+        for pk in sorted(self.giving_up):
+            if pk in watching:
+                continue  # watched again (claimed back meanwhile)
+            old = self.stopped.get(pk)
+            if old is not None:
+                old.join(REPLACE_WAIT)
+                if old.is_alive():
+                    continue
+            try:
+                self.claims.release(pk)
+            except DatabaseError:
+                return  # the next refresh finds the connection lost
+            self.giving_up.discard(pk)
 
     def refresh(self) -> None:
         wanted = self.targets()
@@ -219,6 +343,7 @@ class IdleSupervisor:
                 watcher = self.watchers.pop(target)
                 watcher.stop()
                 self.stopped[target.mailbox_id] = watcher
+        self._let_go()
         self.stopped = {pk: w for pk, w in self.stopped.items() if w.is_alive()}
         for target, settings in wanted.items():
             if target not in self.watchers:
@@ -229,7 +354,10 @@ class IdleSupervisor:
                 watcher.start()
 
     def run(self) -> None:
-        log.info("IDLE watcher shard %s/%s started", self.shard, self.shards)
+        if self.claims is not None:
+            log.info("IDLE watcher started (mailboxes shared with the other watchers by claims)")
+        else:
+            log.info("IDLE watcher shard %s/%s started", self.shard, self.shards)
         while not self.stopping.is_set():
             try:
                 self.refresh()
@@ -246,3 +374,6 @@ class IdleSupervisor:
             watcher.join(timeout=5)
         self.watchers.clear()
         self.stopped.clear()
+        if self.claims is not None:
+            self.claims.close()  # after the connections closed: the next holder never overlaps
+            self.giving_up.clear()

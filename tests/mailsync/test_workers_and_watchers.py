@@ -2,7 +2,8 @@
 as review probes; those that failed were fixed: a sync asked for while a long one ran
 retried against the lock 60 times and failed (now noted on the mailbox and run by the
 holder when it ends), and those retries used up and leaked the transient-fault budget. A
-dead IDLE shard's mailboxes wait for that process's restart (documented).
+dead static IDLE shard's mailboxes wait for that process's restart (documented; the default
+on PostgreSQL, sharing by claims, takes them over: test_idle_claims.py).
 
 Every subprocess is killed in a ``finally``; every wait is bounded. Worker probes use a
 private Redis database (MAILROOM_PROBE_REDIS_URL, default db 12) flushed before and after.
@@ -404,8 +405,8 @@ def test_idle_watcher_shards_split_and_follow_changes(dovecot, redis_db):
         wait_until(lambda: imap_sessions(dovecot, new_user) == 1, 15, "added mailbox watched")
 
         # One watcher process dies: its shard is static (pk % shards), so its mailboxes wait
-        # for that process to be restarted (README: run each shard under a supervisor; the
-        # 5-minute poll covers them meanwhile). The other shard's mailboxes stay watched.
+        # for that process to be restarted (the 5-minute poll covers them meanwhile; without
+        # --shards the watchers share by claims and take them over: test_idle_claims.py). The other shard's mailboxes stay watched.
         active = [(b, u) for b, u in zip(boxes + [added], users + [new_user])
                   if b.pk not in (changed.pk, deactivated.pk)]
         dead = 1
