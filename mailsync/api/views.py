@@ -20,6 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from crm.api.filters import StableOrderingFilter, flag
+from crm.api.pagination import KeysetPagination
 
 from .. import selectors, services, tasks
 from ..exceptions import MailServerUnreachable
@@ -175,6 +176,9 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     search_fields = ["subject", "from_address", "from_name"]
     ordering_fields = ["date"]
     ordering = ["-date", "-id"]
+    # Mail arrives while clients page: `next` carries a cursor (date, id), so following it
+    # lists each email once; ?page=N pages as before (README, API).
+    pagination_class = KeysetPagination
 
     def get_queryset(self):  # noqa: ANN201
         if getattr(self, "swagger_fake_view", False):

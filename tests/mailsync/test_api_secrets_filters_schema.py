@@ -93,6 +93,7 @@ BAD_QUERIES = [
     "unread=maybe", "flagged=2", "direction=sideways", "source=%00", "folder=%00",
     "search=%00", "folder=INBOX%00x", "ordering=-nonexistent", "ordering=%00",
     "page=abc", "page=0", "page=99999", "page_size=abc", "page_size=-5", "page_size=100000",
+    "cursor=abc", "cursor=", "cursor=%00", "cursor=abc&page=2",
     "mailbox=1&mailbox=2", "date_after=9999-12-31T23:59:59Z",
 ]
 
