@@ -102,6 +102,29 @@ def uid_ranges(uids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+# The longest UID set put in one command. Servers bound a command line (Dovecot: 64 KB,
+# imap_max_line_length, answered "BAD Too long argument"); RFC 7162 section 4 asks clients
+# to keep lines under 8,192 octets. UIDs far apart (an old mailbox after years of
+# deletions) do not compress into ranges: 20,000 of them are ~160 KB.
+MAX_UID_SET_CHARS = 8000
+
+
+def uid_sets(uids: Sequence[int], *, max_chars: int = MAX_UID_SET_CHARS) -> list[str]:
+    """``uid_ranges`` cut into sets of at most ``max_chars`` characters, one per command."""
+    sets: list[str] = []
+    parts: list[str] = []
+    length = 0
+    for part in uid_ranges(uids).split(","):
+        if parts and length + 1 + len(part) > max_chars:
+            sets.append(",".join(parts))
+            parts, length = [], 0
+        length += len(part) + (1 if parts else 0)
+        parts.append(part)
+    if parts and parts != [""]:
+        sets.append(",".join(parts))
+    return sets
+
+
 def _expand_uid_set(text: str) -> list[int]:
     """'3:5,9' -> [3, 4, 5, 9], in the order given (COPYUID pairs UIDs by position)."""
     uids: list[int] = []
@@ -213,25 +236,31 @@ def _fetch_items(items: bytes, values: dict[bytes, object]) -> bool:
 
 def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: Sequence[bytes],
                modifiers: Sequence[str] | None = None) -> dict[int, dict]:
-    """``UID FETCH`` with a compressed UID set ("1:500,700").
+    """``UID FETCH`` with a compressed UID set ("1:500,700"), in as many commands as the
+    set needs to stay within a command line (``uid_sets``).
 
     IMAPClient 4.1's ``fetch()`` converts the requested set to ints to filter the reply, so it
     rejects ranges and would send 5,000 UIDs as 5,000 comma-separated numbers. This is its
     own body with the set compressed; the reply is filtered to the requested UIDs here.
     """
     wanted = set(uids)
-    args = ["UID", "FETCH", uid_ranges(uids).encode("ascii"), seq_to_parenstr_upper(list(items))]
-    if modifiers:
-        args.append(seq_to_parenstr_upper(list(modifiers)))
-    tag = client._imap._command(*args)
-    typ, data = client._imap._command_complete("FETCH", tag)
-    client._checkok("fetch", typ, data)
-    typ, data = client._imap._untagged_response(typ, data, "FETCH")
-    response = parse_message_fetch(data)
-    if response is None:
-        response = parse_fetch_response(data, client.normalise_times, True)
-    # Unsolicited FETCH responses (other messages' flag changes) are dropped.
-    return {uid: values for uid, values in response.items() if uid in wanted}
+    found: dict[int, dict] = {}
+    for uid_set in uid_sets(uids):
+        args = ["UID", "FETCH", uid_set.encode("ascii"), seq_to_parenstr_upper(list(items))]
+        if modifiers:
+            args.append(seq_to_parenstr_upper(list(modifiers)))
+        tag = client._imap._command(*args)
+        typ, data = client._imap._command_complete("FETCH", tag)
+        client._checkok("fetch", typ, data)
+        typ, data = client._imap._untagged_response(typ, data, "FETCH")
+        response = parse_message_fetch(data)
+        if response is None:
+            response = parse_fetch_response(data, client.normalise_times, True)
+        # Unsolicited FETCH responses (other messages' flag changes) are dropped.
+        for uid, values in response.items():
+            if uid in wanted:
+                found.setdefault(uid, {}).update(values)
+    return found
 
 
 def parse_uid_set(text: str, *, limit: int = 10_000_000) -> set[int]:
@@ -255,8 +284,25 @@ def parse_uid_set(text: str, *, limit: int = 10_000_000) -> set[int]:
 
 Connector = Callable[[float | None], socket.socket]
 
+# imaplib refuses a reply line over 1 MB (its _MAXLINE), a bound against a server that never
+# ends a line. But a UID SEARCH reply is one line holding every matching UID: ~125,000
+# messages with 7-digit UIDs (an old Gmail mailbox) pass 1 MB, and the sync could never
+# start. A million 10-digit UIDs (the longest there are) take 11 MB.
+MAX_REPLY_LINE = 32 * 2**20
 
-class _PinnedIMAP4(IMAP4WithTimeout):
+
+class _LongLines(imaplib.IMAP4):
+    def readline(self) -> bytes:
+        """imaplib's readline with the MAX_REPLY_LINE bound."""
+        line = self.file.readline(MAX_REPLY_LINE + 1)
+        if not line:
+            raise self.abort("socket error: EOF")
+        if len(line) > MAX_REPLY_LINE:
+            raise self.error(f"got more than {MAX_REPLY_LINE} bytes")
+        return line
+
+
+class _PinnedIMAP4(_LongLines, IMAP4WithTimeout):
     """Plain IMAP (and STARTTLS, which imaplib wraps with server_hostname = the host name)
     over a socket from ``open_checked_socket``."""
 
@@ -268,7 +314,7 @@ class _PinnedIMAP4(IMAP4WithTimeout):
         return self._connector(self._timeout if timeout is None else timeout)
 
 
-class _PinnedIMAP4TLS(IMAP4_TLS):
+class _PinnedIMAP4TLS(_LongLines, IMAP4_TLS):
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
                  timeout: float | None, connector: Connector) -> None:
         self._connector = connector
@@ -565,7 +611,9 @@ class ImapSession:
         assert self.client is not None
         if not uids:
             return []
-        found = self._call(self.client.search, ["UID", ",".join(str(u) for u in sorted(uids))])
+        found: set[int] = set()
+        for uid_set in uid_sets(uids):  # a set of UIDs far apart is long (uid_sets)
+            found.update(self._call(self.client.search, ["UID", uid_set]))
         wanted = set(uids)
         return sorted(u for u in found if u in wanted)
 
@@ -598,7 +646,8 @@ class ImapSession:
         self, uids: Sequence[int], *, changed_since: int
     ) -> tuple[dict[int, tuple[str, ...]], set[int]]:
         """QRESYNC: flags changed since a mod-sequence and the UIDs expunged since, in one
-        command (``UID FETCH set (FLAGS) (CHANGEDSINCE n VANISHED)``, RFC 7162 3.2.6)."""
+        command per UID set (``UID FETCH set (FLAGS) (CHANGEDSINCE n VANISHED)``, RFC 7162
+        3.2.6; the VANISHED responses of all of them are collected)."""
         assert self.client is not None and self.qresync
         if not uids:
             return {}, set()

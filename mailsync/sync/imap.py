@@ -668,10 +668,16 @@ class ImapSync(SyncRun):
                    if uid in known and sorted(known[uid][1]) != list(flags)]
         if not updates:
             return
+        # One UPDATE per distinct set of flags (a handful), not one per message: "mark all
+        # as read" in a mail program changes every message of the folder (an UPDATE each
+        # took ~0.4 ms: 8 s for 20,000 messages, in one transaction).
+        by_flags: dict[tuple[str, ...], list[int]] = {}
+        for uid, flags in updates:
+            by_flags.setdefault(tuple(flags), []).append(uid)
         with transaction.atomic():
-            for uid, flags in updates:
+            for flags, uids in by_flags.items():
                 EmailLocation.objects.filter(
-                    folder=folder, uidvalidity=folder.uidvalidity, uid=uid
+                    folder=folder, uidvalidity=folder.uidvalidity, uid__in=uids
                 ).update(flags=list(flags))
             # Read or flagged where any copy is (a mail may sit in two folders).
             refresh_flags({known[uid][0] for uid, _ in updates})
