@@ -654,12 +654,12 @@ class ImapSync(SyncRun):
             return
         uids = sorted(known)
         changed: dict[int, tuple[str, ...]] = {}
-        use_condstore = modseq is not None and folder.highestmodseq is not None
-        for start in range(0, len(uids), FLAG_BATCH):
-            chunk = uids[start:start + FLAG_BATCH]
-            changed.update(session.fetch_flags(
-                chunk, changed_since=folder.highestmodseq if use_condstore else None
-            ))
+        if modseq is not None and folder.highestmodseq is not None:
+            # CONDSTORE: what changed since, in one command whatever the folder's size.
+            changed = session.fetch_flags(uids, changed_since=folder.highestmodseq)
+        else:
+            for start in range(0, len(uids), FLAG_BATCH):
+                changed.update(session.fetch_flags(uids[start:start + FLAG_BATCH]))
         self._apply_flags(folder, known, changed)
 
     def _apply_flags(self, folder: MailFolder, known: dict[int, tuple[int, list[str]]],
@@ -684,16 +684,10 @@ class ImapSync(SyncRun):
         self.report.flag_changes += len(updates)
 
     def _changes_qresync(self, session: ImapSession, folder: MailFolder) -> None:
-        """Flag changes and expunges since the last run in one command per chunk."""
+        """Flag changes and expunges since the last run, in one command whatever the
+        folder's size (``fetch_changes``)."""
         known = self._known(folder)
-        uids = sorted(known)
-        changed: dict[int, tuple[str, ...]] = {}
-        vanished: set[int] = set()
-        for start in range(0, len(uids), FLAG_BATCH):
-            flags, gone = session.fetch_changes(uids[start:start + FLAG_BATCH],
-                                                changed_since=folder.highestmodseq or 0)
-            changed.update(flags)
-            vanished |= gone
+        changed, vanished = session.fetch_changes(sorted(known), changed_since=folder.highestmodseq or 0)
         self._apply_flags(folder, known, {u: f for u, f in changed.items() if u not in vanished})
         self._apply_expunges(folder, known, sorted(vanished))
 

@@ -250,8 +250,8 @@ def test_fetch_reply_without_a_body_is_never_lost_silently(dovecot, mail_user, i
     real = protocol._uid_fetch
     done = {"once": False}
 
-    def doctored(client, uids, items, modifiers=None):  # noqa: ANN001
-        reply = real(client, uids, items, modifiers)
+    def doctored(client, uids, items, modifiers=None, **options):  # noqa: ANN001, ANN003
+        reply = real(client, uids, items, modifiers, **options)
         if victim in reply and b"BODY[]" in reply[victim] and not done["once"]:
             done["once"] = True
             if shape == "nil":
@@ -349,8 +349,8 @@ def test_message_with_a_wrong_size_does_not_block_the_mailbox(
     real = protocol._uid_fetch
     counter = {"n": 0}
 
-    def doctored(client, uids, items, modifiers=None):  # noqa: ANN001
-        reply = real(client, uids, items, modifiers)
+    def doctored(client, uids, items, modifiers=None, **options):  # noqa: ANN001, ANN003
+        reply = real(client, uids, items, modifiers, **options)
         data = reply.get(victim)
         if data is not None and data.get(b"BODY[]") is not None:
             counter["n"] += 1

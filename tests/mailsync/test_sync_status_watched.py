@@ -247,8 +247,8 @@ def test_a_message_the_server_held_back_then_sends(dovecot, mail_user, imap_mail
     real = protocol._uid_fetch
     done = {"once": False}
 
-    def doctored(client, uids, items, modifiers=None):  # noqa: ANN001
-        reply = real(client, uids, items, modifiers)
+    def doctored(client, uids, items, modifiers=None, **options):  # noqa: ANN001, ANN003
+        reply = real(client, uids, items, modifiers, **options)
         if victim in reply and b"BODY[]" in reply[victim] and not done["once"]:
             done["once"] = True
             reply[victim][b"BODY[]"] = None
