@@ -208,12 +208,13 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
                 thread = merge[thread.pk]
             return thread
 
-        gone = []
+        moves = []
         for orphan_id, root in merge.items():
             target = final(root)
             if target.pk != orphan_id:  # (a cycle keeps one of its threads)
-                Email.objects.filter(thread_id=orphan_id).update(thread=target)
-                gone.append(orphan_id)
+                moves.append((orphan_id, target.pk))
+        _move_thread_mails(moves)
+        gone = [orphan_id for orphan_id, _ in moves]
         Thread.objects.filter(pk__in=gone).delete()
         for email in emails:
             if email.thread is not None and email.thread.pk in gone:
@@ -226,6 +227,28 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
             changed.append(thread)
     if changed:
         _update_thread_dates(list({t.pk: t for t in changed}.values()))
+
+
+def _move_thread_mails(moves: list[tuple[int, int]]) -> None:
+    """The mails of each (thread, into) pair moved into the other thread: one ``UPDATE ...
+    FROM (VALUES ...)`` per 1,000 pairs on PostgreSQL. One UPDATE per thread was 2,500
+    statements for 5,000 mails whose replies name only their parent (tests: scale)."""
+    if not moves:
+        return
+    if connection.vendor != "postgresql":
+        for orphan_id, target_id in moves:
+            Email.objects.filter(thread_id=orphan_id).update(thread_id=target_id)
+        return
+    table = connection.ops.quote_name(Email._meta.db_table)
+    with connection.cursor() as cursor:
+        for start in range(0, len(moves), 1000):
+            chunk = moves[start:start + 1000]
+            cursor.execute(
+                f"UPDATE {table} AS e SET thread_id = v.target FROM (VALUES "
+                + ", ".join(["(%s::bigint, %s::bigint)"] * len(chunk))
+                + ") AS v(orphan, target) WHERE e.thread_id = v.orphan",
+                [value for pair in chunk for value in pair],
+            )
 
 
 def _update_thread_dates(threads: list[Thread]) -> None:
