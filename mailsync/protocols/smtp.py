@@ -241,7 +241,8 @@ async def _close(client: aiosmtplib.SMTP) -> None:
 
 
 class _NoAnswerAfterData(Exception):
-    """The connection failed once DATA had begun: the server may have accepted the mail."""
+    """The connection failed once the mail was handed over (the final dot written; with
+    send_message, once DATA had begun): the server may have accepted the mail."""
 
 
 _BCC = frozenset({b"bcc", b"resent-bcc"})
@@ -320,7 +321,6 @@ async def _sendmail_in_pieces(client: aiosmtplib.SMTP, sender: str, recipients: 
                 refused.append(exc)
         if len(refused) == len(recipients):
             raise aiosmtplib.SMTPRecipientsRefused(refused)
-        await begin_data()
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -334,7 +334,15 @@ async def _sendmail_in_pieces(client: aiosmtplib.SMTP, sender: str, recipients: 
                 protocol._response_pending = True  # noqa: SLF001
                 for piece in _wire_pieces(parts):
                     protocol.write(piece)
-                    await protocol._drain_helper()  # noqa: SLF001  (the transport's buffer stays small)
+                    try:  # the transport's buffer stays small; a server that stops reading
+                        # fails the send after the timeout, as aiosmtplib's read timeout did
+                        await asyncio.wait_for(protocol._drain_helper(), timeout)  # noqa: SLF001
+                    except TimeoutError as exc:
+                        raise aiosmtplib.SMTPReadTimeoutError("Timed out sending the message") from exc
+                # Only from here may the server hold the whole mail: a failure before the
+                # final dot is no delivery (RFC 5321 4.1.1.4; 3.8: as a 451), one after it
+                # may be one (MailDeliveryUncertain).
+                await begin_data()
                 protocol.write(b".\r\n")
                 response = await protocol.read_response(timeout=timeout)
                 if response.code != aiosmtplib.SMTPStatus.completed:
