@@ -186,6 +186,8 @@ class MailboxWatcher(threading.Thread):
 # Advisory lock key space of IDLE claims (the first of the two int4 keys): (CLAIMS, id) is
 # "a watcher process IDLEs mailbox id", (CLAIMS, 0), held shared, "a watcher process runs".
 CLAIMS_NAMESPACE = 0x4D49  # "MI"
+# How often a watcher checks that its claims connection still holds between refreshes.
+CLAIMS_CHECK = 2.0
 
 
 class IdleClaims:
@@ -221,13 +223,28 @@ class IdleClaims:
                 [CLAIMS_NAMESPACE])
             return {int(row[0]) for row in cursor.fetchall()}
 
-    def watchers(self) -> int:
-        """Watcher processes running against this database, this one included."""
-        return int(self._value(  # type: ignore[call-overload]
-            "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' "
-            "AND classid = %s AND objid = 0 AND objsubid = 2 AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            [CLAIMS_NAMESPACE]))
+    def loads(self) -> tuple[int, list[int]]:
+        """How many mailboxes this process holds, and how many each other watcher process
+        running against this database holds (0 for one that holds none yet)."""
+        with self._cursor() as cursor:
+            cursor.execute(
+                "SELECT pid = pg_backend_pid(), count(*) FILTER (WHERE objid <> 0) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "GROUP BY pid", [CLAIMS_NAMESPACE])
+            rows = cursor.fetchall()
+        return (next((int(n) for mine, n in rows if mine), 0),
+                [int(n) for mine, n in rows if not mine])
+
+    def alive(self) -> bool:
+        """Whether the claims (the session) still hold: False once the connection is lost."""
+        if self._db is None:
+            return True  # none taken yet
+        try:
+            self._value("SELECT 1", [])
+            return True
+        except DatabaseError:
+            return False
 
     def claim(self, mailbox_id: int) -> bool:
         return bool(self._value("SELECT pg_try_advisory_lock(%s, %s)", [CLAIMS_NAMESPACE, mailbox_id]))
@@ -297,7 +314,7 @@ class IdleSupervisor:
         ids = {t.mailbox_id for t in active}
         try:
             held = self.claims.held()
-            share = math.ceil(len(ids) / max(1, self.claims.watchers()))
+            share = self._share(len(ids), *self.claims.loads())
             keep = sorted(pk for pk in held if pk in ids and pk not in self.giving_up)
             self.giving_up |= {*keep[share:], *(held - ids)}
             keep = keep[:share]
@@ -315,6 +332,18 @@ class IdleSupervisor:
             return {}
         kept = set(keep)
         return {t: settings for t, settings in active.items() if t.mailbox_id in kept}
+
+    @staticmethod
+    def _share(mailboxes: int, mine: int, others: list[int]) -> int:
+        """How many mailboxes this watcher may hold: the fair share, rounded up; rounded
+        down (give up the rest, claim nothing more) while another watcher holds less than
+        that and this one does not, so that the mailboxes given up go to the one below:
+        7 mailboxes over 3 watchers settle at 3/2/2, not 3/3/1."""
+        watchers = 1 + len(others)
+        low, high = mailboxes // watchers, math.ceil(mailboxes / watchers)
+        if mine >= low and any(n < low for n in others):
+            return low
+        return high
 
     def _let_go(self) -> None:
         """Release the claims given up whose watcher has ended (waited for up to
@@ -363,7 +392,14 @@ class IdleSupervisor:
                 self.refresh()
             except Exception:  # noqa: BLE001  (database hiccup: try again next round)
                 log.exception("IDLE watcher: refresh failed")
-            self.stopping.wait(self.refresh_interval)
+            next_refresh = time.monotonic() + self.refresh_interval
+            while not self.stopping.wait(min(CLAIMS_CHECK, max(0.0, next_refresh - time.monotonic()))):
+                if time.monotonic() >= next_refresh:
+                    break
+                if self.claims is not None and not self.claims.alive():
+                    # The claims went with the session: another watcher may take these
+                    # mailboxes now; ours stop at once (refresh), not at the next refresh.
+                    break
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -24,6 +24,10 @@ class Command(BaseCommand):
     def handle(self, *args, shard: int, shards: int, refresh: float, **options) -> None:  # noqa: ANN002, ANN003
         if shards < 0 or (shards and not 0 <= shard < shards):
             raise CommandError("--shard must be between 0 and --shards - 1.")
+        if not shards and shard:
+            # Else it would watch nothing (shard N of 1) while it counts as a watcher in
+            # everyone's share of the claims: mailboxes left without IDLE.
+            raise CommandError("--shard needs --shards (or leave both out to share by claims).")
         claims = None
         if not shards:
             shards = 1
