@@ -425,7 +425,9 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         in_reply_to, references = EMAIL_FIELDS.index("in_reply_to"), EMAIL_FIELDS.index("references")
         emails_associate(email_ids=[e.pk for e in created],
                          exclude_addresses=_own(mailbox), addresses=addresses,
-                         quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created})
+                         quoted={e.pk: [e.row[in_reply_to], *e.row[references]] for e in created},
+                         written={e.pk: (mailbox.pk, e.message_id, e.thread.pk if e.thread else None)
+                                  for e in created})
     _resolve_message_errors(folder, uidvalidity, [p.message.uid for p in prepared])
     return result
 
