@@ -402,25 +402,32 @@ class ImapSync(SyncRun):
             return
         sizes = session.fetch_sizes(uids)
         self._add_totals(len(sizes), sum(sizes.values()))
-        # As any download: over the mailbox's size limit, the headers only (with the notice).
-        got = fetch_batch(session, uids, sizes, self.mailbox.max_message_bytes)
-        messages = [m for m in got if not m.error]
-        held = [m for m in got if m.error]
-        if held:  # held back again: done for this run (its error stays), as in _notice_kept_back
-            Mailbox.objects.filter(pk=self.mailbox.pk).update(
-                messages_done=F("messages_done") + len(held),
-                bytes_done=F("bytes_done") + sum(sizes.get(m.uid, 0) for m in held))
-        if messages:
-            truncated = [m for m in messages if m.truncated]
+        fetched: set[int] = set()
+        still: set[int] = set()
+        # In batches as any download (a server that held back thousands of messages must
+        # not bring them into memory at once); over the mailbox's size limit, the headers
+        # only (with the notice).
+        for batch in _batches(uids, sizes):
+            self._check_budget()
+            got = fetch_batch(session, batch, sizes, self.mailbox.max_message_bytes)
+            messages = [m for m in got if not m.error]
+            held = [m for m in got if m.error]
+            if held:  # held back again: done for this run (its error stays), as in _notice_kept_back
+                Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                    messages_done=F("messages_done") + len(held),
+                    bytes_done=F("bytes_done") + sum(sizes.get(m.uid, 0) for m in held))
+            if messages:
+                truncated = [m for m in messages if m.truncated]
 
-            def notice(f: MailFolder) -> None:
-                if truncated:
-                    self._notice_truncated(f, truncated)
+                def notice(f: MailFolder, truncated: list = truncated) -> None:
+                    if truncated:
+                        self._notice_truncated(f, truncated)
 
-            ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
-                         messages=messages, advance_cursor=notice, durable=False)
-        fetched = {m.uid for m in messages}
-        still = {m.uid for m in got if m.error}
+                ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
+                             messages=messages, advance_cursor=notice, durable=False)
+            fetched |= {m.uid for m in messages}
+            still |= {m.uid for m in held}
+            del got, messages, held
         errors.filter(uid__in=[u for u in uids if u not in fetched and u not in still]).update(
             resolved_at=timezone.now())
 
@@ -754,22 +761,28 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             current = [e for e in folder_errors
                        if e.uidvalidity == selected.uidvalidity and e.uid not in already]
             uids = sorted({e.uid for e in current})
-            # As any download: over the mailbox's size limit, the headers only, with the notice.
-            got = fetch_batch(session, uids, session.fetch_sizes(uids), mailbox.max_message_bytes)
-            messages = [m for m in got if not m.error]
-            truncated = [m for m in messages if m.truncated]
+            sizes = session.fetch_sizes(uids)
+            fetched: set[int] = set()
+            still: set[int] = set()
+            # In batches as any download (thousands of failed messages are not brought into
+            # memory at once); over the mailbox's size limit, the headers only, with the notice.
+            for batch in _batches(uids, sizes):
+                got = fetch_batch(session, batch, sizes, mailbox.max_message_bytes)
+                messages = [m for m in got if not m.error]
+                truncated = [m for m in messages if m.truncated]
 
-            def notice(f: MailFolder, truncated: list = truncated) -> None:
-                if truncated:
-                    notice_truncated(mailbox, f, truncated)
+                def notice(f: MailFolder, truncated: list = truncated) -> None:
+                    if truncated:
+                        notice_truncated(mailbox, f, truncated)
 
-            result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
-                                  messages=messages, advance_cursor=notice, progress=False)
-            stored += result.stored + result.located
+                result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
+                                      messages=messages, advance_cursor=notice, progress=False)
+                stored += result.stored + result.located
+                fetched |= {m.uid for m in messages}
+                still |= {m.uid for m in got if m.error}
+                del got, messages
             # Gone from the server since: nothing left to retry. (Still there and not sent
             # again: the error stays.)
-            fetched = {m.uid for m in messages}
-            still = {m.uid for m in got if m.error}
             MessageError.objects.filter(pk__in=[e.pk for e in current
                                                 if e.uid not in fetched and e.uid not in still]).update(
                 resolved_at=timezone.now()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from mailsync.models import Attachment, Email, EmailSource, Mailbox, MailFolder, MessageError
+from mailsync.models import Attachment, Email, EmailLocation, EmailSource, Mailbox, MailFolder, MessageError
 from mailsync.storage import decompress
 from tests.factories import MailboxFactory, UserFactory
 from tests.mailsync.conftest import make_message
@@ -285,3 +285,36 @@ def test_sending_with_an_18_mb_attachment_and_its_copy_to_sent_stay_under_200_mb
     assert attachment.size == 18 * MB
     assert len(decompress(EmailSource.objects.get(email=email).data)) == email.size
     _under_limit(peaks)
+
+
+def test_many_messages_held_back_or_failed_are_fetched_again_in_batches_under_200_mb(
+        dovecot, mail_user, imap_mailbox):  # noqa: ANN001
+    """Fifteen 8 MB mails (120 MB) that a server held back on an earlier run (its reply had
+    no body), then the same that failed to store, fetched again by the next sync and by
+    Retry: each was one FETCH of every such message at once, raw and compressed in memory
+    together (sync and Retry each peaked at 368 MB); now in batches as any download (99 and
+    119 MB)."""
+    payloads = _large_mails(dovecot, mail_user, [8] * 15)
+    _run(imap_mailbox, "sync,parse", min_messages=0)
+    _whole(imap_mailbox, payloads)
+    folder = MailFolder.objects.get(mailbox=imap_mailbox, name="INBOX")
+
+    def lost(error: str) -> None:
+        """As if the mails had not been stored: their rows gone, an error per message."""
+        uids = list(EmailLocation.objects.filter(folder=folder).values_list("uid", flat=True))
+        assert len(uids) == 15
+        Email.objects.filter(mailbox=imap_mailbox).delete()
+        MessageError.objects.bulk_create([MessageError(
+            mailbox=imap_mailbox, folder=folder, uidvalidity=folder.uidvalidity, uid=uid,
+            error=error) for uid in uids])
+
+    from mailsync.sync.fetcher import UNDELIVERED
+
+    lost(UNDELIVERED)  # held back by the server: the next sync asks for them again
+    peaks = _run(imap_mailbox, "sync", min_messages=0)
+    assert Email.objects.filter(mailbox=imap_mailbox).count() == 15
+    lost("Could not store this message")  # failed to store: the user's Retry
+    peaks.update(_run(imap_mailbox, "retry,parse", min_messages=0))
+    _under_limit(peaks)
+    _whole(imap_mailbox, payloads)
+    assert not MessageError.objects.filter(mailbox=imap_mailbox, resolved_at__isnull=True).exists()
