@@ -469,16 +469,18 @@ def pop3_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:
 def retry_message_errors(*, mailbox: Mailbox) -> int:
     """Store again the messages that failed to store, from the raw bytes kept with the error
     (a POP3 message may be gone from the server). Notices without bytes stay as they are."""
-    errors = list(
-        MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True, raw__isnull=False,
-                                    folder__isnull=False, uid__isnull=False)
-        .select_related("folder")
-    )
-    if not errors:
+    failed = MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True, raw__isnull=False,
+                                         folder__isnull=False, uid__isnull=False)
+    # One at a time, with its bytes: thousands of failed messages are not held at once.
+    ids = list(failed.order_by("pk").values_list("pk", flat=True))
+    if not ids:
         return 0
     stored = 0
     with mailbox_lock(mailbox.pk):
-        for error in errors:
+        for pk in ids:
+            error = failed.select_related("folder").filter(pk=pk).first()
+            if error is None:
+                continue  # resolved meanwhile (stored by an earlier one: the same UID)
             raw = decompress(error.raw)
             message = FetchedMessage(uid=error.uid, flags=(), size=len(raw), internal_date=None, raw=raw)
             # A success resolves the error (ingest resolves errors of the UIDs it stores).

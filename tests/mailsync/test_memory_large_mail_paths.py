@@ -318,3 +318,23 @@ def test_many_messages_held_back_or_failed_are_fetched_again_in_batches_under_20
     _under_limit(peaks)
     _whole(imap_mailbox, payloads)
     assert not MessageError.objects.filter(mailbox=imap_mailbox, resolved_at__isnull=True).exists()
+
+
+def test_pop3_retry_of_many_failed_messages_stays_under_200_mb(pop3_mailbox):  # noqa: ANN001
+    """POP3 keeps the raw bytes of a message it could not store with its error (the server
+    may have deleted it since). Retry of fifteen such 8 MB mails (~120 MB compressed) read
+    every error with its bytes at once (468 MB): now one at a time (138 MB)."""
+    from mailsync.storage import compress
+
+    folder = MailFolder.objects.create(mailbox=pop3_mailbox, name="INBOX", special_use="inbox")
+    payloads = {}
+    for n in range(15):
+        name = f"scan-{n}.pdf"
+        payloads[name] = os.urandom(8 * MB)
+        raw = make_message(subject=f"Scan {n}", attachment=(name, payloads[name], "application/pdf"))
+        MessageError.objects.create(mailbox=pop3_mailbox, folder=folder, uidvalidity=0, uid=n + 1,
+                                    error="Could not store this message", raw=compress(raw))
+    peaks = _run(pop3_mailbox, "retry", min_messages=0)
+    _under_limit(peaks)
+    _whole(pop3_mailbox, payloads)
+    assert not MessageError.objects.filter(mailbox=pop3_mailbox, resolved_at__isnull=True).exists()
