@@ -450,6 +450,23 @@ class _Most:
         self._thread.join()
 
 
+def _settled(procs, port: int, shared, timeout: float = 45, quiet: float = 3.0) -> None:  # noqa: ANN001
+    """Wait until ``shared()`` holds and no watcher's connections changed for ``quiet``
+    seconds: after a watcher loses its claims the others take its mailboxes, then give
+    some back when it claims again; a given-up connection still open looks like a share
+    for a moment (seen once in CI: 3/2/2 counted while one mailbox was still moving)."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = [_imap_ports(p.pid, port) for p in procs]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif shared() and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not settled within {timeout} s: {last}")
+
+
 def _stable(procs, port: int, refreshes: int = 4) -> None:  # noqa: ANN001
     """The connections each watcher holds stay the same over several refreshes (1 s): no
     mailbox stopped and started again (flapping)."""
@@ -476,6 +493,7 @@ def test_three_watchers_share_seven_mailboxes_stably_and_survive_a_lost_claims_c
                     and all(imap_sessions(dovecot, u) == 1 for u in users))
 
         wait_until(shared, 40, "7 mailboxes over 3 watchers (3/2/2), each IDLEd once")
+        _settled(procs, port, shared)
         _stable(procs, port)
         print("shares", sorted(established_to(p.pid, port) for p in procs))
 
@@ -489,7 +507,7 @@ def test_three_watchers_share_seven_mailboxes_stably_and_survive_a_lost_claims_c
             wait_until(lambda: "lost its claims" in victim.text()
                        or established_to(victim.pid, port) == 0, 20,
                        "the watcher whose claims were lost notices")
-            wait_until(shared, 40, "7 mailboxes over 3 watchers (3/2/2) again")
+            _settled(procs, port, shared)
         print("most sessions of one mailbox at once after the kill:", most.most)
         _stable(procs, port)
         assert victim.p.poll() is None  # still running, claiming again
