@@ -40,10 +40,11 @@ from mailsync.protocols import smtp
 from mailsync.protocols.base import ServerSettings
 from tests.factories import MailboxFactory, UserFactory
 from tests.mailsync.test_api_contract import locate, mk_email
-from tests.mailsync.test_idle_claims import _local_ports
+from tests.mailsync.test_idle_claims import _local_ports, _Sessions
 from tests.mailsync.test_workers_and_watchers import (
     Proc,
     _env,
+    established_ports,
     established_to,
     imap_sessions,
     mailbox_for,
@@ -392,28 +393,6 @@ def _watcher(name: str, *extra: str) -> Proc:
     return Proc([sys.executable, "manage.py", "imap_idle_watch", "--refresh", "1", *extra], _env(), name)
 
 
-def _imap_ports(pid: int, port: int) -> set[int]:
-    """Local ports of the established connections ``pid`` holds to ``port`` (a watcher
-    stopped and started again gets a new one)."""
-    from pathlib import Path
-
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
-                found.add(int(f[1].rsplit(":", 1)[1], 16))
-    return found
-
-
 def _claims_backend(pid: int) -> int:
     ports = _local_ports(pid)
     with connection.cursor() as cursor:
@@ -425,31 +404,6 @@ def _claims_backend(pid: int) -> int:
         return backend[0]
 
 
-class _Most:
-    """The most IMAP sessions seen at once for any one user, sampled in a thread."""
-
-    def __init__(self, dovecot, users) -> None:  # noqa: ANN001
-        self.dovecot, self.users, self.most = dovecot, users, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            out = self.dovecot.doveadm("who", "-1").splitlines()[1:]
-            for user in self.users:
-                n = sum(1 for line in out if line.split() and line.split()[0] == user.username
-                        and "imap" in line)
-                self.most = max(self.most, n)
-
-    def __enter__(self) -> _Most:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _settled(procs, port: int, shared, timeout: float = 45, quiet: float = 3.0) -> None:  # noqa: ANN001
     """Wait until ``shared()`` holds and no watcher's connections changed for ``quiet``
     seconds: after a watcher loses its claims the others take its mailboxes, then give
@@ -458,7 +412,7 @@ def _settled(procs, port: int, shared, timeout: float = 45, quiet: float = 3.0) 
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        now = [_imap_ports(p.pid, port) for p in procs]
+        now = [established_ports(p.pid, port) for p in procs]
         if now != last:
             last, since = now, time.monotonic()
         elif shared() and time.monotonic() - since >= quiet:
@@ -470,9 +424,9 @@ def _settled(procs, port: int, shared, timeout: float = 45, quiet: float = 3.0) 
 def _stable(procs, port: int, refreshes: int = 4) -> None:  # noqa: ANN001
     """The connections each watcher holds stay the same over several refreshes (1 s): no
     mailbox stopped and started again (flapping)."""
-    before = [_imap_ports(p.pid, port) for p in procs]
+    before = [established_ports(p.pid, port) for p in procs]
     time.sleep(refreshes + 0.5)
-    after = [_imap_ports(p.pid, port) for p in procs]
+    after = [established_ports(p.pid, port) for p in procs]
     assert before == after, (before, after)
 
 
@@ -501,14 +455,14 @@ def test_three_watchers_share_seven_mailboxes_stably_and_survive_a_lost_claims_c
         # at its next refresh, the others take them; then it all settles again, no mailbox
         # left unwatched and none flapping.
         victim = max(procs, key=lambda p: established_to(p.pid, port))
-        with _Most(dovecot, users) as most:
+        with _Sessions(dovecot, users) as sessions:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(%s)", [_claims_backend(victim.pid)])
             wait_until(lambda: "lost its claims" in victim.text()
                        or established_to(victim.pid, port) == 0, 20,
                        "the watcher whose claims were lost notices")
             _settled(procs, port, shared)
-        print("most sessions of one mailbox at once after the kill:", most.most)
+        print("most sessions of one mailbox at once after the kill:", max(sessions.most.values()))
         _stable(procs, port)
         assert victim.p.poll() is None  # still running, claiming again
     finally:

@@ -159,8 +159,9 @@ def imap_sessions(dovecot, user) -> int:  # noqa: ANN001
                if line.split() and line.split()[0] == user.username and "imap" in line)
 
 
-def established_to(pid: int, port: int) -> int:
-    """Established TCP connections that process ``pid`` holds to ``port``."""
+def established_ports(pid: int, port: int) -> set[int]:
+    """Local ports of the established TCP connections that process ``pid`` holds to
+    ``port`` (a connection closed and opened again gets a new one)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -169,7 +170,7 @@ def established_to(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    n = 0
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -178,8 +179,13 @@ def established_to(pid: int, port: int) -> int:
         for line in lines:
             f = line.split()
             if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
-                n += 1
-    return n
+                found.add(int(f[1].rsplit(":", 1)[1], 16))
+    return found
+
+
+def established_to(pid: int, port: int) -> int:
+    """Established TCP connections that process ``pid`` holds to ``port``."""
+    return len(established_ports(pid, port))
 
 
 # --- configuration -------------------------------------------------------------------------
