@@ -347,16 +347,19 @@ class IdleSupervisor:
 
     def _let_go(self) -> None:
         """Release the claims given up whose watcher has ended (waited for up to
-        REPLACE_WAIT each); one still closing is let go at a later refresh."""
+        REPLACE_WAIT in all, not each: watchers stuck connecting to an unreachable server
+        must not hold the refresh for 10 s apiece); one still closing is let go at a later
+        refresh."""
         if self.claims is None or not self.giving_up:
             return
         watching = {t.mailbox_id for t in self.watchers}
+        deadline = time.monotonic() + REPLACE_WAIT
         for pk in sorted(self.giving_up):
             if pk in watching:
                 continue  # watched again (claimed back meanwhile)
             old = self.stopped.get(pk)
             if old is not None:
-                old.join(REPLACE_WAIT)
+                old.join(max(0.0, deadline - time.monotonic()))
                 if old.is_alive():
                     continue
             try:
