@@ -72,6 +72,23 @@ def imap_mailbox(dovecot, mail_user) -> Mailbox:
     )
 
 
+@pytest.fixture
+def pop3_mailbox(dovecot, mail_user) -> Mailbox:
+    """An active POP3 mailbox over verified TLS (POP3S) on the private Dovecot, in the
+    default mode: remove from the server after download."""
+    return MailboxFactory(
+        owner=UserFactory(),
+        email_address=mail_user.email,
+        protocol=Mailbox.Protocol.POP3,
+        incoming_host=dovecot.host,
+        incoming_port=dovecot.pop3s_port,
+        incoming_security="ssl",
+        username=mail_user.username,
+        password=mail_user.password,
+        is_active=True,
+    )
+
+
 def wait_for(predicate, timeout: float) -> float:  # noqa: ANN001
     """Seconds until ``predicate()`` is true, polled every 20 ms; fails after ``timeout``."""
     start = time.monotonic()

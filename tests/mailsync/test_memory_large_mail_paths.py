@@ -21,7 +21,6 @@ from django.db import connection
 
 from mailsync.models import Attachment, Email, EmailLocation, EmailSource, Mailbox, MailFolder, MessageError
 from mailsync.storage import decompress
-from tests.factories import MailboxFactory, UserFactory
 from tests.mailsync.conftest import make_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -184,13 +183,6 @@ def _whole(mailbox: Mailbox, payloads: dict[str, bytes]) -> None:
         assert decompress(attachment.blob.data) == payloads[attachment.filename]
 
 
-@pytest.fixture
-def pop3_mailbox(dovecot, mail_user) -> Mailbox:  # noqa: ANN001
-    return MailboxFactory(
-        owner=UserFactory(), email_address=mail_user.email, protocol=Mailbox.Protocol.POP3,
-        incoming_host=dovecot.host, incoming_port=dovecot.pop3s_port, incoming_security="ssl",
-        username=mail_user.username, password=mail_user.password, is_active=True,
-    )
 
 
 @pytest.mark.parametrize("min_messages", [0, 1], ids=["in_process", "fetch_process"])

@@ -23,7 +23,6 @@ from mailsync.exceptions import MailServerUnreachable
 from mailsync.models import Email, Mailbox, Pop3Message
 from mailsync.sync.base import SyncReport
 from mailsync.sync.pop3 import Pop3Sync
-from tests.factories import MailboxFactory, UserFactory
 from tests.testbed.dovecot import DovecotServer, DovecotUser, running_dovecot
 
 pytestmark = pytest.mark.django_db
@@ -41,14 +40,6 @@ def dovecot(test_ca) -> Iterator[DovecotServer]:  # noqa: ANN001
         yield server
 
 
-@pytest.fixture
-def pop3_mailbox(dovecot, mail_user) -> Mailbox:  # noqa: ANN001
-    """A POP3 mailbox over verified TLS (POP3S), in the default mode: remove after download."""
-    return MailboxFactory(
-        owner=UserFactory(), email_address=mail_user.email, protocol=Mailbox.Protocol.POP3,
-        incoming_host=dovecot.host, incoming_port=dovecot.pop3s_port, incoming_security="ssl",
-        username=mail_user.username, password=mail_user.password, is_active=True,
-    )
 
 
 def message(n: int) -> bytes:
@@ -115,6 +106,18 @@ def assert_completed(mailbox: Mailbox) -> None:
 def removed_from_server(mailbox: Mailbox) -> int:
     return Pop3Message.objects.filter(mailbox=mailbox, deleted_from_server_at__isnull=False).count()
 
+
+
+def assert_rest_downloaded_and_removed(dovecot, mail_user, mailbox: Mailbox, report,  # noqa: ANN001
+                                       total: int, stored: int) -> None:
+    """The run after an interrupted one stored exactly the rest (messages 0..total-1 each
+    once) and, in delete mode, emptied the server."""
+    assert (report.new, report.located, report.failed, report.errors) == (total - stored, 0, 0, [])
+    assert_completed(mailbox)
+    assert mailbox.messages_done == mailbox.messages_total == total - stored
+    assert_stored_once(mailbox, range(total))
+    assert on_server(dovecot, mail_user) == 0
+    assert removed_from_server(mailbox) == total
 
 def test_large_maildrop_left_on_the_server_then_new_mail_deletions_elsewhere_and_expiry(
         dovecot, mail_user, pop3_mailbox, fault_proxy):
@@ -207,12 +210,7 @@ def test_remove_after_download_cut_midway_twice_then_rerun_loses_and_duplicates_
 
     report = sync(pop3_mailbox)
 
-    assert (report.new, report.located, report.failed, report.errors) == (total - stored, 0, 0, [])
-    assert_completed(pop3_mailbox)
-    assert pop3_mailbox.messages_done == pop3_mailbox.messages_total == total - stored
-    assert_stored_once(pop3_mailbox, range(total))
-    assert on_server(dovecot, mail_user) == 0
-    assert removed_from_server(pop3_mailbox) == total
+    assert_rest_downloaded_and_removed(dovecot, mail_user, pop3_mailbox, report, total, stored)
 
 
 def test_daily_budget_reached_in_a_large_maildrop_pauses_then_resumes_the_next_day(
@@ -245,12 +243,7 @@ def test_daily_budget_reached_in_a_large_maildrop_pauses_then_resumes_the_next_d
         budget_day=timezone.now().date() - timedelta(days=1), paused_until=timezone.now())
     report = sync(pop3_mailbox)
 
-    assert (report.new, report.located, report.failed, report.errors) == (total - stored, 0, 0, [])
-    assert_completed(pop3_mailbox)
-    assert pop3_mailbox.messages_done == pop3_mailbox.messages_total == total - stored
-    assert_stored_once(pop3_mailbox, range(total))
-    assert on_server(dovecot, mail_user) == 0
-    assert removed_from_server(pop3_mailbox) == total
+    assert_rest_downloaded_and_removed(dovecot, mail_user, pop3_mailbox, report, total, stored)
 
 
 def test_server_that_renumbers_its_uidls_gets_its_maildrop_downloaded_again_stored_once(

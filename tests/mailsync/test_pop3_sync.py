@@ -25,7 +25,6 @@ from mailsync.sync import pop3 as engine
 from mailsync.sync.imap import server_settings
 from mailsync.sync.pop3 import Pop3Sync
 from tests.corpus import corpus_files
-from tests.factories import MailboxFactory, UserFactory
 from tests.mailsync.conftest import kill_worker_midway, make_message
 from tests.testbed.dovecot import DovecotUser
 
@@ -41,21 +40,6 @@ def pop3_fetch_mode(request, settings) -> str:
     return request.param
 
 
-@pytest.fixture
-def pop3_mailbox(dovecot, mail_user) -> Mailbox:
-    """An active POP3 mailbox over verified TLS (POP3S) on the private Dovecot, in the
-    default mode: remove from the server after download."""
-    return MailboxFactory(
-        owner=UserFactory(),
-        email_address=mail_user.email,
-        protocol=Mailbox.Protocol.POP3,
-        incoming_host=dovecot.host,
-        incoming_port=dovecot.pop3s_port,
-        incoming_security="ssl",
-        username=mail_user.username,
-        password=mail_user.password,
-        is_active=True,
-    )
 
 
 def sync(mailbox: Mailbox, **kwargs):
