@@ -402,32 +402,16 @@ class ImapSync(SyncRun):
             return
         sizes = session.fetch_sizes(uids)
         self._add_totals(len(sizes), sum(sizes.values()))
-        fetched: set[int] = set()
-        still: set[int] = set()
-        # In batches as any download (a server that held back thousands of messages must
-        # not bring them into memory at once); over the mailbox's size limit, the headers
-        # only (with the notice).
-        for batch in _batches(uids, sizes):
-            self._check_budget()
-            got = fetch_batch(session, batch, sizes, self.mailbox.max_message_bytes)
-            messages = [m for m in got if not m.error]
-            held = [m for m in got if m.error]
-            if held:  # held back again: done for this run (its error stays), as in _notice_kept_back
-                Mailbox.objects.filter(pk=self.mailbox.pk).update(
-                    messages_done=F("messages_done") + len(held),
-                    bytes_done=F("bytes_done") + sum(sizes.get(m.uid, 0) for m in held))
-            if messages:
-                truncated = [m for m in messages if m.truncated]
 
-                def notice(f: MailFolder, truncated: list = truncated) -> None:
-                    if truncated:
-                        self._notice_truncated(f, truncated)
+        def held_again(held: list) -> None:
+            # Done for this run (its error stays), as in _notice_kept_back.
+            Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                messages_done=F("messages_done") + len(held),
+                bytes_done=F("bytes_done") + sum(sizes.get(m.uid, 0) for m in held))
 
-                ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
-                             messages=messages, advance_cursor=notice, durable=False)
-            fetched |= {m.uid for m in messages}
-            still |= {m.uid for m in held}
-            del got, messages, held
+        _, fetched, still = fetch_again(session, self.mailbox, folder, folder.uidvalidity, uids, sizes,
+                                        progress=True, durable=False,
+                                        before_batch=self._check_budget, on_held=held_again)
         errors.filter(uid__in=[u for u in uids if u not in fetched and u not in still]).update(
             resolved_at=timezone.now())
 
@@ -761,26 +745,9 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             current = [e for e in folder_errors
                        if e.uidvalidity == selected.uidvalidity and e.uid not in already]
             uids = sorted({e.uid for e in current})
-            sizes = session.fetch_sizes(uids)
-            fetched: set[int] = set()
-            still: set[int] = set()
-            # In batches as any download (thousands of failed messages are not brought into
-            # memory at once); over the mailbox's size limit, the headers only, with the notice.
-            for batch in _batches(uids, sizes):
-                got = fetch_batch(session, batch, sizes, mailbox.max_message_bytes)
-                messages = [m for m in got if not m.error]
-                truncated = [m for m in messages if m.truncated]
-
-                def notice(f: MailFolder, truncated: list = truncated) -> None:
-                    if truncated:
-                        notice_truncated(mailbox, f, truncated)
-
-                result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=selected.uidvalidity,
-                                      messages=messages, advance_cursor=notice, progress=False)
-                stored += result.stored + result.located
-                fetched |= {m.uid for m in messages}
-                still |= {m.uid for m in got if m.error}
-                del got, messages
+            again, fetched, still = fetch_again(session, mailbox, folder, selected.uidvalidity, uids,
+                                                session.fetch_sizes(uids), progress=False)
+            stored += again
             # Gone from the server since: nothing left to retry. (Still there and not sent
             # again: the error stays.)
             MessageError.objects.filter(pk__in=[e.pk for e in current
@@ -788,6 +755,41 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
                 resolved_at=timezone.now()
             )
     return stored
+
+
+def fetch_again(session: ImapSession, mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
+                uids: list[int], sizes: dict[int, int], *, progress: bool, durable: bool = True,
+                before_batch: Callable[[], None] | None = None,
+                on_held: Callable[[list], None] | None = None) -> tuple[int, set[int], set[int]]:
+    """Messages fetched again (held back by the server on an earlier run, or failed to
+    store), in the download's batches, each stored before the next is fetched: thousands
+    of them are never in memory at once. Over the mailbox's size limit, the headers only,
+    with the notice. Returns (stored or found in place, UIDs that came, UIDs the server held
+    back again); ``on_held`` gets each batch's held-back messages."""
+    stored, fetched, still = 0, set(), set()
+    for batch in _batches(uids, sizes):
+        if before_batch is not None:
+            before_batch()
+        got = fetch_batch(session, batch, sizes, mailbox.max_message_bytes)
+        messages = [m for m in got if not m.error]
+        held = [m for m in got if m.error]
+        if held and on_held is not None:
+            on_held(held)
+        if messages:
+            truncated = [m for m in messages if m.truncated]
+
+            def notice(f: MailFolder, truncated: list = truncated) -> None:
+                if truncated:
+                    notice_truncated(mailbox, f, truncated)
+
+            result = ingest_batch(mailbox=mailbox, folder=folder, uidvalidity=uidvalidity,
+                                  messages=messages, advance_cursor=notice, progress=progress,
+                                  durable=durable)
+            stored += result.stored + result.located
+        fetched |= {m.uid for m in messages}
+        still |= {m.uid for m in held}
+        del got, messages, held
+    return stored, fetched, still
 
 
 def notice_truncated(mailbox: Mailbox, folder: MailFolder, messages: list) -> None:
