@@ -93,6 +93,7 @@ class ImapSync(SyncRun):
         self._to_complete: set[int] = set()  # folders with headers-only mail now under the limit
         # Folders counted before the download began: pk -> (UIDVALIDITY, UIDs, sizes to fetch)
         self._planned: dict[int, tuple[int, list[int], dict[int, int]]] = {}
+        self._searched: dict[int, list[int]] = {}  # pk -> the UIDs _initial found (_backfill)
 
     def run(self, session: ImapSession | None = None) -> SyncReport:
         """Sync now. ``session``: an open, logged-in connection to reuse (the caller keeps
@@ -455,6 +456,10 @@ class ImapSync(SyncRun):
         top = max(uids, default=0)
         folder.uid_high, folder.uid_low = top, top + 1
         folder.save(update_fields=["uid_high", "uid_low"])
+        # The backfill that follows on this SELECT starts from this answer instead of a
+        # second SEARCH (~0.08 s at 120,000 messages): mail arriving meanwhile is above
+        # the cursor (the next run's), mail expunged meanwhile is not delivered.
+        self._searched[folder.pk] = uids
 
     def _new_mail(self, session: ImapSession, folder: MailFolder) -> None:
         uids = self._search(session, above=folder.uid_high)
@@ -474,7 +479,9 @@ class ImapSync(SyncRun):
         # after "sync mail since" moved earlier downloads only the older mail).
         known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=folder.uidvalidity)
                     .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
-        uids = [u for u in self._search(session) if u < (folder.uid_low or 0) and u not in known]
+        searched = self._searched.pop(folder.pk, None)
+        uids = [u for u in (self._search(session) if searched is None else searched)
+                if u < (folder.uid_low or 0) and u not in known]
         planned = self._drop_plan(folder)
         if planned is not None:  # counted already (_plan): only the difference now
             still_there = set(uids)
