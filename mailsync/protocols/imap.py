@@ -543,7 +543,10 @@ class ImapSession:
     def select(self, folder: str, *, readonly: bool = True) -> FolderStatus:
         assert self.client is not None
         reply = self._call(self.client.select_folder, folder, readonly=readonly)
-        modseq = reply.get(b"HIGHESTMODSEQ")
+        # Only from a server that offers CONDSTORE: a HIGHESTMODSEQ seen elsewhere (Dovecot
+        # keeps sending it once a mailbox has mod-sequences) would lead to CHANGEDSINCE, a
+        # command such a server need not know (RFC 7162 3.1).
+        modseq = reply.get(b"HIGHESTMODSEQ") if self.has("CONDSTORE") else None
         return FolderStatus(
             name=folder,
             uidvalidity=int(reply[b"UIDVALIDITY"]),
@@ -668,16 +671,18 @@ class ImapSession:
         return flags, vanished & set(uids)
 
     def fetch_flags(
-        self, uids: Sequence[int], *, changed_since: int | None = None
+        self, uids: Sequence[int], *, changed_since: int | None = None, span: bool = False
     ) -> dict[int, tuple[str, ...]]:
         """Flags of the given UIDs; with CONDSTORE only those changed since a mod-sequence
-        (asked for over the UIDs' span in one command: the reply holds only the changes)."""
+        (asked for over the UIDs' span in one command: the reply holds only the changes).
+        ``span``: asked for as "lowest:highest" in any case (the caller knows the span holds
+        few other messages); the reply is still filtered to ``uids``."""
         assert self.client is not None
         if not uids:
             return {}
         modifiers = [f"CHANGEDSINCE {changed_since}"] if changed_since is not None else None
         reply = self._call(_uid_fetch, self.client, uids, [b"FLAGS"], modifiers,
-                           span=changed_since is not None)
+                           span=span or changed_since is not None)
         return {int(uid): _flags(data.get(b"FLAGS", ())) for uid, data in reply.items()}
 
     # -- changing -----------------------------------------------------------------------------
