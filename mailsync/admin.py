@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.contrib import admin
+from django.db.models import BooleanField, ExpressionWrapper, Q, QuerySet
+from django.http import HttpRequest
 
 from . import services
 from .models import Email, EmailLocation, Mailbox, MessageError
@@ -28,6 +32,42 @@ class MailboxAdminForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         self.initial.pop("password", None)
         self.initial.pop("smtp_password", None)
+
+    # The admin's form is built from the model, which takes any text or JSON: without these,
+    # "a.example, b.example" was saved as one "domain" that matches no mail (so mail of both
+    # stayed shared with colleagues), and folders "INBOX" (a string, synced as the folders
+    # I, N, B, O, X) or a size limit of 1 byte were saved too. Same rules as the API and the
+    # mailbox page (mailsync/api/serializers.py).
+    def _api_rule(self, name: str, value: Any) -> Any:  # noqa: ANN401
+        from rest_framework.exceptions import ValidationError as ApiValidationError
+
+        from .api.serializers import MailboxSerializer
+
+        try:
+            return getattr(MailboxSerializer(), f"validate_{name}")(value)
+        except ApiValidationError as exc:
+            raise forms.ValidationError([str(m) for m in exc.detail]) from exc
+
+    def clean_excluded_domains(self) -> str:
+        return self._api_rule("excluded_domains", self.cleaned_data.get("excluded_domains") or "")
+
+    def clean_folders(self) -> list[str]:
+        return self._api_rule("folders", self.cleaned_data.get("folders") or [])
+
+    def clean_max_message_bytes(self) -> int | None:
+        from .api.serializers import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
+
+        value = self.cleaned_data.get("max_message_bytes")
+        if value is not None and not MIN_MESSAGE_BYTES <= value <= MAX_MESSAGE_BYTES:
+            raise forms.ValidationError(
+                f"Between {MIN_MESSAGE_BYTES} (1 MB) and {MAX_MESSAGE_BYTES} (1 GB) bytes.")
+        return value
+
+    def clean_pop3_keep_days(self) -> int | None:
+        value = self.cleaned_data.get("pop3_keep_days")
+        if value is not None and not 1 <= value <= 3650:  # as the API and the options form
+            raise forms.ValidationError("Between 1 and 3650 days (empty: keep the copy).")
+        return value
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -93,8 +133,8 @@ class EmailAdmin(ReadOnlyAdmin):
     errors. Bodies and sources are not shown: a salesperson's mail is read in the CRM, under
     its sharing rules."""
 
-    list_display = ["subject", "from_address", "mailbox", "date", "direction", "source", "parse_state",
-                    "send_state", "truncated", "deleted_at"]
+    list_display = ["shown_subject", "shown_from_address", "mailbox", "date", "direction", "source",
+                    "parse_state", "send_state", "truncated", "deleted_at"]
     list_filter = ["direction", "source", "parse_state", "send_state", "truncated"]
     search_fields = ["subject", "from_address", "message_id", "mailbox__email_address"]
     list_select_related = ["mailbox"]
@@ -105,6 +145,61 @@ class EmailAdmin(ReadOnlyAdmin):
               "deleted_at", "created_at"]
     readonly_fields = fields
     inlines = [EmailLocationInline]
+
+    # Mail from or to an excluded domain is "never shared" (the mailbox's owner said so, for
+    # their bank, lawyer, doctor...): an operator who is not the owner sees its mailbox,
+    # places and state, not its subject, addresses or Message-ID (which names the domain),
+    # and finds it by its mailbox or exact Message-ID, never by a word of its subject or
+    # sender. Other mail is shown as before.
+    PARTICULARS = ("subject", "from_name", "from_address", "to", "cc", "message_id", "in_reply_to",
+                   "send_error")
+    HIDDEN = "(hidden: mail from or to an excluded domain of this mailbox)"
+
+    @staticmethod
+    def _hidden(user: Any) -> Q:  # noqa: ANN401
+        return Q(shareable=False) & ~Q(mailbox__owner=user)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Email]:
+        return super().get_queryset(request).annotate(
+            hidden=ExpressionWrapper(self._hidden(request.user), output_field=BooleanField()))
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Email],
+                           search_term: str) -> tuple[QuerySet[Email], bool]:
+        results, duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if term:
+            findable = Q(mailbox__email_address__iexact=term) | Q(message_id=term.strip("<>"))
+            results = results.exclude(self._hidden(request.user) & ~findable)
+        return results, duplicates
+
+    @admin.display(description="subject")
+    def shown_subject(self, obj: Email) -> str:
+        return self.HIDDEN if obj.hidden else (obj.subject or "(no subject)")
+
+    @admin.display(description="from address")
+    def shown_from_address(self, obj: Email) -> str:
+        return "" if obj.hidden else obj.from_address
+
+    @admin.display(description="particulars")
+    def hidden_particulars(self, obj: Email) -> str:
+        return self.HIDDEN
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Email | None:
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None and obj.hidden:
+            # The page's title and breadcrumbs show str(obj), the subject. Never saved: the
+            # admin cannot change mail (ReadOnlyAdmin).
+            obj.subject = self.HIDDEN
+        return obj
+
+    def get_fields(self, request: HttpRequest, obj: Email | None = None) -> list[str]:
+        if obj is not None and getattr(obj, "hidden", False):
+            return ["mailbox", "hidden_particulars",
+                    *(name for name in self.fields if name not in {"mailbox", *self.PARTICULARS})]
+        return list(self.fields)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Email | None = None) -> list[str]:
+        return self.get_fields(request, obj)
 
 
 @admin.register(MessageError)

@@ -1,17 +1,15 @@
 """Forms of the email pages. They check input shape; business rules stay in the services."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django import forms
 from django.core.exceptions import ValidationError
 
-from .models import Mailbox, Security
+from .models import Mailbox, Security, excluded_domain
 from .providers import PRESETS, Preset, preset_for
 from .sending import MAX_ATTACHMENTS_BYTES
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 # What the provider picker offers: the presets, then the two "other" entries.
 PROVIDER_CHOICES = [
@@ -221,12 +219,13 @@ class MailboxOptionsForm(forms.Form):
 
     def clean_excluded_domains(self) -> str:
         value = self.cleaned_data.get("excluded_domains", "")
-        domains = [line.strip().lower().lstrip("@") for line in value.splitlines() if line.strip()]
-        bad = [d for d in domains if not _DOMAIN.match(d)]
+        # models.excluded_domain: internationalized domains too, stored in ASCII form.
+        lines = [line.strip() for line in value.splitlines() if line.strip()]
+        bad = [line.lower().lstrip("@") for line in lines if excluded_domain(line) is None]
         if bad:
             raise ValidationError(f"Not a domain: {', '.join(bad[:5])} (one domain per line, "
                                   "like example.com).")
-        return "\n".join(dict.fromkeys(domains))
+        return "\n".join(dict.fromkeys(excluded_domain(line) for line in lines))
 
     def options_data(self) -> dict[str, Any]:
         return {k: v for k, v in self.cleaned_data.items()}

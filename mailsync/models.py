@@ -6,12 +6,31 @@ transaction as the rows it covers.
 """
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
 from crm.encryption import EncryptedTextField
+
+# A domain in ASCII form. The top-level label may be an IDNA one ("xn--p1ai" is .рф): with
+# letters only there, no domain under an internationalized TLD could be excluded.
+_ASCII_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?:[a-z]{2,63}|xn--[a-z0-9-]{1,59})$")
+
+
+def excluded_domain(line: str) -> str | None:
+    """One line of an excluded-domains list as it is stored: lower-case, without "@", in
+    ASCII (IDNA, "bücher.example" -> "xn--bcher-kva.example": the form mail headers carry);
+    None if it is not a domain. The one rule of the API, the mailbox page and the admin."""
+    value = line.strip().lower().lstrip("@")
+    try:
+        value = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return value if _ASCII_DOMAIN.match(value) else None
 
 
 class Security(models.TextChoices):
@@ -128,11 +147,20 @@ class Mailbox(models.Model):
 
     @property
     def excluded_domain_set(self) -> set[str]:
-        return {
+        domains = {
             line.strip().lower().lstrip("@")
             for line in self.excluded_domains.splitlines()
             if line.strip()
         }
+        # Also the Unicode spelling of an internationalized domain: mail of SMTPUTF8 senders
+        # carries "банк.рф" where other mail carries "xn--80ab2al.xn--p1ai".
+        for domain in list(domains):
+            if "xn--" in domain:
+                try:
+                    domains.add(domain.encode("ascii").decode("idna"))
+                except UnicodeError:
+                    pass
+        return domains
 
 
 class MailFolder(models.Model):

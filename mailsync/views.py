@@ -691,10 +691,22 @@ def inbox_view(request: HttpRequest) -> HttpResponse:
 
 def _other_party(email: Email) -> tuple[str, str]:
     """(name, address) of the person a mail is with: the sender of received mail, the
-    first recipient of sent mail."""
-    if email.direction == Email.Direction.SENT and email.to:
-        return email.to[0].get("name", ""), email.to[0].get("email", "")
-    return email.from_name, email.from_address
+    first recipient of sent mail (To, then Cc, then Bcc); ("", "") if only the mailbox's
+    own addresses are on it. Never the mailbox's own address or an alias: a note to self
+    with the customers in Bcc, or a mail with only Cc, made a record of the salesperson,
+    which never matches any mail (association.own_addresses)."""
+    from .association import own_addresses
+
+    own = own_addresses([email.mailbox_id]).get(email.mailbox_id, set())
+    if email.direction == Email.Direction.SENT:
+        people = [(a.get("name", ""), a.get("email", "")) for a in (*email.to, *email.cc)
+                  if isinstance(a, dict)]
+        people += list(email.participants.filter(role="bcc").order_by("pk").values_list("name", "address"))
+    else:
+        people = [(email.from_name, email.from_address)]
+        people += list(email.participants.filter(role="reply_to").order_by("pk").values_list("name", "address"))
+    return next(((name or "", address) for name, address in people
+                 if address and address.strip().lower() not in own), ("", ""))
 
 
 @login_required
@@ -707,6 +719,9 @@ def add_record_from_email_view(request: HttpRequest, pk: int) -> HttpResponse:
     if model is None:
         raise Http404("No such record type.")
     name, address = _other_party(email)
+    if not address:
+        messages.error(request, "This email has no one but you on it: there is no one to add.")
+        return redirect("mail-inbox")
     first, _, last = name.strip().rpartition(" ")
     if not last:
         last = address.split("@")[0] or address

@@ -1,17 +1,14 @@
 from __future__ import annotations
 
-import re
-
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import Attachment, Email, Mailbox
+from ..models import Attachment, Email, Mailbox, excluded_domain
 
 # The limit of one message's size a mailbox may be given (max_message_bytes): below 1 MB
 # ordinary mail would be cut to headers; memory follows it (a few times it per message).
 MIN_MESSAGE_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
 class MailboxSerializer(serializers.ModelSerializer):
@@ -49,11 +46,12 @@ class MailboxSerializer(serializers.ModelSerializer):
         }
 
     def validate_excluded_domains(self, value: str) -> str:
-        bad = [line.strip() for line in value.splitlines()
-               if line.strip() and not _DOMAIN.match(line.strip().lower().lstrip("@"))]
+        # models.excluded_domain: internationalized domains too, stored in ASCII form.
+        lines = [line.strip() for line in value.splitlines() if line.strip()]
+        bad = [line for line in lines if excluded_domain(line) is None]
         if bad:
             raise serializers.ValidationError(f"Not a domain: {', '.join(bad[:5])} (one domain per line).")
-        return "\n".join(line.strip().lower().lstrip("@") for line in value.splitlines() if line.strip())
+        return "\n".join(excluded_domain(line) for line in lines)
 
     def validate_folders(self, value: object) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
