@@ -99,7 +99,8 @@ class MailboxAdmin(admin.ModelAdmin):
         services.mailbox_saved_by_admin(
             mailbox=obj, excluded_before=before.excluded_domain_set if before else set(),
             activated=obj.is_active and (not change or "is_active" in form.changed_data),
-            limit_before=before.max_message_bytes if before else None)
+            limit_before=before.max_message_bytes if before else None,
+            since_before=before.sync_since if before else None)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -5,7 +5,7 @@ Pages, the API, Celery tasks, the IDLE watcher and management commands call thes
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
+from datetime import date, timedelta
 import functools
 import logging
 import socket
@@ -206,35 +206,52 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     sync_now = reconnect or mailbox.max_message_bytes > limit_before
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
-    if since_before is not None and (mailbox.sync_since is None or mailbox.sync_since < since_before):
-        # Older mail is wanted now: each folder's backfill runs again below what it has
-        # (UIDs already stored are skipped, nothing is downloaded twice). Not while a sync
-        # runs: it would write its own cursor back over this.
-        from .sync.lock import mailbox_lock  # noqa: PLC0415
-
-        try:
-            with mailbox_lock(mailbox.pk):
-                MailFolder.objects.filter(mailbox=mailbox, uid_low__isnull=False).update(
-                    backfill_done=False, uid_low=F("uid_high") + 1)
-        except MailboxBusy as exc:
-            raise ValidationError({"sync_since": [
-                "A sync is running: change this when it has finished (see the status)."]}) from exc
-        sync_now = True
+    try:
+        if _backfill_again_if_earlier(mailbox=mailbox, since_before=since_before):
+            sync_now = True
+    except MailboxBusy as exc:
+        raise ValidationError({"sync_since": [
+            "A sync is running: change this when it has finished (see the status)."]}) from exc
     if sync_now and mailbox.is_active:
         _queue_sync(mailbox)
     return mailbox
 
 
+def _backfill_again_if_earlier(*, mailbox: Mailbox, since_before: date | None) -> bool:
+    """"Sync mail since" moved earlier (or cleared): older mail is wanted now, so each
+    folder's backfill runs again below what it has (UIDs already stored are skipped, nothing
+    is downloaded twice). Not while a sync runs: it would write its own cursor back over
+    this (MailboxBusy). True if the folders were reset."""
+    if since_before is None or (mailbox.sync_since is not None
+                                and mailbox.sync_since >= since_before):
+        return False
+    from .sync.lock import mailbox_lock  # noqa: PLC0415
+
+    with mailbox_lock(mailbox.pk):
+        MailFolder.objects.filter(mailbox=mailbox, uid_low__isnull=False).update(
+            backfill_done=False, uid_low=F("uid_high") + 1)
+    return True
+
+
 def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool,
-                           limit_before: int | None = None) -> None:
+                           limit_before: int | None = None, since_before: date | None = None) -> None:
     """The Django admin saved a mailbox with its own form: what mailbox_update and
     mailbox_activate do besides saving (mail already synced follows a new list of excluded
     domains; an activated mailbox syncs at once, and so does one whose size limit was
-    raised)."""
+    raised or whose "sync mail since" moved earlier: without the latter, a date moved
+    earlier in the admin never brought the older mail)."""
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
     raised = limit_before is not None and mailbox.max_message_bytes > limit_before
-    if activated or (raised and mailbox.is_active):
+    try:
+        earlier = _backfill_again_if_earlier(mailbox=mailbox, since_before=since_before)
+    except MailboxBusy:
+        # The admin has no form error to show at this point (the row is saved): said in the
+        # log; saving the date again once the sync has ended does it.
+        log.warning("mailbox %s: sync running, older mail not requested; save again later",
+                    mailbox.pk)
+        earlier = False
+    if activated or ((raised or earlier) and mailbox.is_active):
         _queue_sync(mailbox)
 
 
@@ -449,10 +466,13 @@ def _parse_and_store(emails: list[Email]) -> None:
 # -- two-way actions: what the user does in the CRM happens in the mailbox --------------------
 
 def _locations_by_folder(email: Email) -> dict[str, list[int]]:
-    """The mail's places on the server, by folder. A mail whose places are all under an
-    earlier UIDVALIDITY (its folder is being read again, or was left half-way): nothing can
-    be done on the server until the sync has found it again, so the user is told (acting on
-    the CRM copy alone would be undone by that sync)."""
+    """The mail's places on the server, by folder. A mail with a place under an earlier
+    UIDVALIDITY (its folder is being read again, or was left half-way): nothing can be done
+    on the server until the sync has found it again, so the user is told (acting on the
+    CRM copy alone would be undone by that sync). So also when only one of its places is:
+    acting on the others alone, a delete or move left that copy on the server, and the
+    re-read, once it went on (after the day's download budget, say), brought the mail the
+    user had deleted back (a flag change was undone the same way)."""
     grouped: dict[str, list[int]] = {}
     stale = False
     for location in email.locations.select_related("folder"):
@@ -460,7 +480,7 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
             grouped.setdefault(location.folder.name, []).append(location.uid)
         else:
             stale = True
-    if stale and not grouped:
+    if stale:
         _queue_sync(email.mailbox)
         raise MailboxOutOfDate(
             "This mail's folder is being read again from the server (it changed there).",
@@ -501,6 +521,20 @@ def _select_same_uids(session, mailbox: Mailbox, name: str, uids: list[int]):  #
             hint="A sync has started; try again in a moment.",
         )
     return selected
+
+
+def _check_every_place(session, mailbox: Mailbox,  # noqa: ANN001
+                       places: dict[str, list[int]]) -> None:
+    """A mail in several folders: every copy is checked (``_select_same_uids``) before any is
+    changed. Checked folder by folder while acting, a copy another client had removed in
+    the second folder was found only after the first copy was moved (to the target, or to
+    the Trash): the user was told "nothing was done" while the mail had moved, and a mail
+    filed into a folder that is not synced then left the CRM as a tombstone (its new place
+    was never recorded). One folder: the action's own check is enough (no extra SELECT)."""
+    if len(places) < 2:
+        return
+    for name, uids in places.items():
+        _select_same_uids(session, mailbox, name, uids)
 
 
 def _server_session(mailbox: Mailbox, *, timeout: float = 20):  # noqa: ANN202
@@ -584,6 +618,7 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
                 target_special_use = server_folders[folder]
             # One copy goes to the folder (none if it is there already); copies elsewhere are
             # removed: the mail is then in that folder only, as the CRM shows it.
+            _check_every_place(session, mailbox, places)
             move_one = folder not in places
             for name, uids in places.items():
                 modseq_before[name] = _select_same_uids(session, mailbox, name, uids).highestmodseq
@@ -680,10 +715,16 @@ def _record_moves(*, email: Email, folder: str, special_use: str,
     )
     flags = {(loc.folder.name, loc.uid): loc.flags
              for loc in email.locations.select_related("folder")}
+    # Recorded under the server's UIDVALIDITY even when the CRM knows the folder under an
+    # earlier one (rebuilt on the server since): dropped, the mail had no place at all and
+    # in a folder that is not synced was never followed again (shown for good, its actions
+    # refused as "not on the server"). Until the sync re-reads the folder the place counts
+    # as stale (actions wait for it); that re-read keeps it, as it keeps every place under
+    # the folder's new UIDVALIDITY.
     EmailLocation.objects.bulk_create(
         [EmailLocation(email=email, folder=target, uidvalidity=copied.uidvalidity, uid=new_uid,
                        flags=flags.get((source, old_uid), []))
-         for source, copied in moves if copied.uidvalidity == target.uidvalidity
+         for source, copied in moves
          for old_uid, new_uid in copied.uids.items()],
         ignore_conflicts=True,
     )
@@ -704,6 +745,7 @@ def email_delete(*, actor: User, email: Email) -> str:
             trash = session.trash_folder()
             to_trash = bool(trash) and trash not in places
             outcome = "trash" if to_trash else "expunged"
+            _check_every_place(session, mailbox, places)
             for name, uids in places.items():
                 _select_same_uids(session, mailbox, name, uids)
                 if to_trash:

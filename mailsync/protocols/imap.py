@@ -624,6 +624,21 @@ class ImapSession:
         wanted = set(uids)
         return sorted(u for u in found if u in wanted)
 
+    def search_header(self, field: str, values: Sequence[str]) -> list[int]:
+        """UIDs in the selected folder whose header ``field`` contains any of ``values``
+        (``SEARCH OR HEADER f v1 HEADER f v2 ...``: a substring match, RFC 3501 6.4.4; the
+        caller checks what it gets). ASCII values only, 50 per command."""
+        assert self.client is not None
+        wanted = [v for v in values if v and v.isascii() and v.isprintable()]
+        found: set[int] = set()
+        for start in range(0, len(wanted), 50):
+            chunk = wanted[start:start + 50]
+            criteria: list = ["OR"] * (len(chunk) - 1)
+            for value in chunk:
+                criteria += ["HEADER", field, value]
+            found.update(self._call(self.client.search, criteria))
+        return sorted(found)
+
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """Only the header block of messages too large to import whole (BODY.PEEK[HEADER])."""
         assert self.client is not None

@@ -18,11 +18,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 import time as time_module
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from ..exceptions import MailProtocolError, MailTransientError, MailUserError
@@ -221,17 +222,38 @@ class ImapSync(SyncRun):
                 raise
             self._folder_gone(folder)
             return
+        # Places under an earlier UIDVALIDITY: a re-map of this folder left half-way (the
+        # day's budget, a crash), or the folder taken off "Folders to sync" during one.
+        def void() -> QuerySet[EmailLocation]:  # read each time: the UIDVALIDITY may change below
+            return (EmailLocation.objects.filter(folder=folder)
+                    .exclude(uidvalidity=folder.uidvalidity))
+
         if (folder.uidvalidity == status.uidvalidity and folder.last_uidnext == status.uidnext
                 and folder.last_exists == status.exists and status.highestmodseq is not None
-                and folder.highestmodseq == status.highestmodseq):
+                and folder.highestmodseq == status.highestmodseq and not void().exists()):
             return
         selected = session.select(folder.name, readonly=True)
         if folder.uidvalidity != selected.uidvalidity:
-            # Its UIDs are void and its mails could be found again only by downloading the
-            # folder, which is not synced: their places there are dropped (a mail with no
-            # other place becomes a recoverable tombstone, back when seen in a synced folder).
+            # Its UIDs are void. Its cursor too: a folder that was synced before (taken off
+            # "Folders to sync" since) kept uid_high/backfill_done of the old numbering, so
+            # once added back only UIDs above the old uid_high were fetched and the rest of
+            # its mail stayed tombstones while on the server. Reset as _uidvalidity_changed
+            # does: synced again, it is fetched whole and re-mapped by fingerprint.
             folder.uidvalidity = selected.uidvalidity
-            folder.save(update_fields=["uidvalidity"])
+            folder.uid_high, folder.uid_low, folder.backfill_done = 0, None, False
+            folder.highestmodseq = None
+            folder.save(update_fields=["uidvalidity", "uid_high", "uid_low", "backfill_done",
+                                       "highestmodseq"])
+        if void().exists():
+            # A re-map never deletes in the CRM what is still on the server (issue 3): the
+            # mails placed there are looked for by Message-ID (one SEARCH per 50 of them,
+            # not a download of the folder, which is not synced) and keep a place where
+            # their fingerprint matches. The places of the others are dropped (a mail with
+            # no other place becomes a recoverable tombstone, back when seen in a synced
+            # folder; a mail with no Message-ID cannot be searched for).
+            self._relocate(session, folder, session.search_header("Message-ID", list(
+                Email.objects.filter(pk__in=void().values("email_id")).exclude(message_id="")
+                .values_list("message_id", flat=True))))
             self._drop_void_places(folder)
         known = self._known(folder)
         uids = sorted(known)
@@ -339,9 +361,13 @@ class ImapSync(SyncRun):
         if fresh:
             self._initial(session, folder)
         else:
+            cursor = folder.uid_high  # before this run's new mail moved it
             self._new_mail(session, folder)
+            self._new_mail_left_out(session, folder, above=cursor)
         if not folder.backfill_done:
             self._backfill(session, folder)
+            self._find_known_again(session, folder,
+                                   self._left_out_by_since(session, folder, remap=True)[2])
             self._drop_void_places(folder)
         if folder.pk in self._kept_back:
             self._fetch_kept_back(session, folder)
@@ -439,6 +465,11 @@ class ImapSync(SyncRun):
         """The folder is fetched whole under its UIDVALIDITY: places under an earlier one
         are void. Mails that were not found again are gone from the server."""
         void = EmailLocation.objects.filter(folder=folder).exclude(uidvalidity=folder.uidvalidity)
+        # Per-message errors and notices under an earlier UIDVALIDITY name UIDs that mean
+        # nothing now (Retry skips them, so they stayed in the status for good, beside the
+        # new notice of the same mail): the folder was just read whole, so what still fails
+        # or is still over the size limit has its own, current, entry.
+        _resolve_errors(folder, stale=True)
         email_ids = set(void.values_list("email_id", flat=True))
         if not email_ids:
             return
@@ -453,8 +484,14 @@ class ImapSync(SyncRun):
     def _initial(self, session: ImapSession, folder: MailFolder) -> None:
         # Searched now, after this folder's SELECT (not from the plan): mail that came since
         # the plan is below the cursor and downloaded by this run.
+        # With "sync mail since", the cursor starts above the folder's last UID even when
+        # that mail is older than the date (left out on purpose): else the next run's check
+        # of new mail left out by the date (_new_mail_left_out) read the headers of all of
+        # it, e.g. every message of a folder with nothing since the date. Asked for first:
+        # mail of the date arriving between the two SEARCHes is in the second.
+        top = max(session.search_uids(), default=0) if self.mailbox.sync_since is not None else 0
         uids = self._search(session)
-        top = max(uids, default=0)
+        top = max(top, max(uids, default=0))
         folder.uid_high, folder.uid_low = top, top + 1
         folder.save(update_fields=["uid_high", "uid_low"])
         # The backfill that follows on this SELECT starts from this answer instead of a
@@ -474,6 +511,105 @@ class ImapSync(SyncRun):
             return advance
 
         self._fetch_and_store(session, folder, list(_batches(sorted(sizes), sizes)), advance_to, sizes)
+
+    def _new_mail_left_out(self, session: ImapSession, folder: MailFolder, *, above: int) -> None:
+        """New in the folder but older than "sync mail since" (a move keeps the INTERNALDATE):
+        a mail the CRM holds, moved here from another folder by a mail program after the
+        date was moved later, is followed here (``_find_known_again``) instead of staying
+        a tombstone while it sits in a synced folder. The cursor then passes the rest (left
+        out on purpose; "since" moved earlier backfills below it), so that they are looked
+        at once, not on every run."""
+        every, wanted, left_out = self._left_out_by_since(session, folder, above=above)
+        if not left_out:
+            return
+        self._find_known_again(session, folder, left_out)
+        # Not past mail of the date that came between the two SEARCHes (not fetched yet).
+        waiting = [u for u in wanted if u > folder.uid_high]
+        top = max((u for u in every if not waiting or u < min(waiting)), default=0)
+        if top > folder.uid_high:
+            folder.uid_high = top
+            folder.save(update_fields=["uid_high"])
+
+    def _left_out_by_since(self, session: ImapSession, folder: MailFolder, *, above: int = 0,
+                           remap: bool = False) -> tuple[list[int], set[int], list[int]]:
+        """(UIDs above ``above``, those of the "sync mail since" search, those it leaves out
+        that the folder has no current place for). ``remap``: only while places under an
+        earlier UIDVALIDITY are left that no mail found again covers (else there is nothing
+        to look for)."""
+        if self.mailbox.sync_since is None:
+            return [], set(), []
+        current = EmailLocation.objects.filter(folder=folder, uidvalidity=folder.uidvalidity)
+        since = None
+        if remap:
+            lost = Email.objects.filter(pk__in=EmailLocation.objects.filter(folder=folder).exclude(
+                uidvalidity=folder.uidvalidity).exclude(email_id__in=current.values("email_id"))
+                .values("email_id"))
+            if not lost.exists():
+                return [], set(), []
+            # Only as far back as the oldest mail to find (its Date, with two days' margin
+            # for the INTERNALDATE): not the headers of years of mail the CRM never had.
+            if not lost.filter(date__isnull=True).exists():
+                oldest = lost.order_by("date").values_list("date", flat=True).first()
+                since = (oldest - timedelta(days=2)).date()
+        every = session.search_uids(since=since, above=above)
+        if not every:  # no new mail at all (a flag change): one SEARCH
+            return [], set(), []
+        known = set(current.values_list("uid", flat=True))
+        wanted = set(self._search(session, above=above))
+        return every, wanted, [u for u in every if u not in wanted and u not in known]
+
+    def _find_known_again(self, session: ImapSession, folder: MailFolder, uids: list[int]) -> None:
+        """Of mail older than "sync mail since", what the CRM already holds (its Message-ID
+        is a stored mail's) gets its place here, downloaded again (by fingerprint, the same
+        row): moved later, the date must not drop mail the CRM had, though it is still on
+        the server, when the folder is re-read (UIDVALIDITY change) or the mail is moved to
+        another synced folder. Only the headers of the rest are read, and nothing new is
+        stored for them (the date keeps them out)."""
+        from ..mime import parse_envelope
+
+        if not uids:
+            return
+        found: list[int] = []
+        for start in range(0, len(uids), BATCH_MESSAGES):
+            ids: dict[str, list[int]] = {}
+            for message in session.fetch_headers(uids[start:start + BATCH_MESSAGES]):
+                try:
+                    message_id = parse_envelope(bytes(message.raw)).message_id
+                except Exception:  # noqa: BLE001  (an unreadable header: not a known mail)
+                    continue
+                if message_id:
+                    ids.setdefault(message_id.replace("\x00", "")[:1000], []).append(message.uid)
+            for message_id in Email.objects.filter(mailbox=self.mailbox, message_id__in=list(ids)
+                                                   ).values_list("message_id", flat=True):
+                found += ids.pop(message_id, [])
+        self._relocate(session, folder, sorted(found))
+
+    def _relocate(self, session: ImapSession, folder: MailFolder, uids: list[int]) -> None:
+        """Download these UIDs and give those that are mails the CRM holds (the same
+        fingerprint: not merely the same Message-ID) their place here, read, flagged and
+        live as that place says. The others are left alone: nothing new is imported."""
+        if not uids:
+            return
+        sizes = session.fetch_sizes(uids)
+        for batch in _batches(sorted(sizes), sizes):
+            self._check_budget()
+            prepared = prepare_batch([m for m in fetch_batch(session, batch, sizes,
+                                                             self.mailbox.max_message_bytes)
+                                      if not m.error])
+            held = set(Email.objects.filter(mailbox=self.mailbox,
+                                            fingerprint__in=[p.fingerprint for p in prepared])
+                       .values_list("fingerprint", flat=True))
+            mine = [p for p in prepared if p.fingerprint in held]
+            if not mine:
+                continue
+            truncated = [p.message for p in mine if p.message.truncated]
+
+            def notice(f: MailFolder, truncated: list = truncated) -> None:
+                if truncated:
+                    notice_truncated(self.mailbox, f, truncated)
+
+            ingest_batch(mailbox=self.mailbox, folder=folder, uidvalidity=folder.uidvalidity,
+                         prepared=mine, advance_cursor=notice, progress=False, durable=False)
 
     def _backfill(self, session: ImapSession, folder: MailFolder) -> None:
         # Below what the folder has; UIDs already stored are skipped (a backfill run again
@@ -725,7 +861,24 @@ class ImapSync(SyncRun):
             ).delete()
             _tombstone_placeless(email_ids)
             refresh_flags(email_ids)  # what the copies left say
+            # Their notices ("only its headers were imported: raise the limit") go with them:
+            # the status listed them for mail no longer on the server, for good.
+            _resolve_errors(folder, uidvalidity=folder.uidvalidity, uids=gone)
         self.report.expunged += len(gone)
+
+
+def _resolve_errors(folder: MailFolder, *, uidvalidity: int | None = None, uids: Sequence[int] = (),
+                    stale: bool = False) -> None:
+    """Resolve the folder's open per-message errors: of these UIDs, or (``stale``) all those
+    under another UIDVALIDITY than the folder's."""
+    from ..models import MessageError
+
+    errors = MessageError.objects.filter(folder=folder, resolved_at__isnull=True)
+    if stale:
+        errors = errors.exclude(uidvalidity=folder.uidvalidity)
+    else:
+        errors = errors.filter(uidvalidity=uidvalidity, uid__in=list(uids))
+    errors.update(resolved_at=timezone.now())
 
 
 def _tombstone_placeless(email_ids: set[int] | list[int]) -> None:

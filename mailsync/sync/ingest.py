@@ -413,7 +413,14 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     # A known mail seen again somewhere (moved on the server) is no longer deleted, and is
     # read or flagged as its places now are; so is a new mail that came twice in this batch.
     if existing and undelete:
-        Email.objects.filter(pk__in=existing.values(), deleted_at__isnull=False).update(deleted_at=None)
+        # Not by a copy marked \Deleted (RFC 3501 2.3.2: deleted, waiting for an expunge):
+        # on a server without UIDPLUS a delete or move from the CRM leaves exactly such a
+        # copy behind (``ImapSession.expunge``/``move`` never send a bare EXPUNGE), and a
+        # re-read of the folder (UIDVALIDITY change, "sync mail since" moved earlier)
+        # brought the mail the user had deleted back to life.
+        alive = {p.fingerprint for p in prepared if "\\Deleted" not in p.message.flags}
+        Email.objects.filter(pk__in=[pk for fp, pk in existing.items() if fp in alive],
+                             deleted_at__isnull=False).update(deleted_at=None)
     if existing and folder.special_use == "sent":
         # Seen first in another folder (Gmail's All Mail, an archive): in Sent, it was sent.
         Email.objects.filter(pk__in=existing.values(), direction=Email.Direction.RECEIVED).update(
