@@ -335,7 +335,10 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
     if not mailbox.is_active or not mailbox.owner.is_active:
         log.info("mailbox %s: not active, not syncing", mailbox_id)
         return None
-    if mailbox.state == Mailbox.State.PAUSED and mailbox.paused_until and mailbox.paused_until > timezone.now():
+    if (mailbox.protocol == Mailbox.Protocol.POP3 and mailbox.state == Mailbox.State.PAUSED
+            and mailbox.paused_until and mailbox.paused_until > timezone.now()):
+        # POP3 downloads in one line, oldest first: nothing to do until the budget resets.
+        # An IMAP mailbox still syncs: only its older mail waits (SyncRun._older_mail).
         log.info("mailbox %s: paused until %s", mailbox_id, mailbox.paused_until)
         return None
     from . import tasks  # noqa: PLC0415  (tasks import services)

@@ -66,12 +66,13 @@ def parse_emails(mailbox_id: int) -> None:
 
 @shared_task(name="mailsync.poll_mailboxes")
 def poll_mailboxes() -> int:
-    """The safety net behind IDLE: queue a sync of every active mailbox not paused or failed
-    on a user error."""
+    """The safety net behind IDLE: queue a sync of every active mailbox not failed on a user
+    error, nor a POP3 one paused by its provider's daily limit (a paused IMAP mailbox still
+    syncs its new mail and changes: services.mailbox_sync)."""
     now = timezone.now()
     ids = list(
         Mailbox.objects.filter(is_active=True, owner__is_active=True)
-        .exclude(state=Mailbox.State.PAUSED, paused_until__gt=now)
+        .exclude(protocol=Mailbox.Protocol.POP3, state=Mailbox.State.PAUSED, paused_until__gt=now)
         .exclude(state=Mailbox.State.ERROR, last_error_code__in=Mailbox.USER_ERROR_CODES)
         .values_list("pk", flat=True)
     )

@@ -34,7 +34,7 @@ from .fetcher import UNDELIVERED, FetchJob, discard, fetch_batch, fetch_in_child
 from .pipeline import batched, run_ahead
 from .ingest import complete_truncated, ingest_batch, refresh_flags
 from .prepare import prepare_batch
-from .base import BudgetExhausted, SyncReport, SyncRun, server_settings
+from .base import OLDER_MAIL_SHARE, BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import ConnectionSlot, connection_slot, mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ class ImapSync(SyncRun):
         """A first sync, or one resuming an unfinished backfill: worth starting the fetch
         process before the server is asked (a no-change resync must not pay for it), unless
         today's download budget is already spent (the run stops at its first batch)."""
-        if self.budget is not None and self.mailbox.budget_bytes_used >= self.budget:
+        if (self.budget is not None
+                and self.mailbox.budget_bytes_used >= int(self.budget * OLDER_MAIL_SHARE)):
             return False
         wanted = set(wanted_folders(self.mailbox.folders))
         done = [backfill_done for name, special_use, backfill_done in
@@ -363,16 +364,18 @@ class ImapSync(SyncRun):
         else:
             cursor = folder.uid_high  # before this run's new mail moved it
             self._new_mail(session, folder)
-            self._new_mail_left_out(session, folder, above=cursor)
-        if not folder.backfill_done:
-            self._backfill(session, folder)
-            self._find_known_again(session, folder,
-                                   self._left_out_by_since(session, folder, remap=True)[2])
-            self._drop_void_places(folder)
+            self._older_mail(lambda: self._new_mail_left_out(session, folder, above=cursor))
+        # Older mail, within its share of the provider's daily budget (SyncRun._older_mail):
+        # once that is spent, the rest waits for the next day while this run, and the runs
+        # until then, still bring new mail and the server's flag changes and deletes.
+        if not folder.backfill_done and self._older_mail(lambda: self._backfill(session, folder)) \
+                and self._older_mail(lambda: self._find_known_again(
+                    session, folder, self._left_out_by_since(session, folder, remap=True)[2])):
+            self._drop_void_places(folder)  # only once the folder was read whole
         if folder.pk in self._kept_back:
-            self._fetch_kept_back(session, folder)
+            self._older_mail(lambda: self._fetch_kept_back(session, folder))
         if folder.pk in self._to_complete:
-            self._complete_truncated(session, folder)
+            self._older_mail(lambda: self._complete_truncated(session, folder))
         if fresh and folder.backfill_done and session.qresync:
             # Every location was just written from a FETCH that carried its flags. What
             # changed on the server meanwhile (flags, expunges) is found by the next run:
@@ -652,6 +655,11 @@ class ImapSync(SyncRun):
         limit are imported as their headers, with a notice."""
         limit = self.mailbox.max_message_bytes
         self._sizes = sizes
+        if batches:
+            # Before anything is fetched: the batch checks come after a batch is downloaded
+            # (the fetch runs ahead), and a run while the day's budget is spent (new mail
+            # and changes still sync then) must not download a batch only to drop it.
+            self._check_budget()
         while batches:
             stored = self._fetch_and_store_some(session, folder, batches, advance_to, sizes, limit)
             batches = batches[stored:]
@@ -671,7 +679,12 @@ class ImapSync(SyncRun):
             job = FetchJob(server_settings(self.mailbox, timeout=self.timeout), folder.name,
                            folder.uidvalidity, batches, sizes, limit)
             spare, self._spare = self._spare, None
-            stored = self._store_batches(folder, fetch_in_child(job, spare), advance_to, len(batches))
+            try:
+                stored = self._store_batches(folder, fetch_in_child(job, spare), advance_to, len(batches))
+            except BudgetExhausted as paused:
+                if paused.older:  # the run goes on with new mail and changes: on this folder
+                    self._reopen(session, folder)
+                raise
             if stored == len(batches):
                 self._reopen(session, folder)
             return stored

@@ -145,10 +145,12 @@ def test_daily_budget_pauses_and_resumes_with_consistent_progress(api, dovecot, 
     assert status["estimated_completion"] is None
     assert status["messages_done"] <= status["messages_total"]
     assert status["last_error"] == ""
-    assert tasks.poll_mailboxes.apply().get() == 0
-    # "Sync now" while paused does nothing, and says paused.
+    # The poll and "Sync now" still sync it (new mail and changes would come): with the
+    # day's budget spent nothing is downloaded, and the status still says paused.
+    assert tasks.poll_mailboxes.apply().get() == 1
     queued = api.post(f"{url}sync/")
     assert queued.status_code == 202 and queued.json()["state"] == "paused"
+    assert not Email.objects.filter(mailbox=imap_mailbox).exists()
     # The next day.
     Mailbox.objects.filter(pk=imap_mailbox.pk).update(
         budget_day=today - timedelta(days=1), paused_until=timezone.now() - timedelta(seconds=1))

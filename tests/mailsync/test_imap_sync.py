@@ -411,8 +411,12 @@ def test_budget_exhausted_pauses_until_tomorrow(dovecot, mail_user, imap_mailbox
     assert imap_mailbox.state == "paused"
     assert imap_mailbox.paused_until is not None
     assert not Email.objects.filter(mailbox=imap_mailbox).exists()
-    # Paused mailboxes are skipped until the time passes
-    assert services.mailbox_sync(mailbox_id=imap_mailbox.pk) is None
+    # Until then a sync (IDLE, the poll, "Sync now") still runs for new mail and changes,
+    # and downloads nothing while the day's budget is spent: still paused, nothing stored.
+    assert services.mailbox_sync(mailbox_id=imap_mailbox.pk) is not None
+    imap_mailbox.refresh_from_db()
+    assert imap_mailbox.state == "paused" and imap_mailbox.budget_bytes_used == int(2.5 * 1024**3)
+    assert not Email.objects.filter(mailbox=imap_mailbox).exists()
 
 
 def test_every_corpus_message_syncs_without_stopping_the_run(dovecot, mail_user, imap_mailbox):

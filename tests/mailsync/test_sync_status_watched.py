@@ -399,8 +399,9 @@ def test_connection_dropped_during_the_tls_handshake_is_transient(
 # 6. ------------------------------------------------------------------------------------------
 def test_daily_budget_pauses_and_the_beat_resumes(dovecot, mail_user, imap_mailbox, settings, monkeypatch):
     """A provider preset with a tiny daily budget: the sync pauses until a time (the panel says
-    so), keeps its counts, Sync now and the poll do nothing meanwhile; the next day the beat
-    poll resumes it; every mail is stored once, none lost."""
+    so), keeps its counts; Sync now and the poll still sync it meanwhile (new mail and
+    changes) but download no more of the older mail; the next day the beat poll resumes it;
+    every mail is stored once, none lost."""
     import dataclasses
 
     settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 0
@@ -424,8 +425,10 @@ def test_daily_budget_pauses_and_the_beat_resumes(dovecot, mail_user, imap_mailb
     real_delay = tasks.sync_mailbox.delay
     monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
     tasks.poll_mailboxes()
-    assert imap_mailbox.pk not in queued
+    assert imap_mailbox.pk in queued
     monkeypatch.setattr(tasks.sync_mailbox, "delay", real_delay)
+    tasks.sync_mailbox.delay(imap_mailbox.pk)
+    assert mailbox_status(mailbox=imap_mailbox)["state"] == "paused"
     assert Email.objects.filter(mailbox=imap_mailbox).count() == stored
 
     # The next day (UTC): the budget is new and the pause over.
