@@ -7,6 +7,7 @@ confirmation link sent to the address through the normal sending path.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
@@ -23,7 +24,9 @@ from crm.models import OrganizationEmail, User
 
 from .models import Email, Mailbox, MailboxAlias
 
-_UNSAFE = ("\r", "\n", "\x00")
+# As sending._UNSAFE: what the email package takes for a line end (str.splitlines) and the
+# other controls RFC 5322 forbids in a header; a display name with one could not be sent.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,18 @@ def sender_choices(user: User) -> list[Sender]:
     # An organization email is used under its own rules (confirmed, allowed users), never
     # as an alias someone added to their mailbox.
     organization = {a.lower() for a in OrganizationEmail.objects.values_list("address", flat=True)}
+    # Nor as an alias of someone else's mailbox address: a user sends as a colleague only
+    # by connecting that mailbox (its password), never by typing it in as an extra address
+    # (aliases added before mailbox_alias_add refused it are not offered either).
+    taken = {a.lower() for a in Mailbox.objects.exclude(owner=user)
+             .values_list("email_address", flat=True)}
     choices: list[Sender] = []
     for mailbox in mailboxes:
         name = mailbox.display_name or user.get_full_name()
         choices.append(Sender(mailbox.email_address, name, mailbox, "mailbox"))
         choices += [Sender(a.address, a.display_name or name, mailbox, "alias")
-                    for a in mailbox.aliases.all() if a.address.lower() not in organization]
+                    for a in mailbox.aliases.all()
+                    if a.address.lower() not in organization and a.address.lower() not in taken]
     if mailboxes:
         choices += [Sender(o.address, o.display_name, mailboxes[0], "organization")
                     for o in organization_emails_for(user)]
@@ -91,7 +100,7 @@ def reply_to_for(user: User, address: str) -> Sender | None:
 
 def _clean_address(address: str, field: str = "address") -> str:
     address = (address or "").strip()
-    if any(c in address for c in _UNSAFE):
+    if _UNSAFE.search(address):
         raise ValidationError({field: ["Line breaks are not allowed."]})
     try:
         validate_email(address)
@@ -102,7 +111,7 @@ def _clean_address(address: str, field: str = "address") -> str:
 
 def _clean_name(name: str) -> str:
     name = (name or "").strip()
-    if any(c in name for c in _UNSAFE):
+    if _UNSAFE.search(name):
         raise ValidationError({"display_name": ["Line breaks are not allowed."]})
     return name[:255]
 
@@ -121,6 +130,13 @@ def mailbox_alias_add(*, actor: User, mailbox: Mailbox, address: str,
         raise ValidationError({"address": [
             "This is an organization email: it is offered to the users an administrator "
             "allows, once confirmed (Setup › Organization Emails), not as an alias."]})
+    # Another user's mailbox address or alias: adding it would let this user send as them.
+    if Mailbox.objects.exclude(owner=mailbox.owner_id).filter(email_address__iexact=address).exists() \
+            or MailboxAlias.objects.exclude(mailbox__owner=mailbox.owner_id).filter(
+                address__iexact=address).exists():
+        raise ValidationError({"address": [
+            "This address belongs to another user's mailbox: to send as it, connect that "
+            "mailbox (with its password) instead."]})
     return MailboxAlias.objects.create(mailbox=mailbox, address=address,
                                        display_name=_clean_name(display_name))
 

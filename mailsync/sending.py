@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from email import policy as email_policy
+from email.header import Header
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
@@ -61,7 +62,11 @@ SMTP_TIMEOUT = 60.0
 MAX_TOKEN_LENGTH = 100
 TOKEN_FIELD = "Idempotency-Key"
 
-_UNSAFE = re.compile(r"[\r\n\x00]")
+# CR, LF and NUL (header injection), and what else the email package takes for a line end
+# (str.splitlines: VT, FF, FS, GS, RS, NEL, U+2028, U+2029) or RFC 5322 forbids in a header
+# (other controls but TAB, DEL): the email package raised ValueError on the former while
+# building the mail, a 500 instead of a 400 naming the field; the latter went out raw.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _NAMED = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
 RecordType = Lead | Contact | Deal
 
@@ -108,7 +113,7 @@ def parse_address_list(value: str | Iterable[str], *, field: str) -> list[Header
         if not isinstance(item, str):
             raise ValidationError({field: ["Addresses must be text."]})
         if _UNSAFE.search(item):
-            raise ValidationError({field: ["Line breaks are not allowed in addresses."]})
+            raise ValidationError({field: ["Line breaks and control characters are not allowed in addresses."]})
         for piece in _split_list(item):
             match = _NAMED.match(piece)
             name, addr = ((match.group(1) or match.group(2) or "").strip(), match.group(3)) \
@@ -142,7 +147,7 @@ def _single_address(value: str, *, field: str) -> HeaderAddress:
 
 def _header_text(value: str, *, field: str, limit: int = 998) -> str:
     if _UNSAFE.search(value):
-        raise ValidationError({field: ["Line breaks are not allowed here."]})
+        raise ValidationError({field: ["Line breaks and control characters are not allowed here."]})
     if len(value) > limit:
         raise ValidationError({field: [f"At most {limit} characters."]})
     return value.strip()
@@ -209,7 +214,11 @@ def _check_attachments(attachments: Sequence[OutgoingAttachment]) -> list[Outgoi
     cleaned = []
     for a in attachments:
         ctype = (a.content_type or "application/octet-stream").lower()
-        if not re.fullmatch(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*", ctype):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*", ctype) \
+                or ctype.startswith(("multipart/", "message/")):
+            # A file is sent as opaque base64. multipart/* and message/* may not be base64
+            # (RFC 2046 5.1, 5.2.1) and the email package wrote them with bare LF line ends,
+            # so a .eml a browser uploads as message/rfc822 made _with_contents fail (a 500).
             ctype = "application/octet-stream"
         cleaned.append(OutgoingAttachment(safe_filename(a.filename, ctype), ctype, a.data))
     return cleaned
@@ -230,7 +239,15 @@ def _build(*, sender: HeaderAddress, to: list[HeaderAddress], cc: list[HeaderAdd
         msg["Bcc"] = bcc
     if reply_to:
         msg["Reply-To"] = reply_to
-    msg["Subject"] = subject
+    if subject.isascii():
+        msg["Subject"] = subject
+    else:
+        # Python 3.11's folding of encoded words (policy.SMTP) puts the space between two
+        # words into the folding white space between two encoded words, which RFC 2047 6.2
+        # says to drop: about a third of long non-ASCII subjects reached the recipient (and
+        # the record) as "ÄrgerQualität". The legacy Header keeps every space inside the
+        # encoded text; set_raw keeps its folding (lines of at most 78, so not refolded).
+        msg.set_raw("Subject", Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n"))
     msg["Date"] = format_datetime(timezone.now())
     msg["Message-ID"] = message_id
     if parent is not None and _plain_msgid(parent.message_id):
@@ -446,6 +463,14 @@ def email_deliver(*, email_id: int) -> Email:
     email = Email.objects.select_related("mailbox").get(pk=email_id)
     if email.send_state != Email.SendState.SENDING:
         log.info("email %s: state %r, not sending", email_id, email.send_state)
+        return email
+    if email.deleted_at is not None:
+        # Deleted while its task waited in the queue: the user took it back, so it must not
+        # reach the customer (email_send_retry refuses deleted mail for the same reason).
+        log.info("email %s: deleted before it was sent, not sending", email_id)
+        Email.objects.filter(pk=email.pk, send_state=Email.SendState.SENDING).update(
+            send_state=Email.SendState.FAILED, send_error="Not sent: deleted before it went out.")
+        email.refresh_from_db()
         return email
     mailbox = email.mailbox
     # By binary COPY: a SELECT brings bytea as hex text (three times its size at once).

@@ -230,7 +230,10 @@ class EmailSendSerializer(serializers.Serializer):
     contact = serializers.IntegerField(required=False)
     deal = serializers.IntegerField(required=False)
     in_reply_to = serializers.IntegerField(required=False, help_text="Id of the email replied to.")
-    attachments = serializers.ListField(child=serializers.FileField(), required=False, default=list,
+    # Empty files are sent as mail clients send them; refused, the error came out as
+    # "{2: [ErrorDetail(...)]}" (a ListField child error).
+    attachments = serializers.ListField(child=serializers.FileField(allow_empty_file=True),
+                                        required=False, default=list,
                                         help_text="Files (multipart/form-data).")
 
     def validate(self, attrs: dict) -> dict:

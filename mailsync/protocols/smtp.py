@@ -140,14 +140,38 @@ def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
                   "create an app-specific password and use it here; if the SMTP login differs "
                   "from the incoming one, enter it under Server Details."),
         )
+    # A 4xx reply is temporary (RFC 5321 4.2.1: greylisting, a rate limit, a full queue):
+    # the same mail may go through on Retry. Said as such, with the reply code; before, a
+    # 451 rate limit read "may not be allowed to send as this address" and a 450 greylisting
+    # like a wrong address, without the code that tells them apart.
     if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        if exc.code == 552 or "5.3.4" in (exc.message or ""):
+            # Refused at MAIL FROM for the SIZE we declared (RFC 1870 6.1): the mail is too
+            # large for this server (Postfix's default limit is 10 MB; we allow 18 MB of
+            # attachments), not an address the account may not use.
+            return SenderRefused(
+                f"The mail is too large for the outgoing server ({exc.code} {exc.message}).",
+                hint="Send smaller or fewer attachments (or a link to them).",
+            )
+        if 400 <= exc.code < 500:
+            return SenderRefused(
+                f"The server temporarily refused to send from {exc.sender} "
+                f"({exc.code} {exc.message}).",
+                hint="Nothing was sent. Try again later (Retry).",
+            )
         return SenderRefused(
             f"The server refused to send from {exc.sender} ({exc.code} {exc.message}).",
             hint="The account may not be allowed to send as this address.",
         )
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refused = ", ".join(r.recipient for r in exc.recipients[:5])
-        detail = exc.recipients[0].message if exc.recipients else ""
+        first = exc.recipients[0] if exc.recipients else None
+        detail = f"{first.code} {first.message}" if first else ""
+        if exc.recipients and all(400 <= r.code < 500 for r in exc.recipients):
+            return RecipientsRefused(
+                f"The server temporarily refused the recipient(s) {refused} ({detail}).",
+                hint="Nothing was sent. Try again later (Retry).",
+            )
         return RecipientsRefused(f"The server refused the recipient(s) {refused} ({detail}).")
     if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
         isinstance(exc, aiosmtplib.SMTPException) and not isinstance(exc, (
