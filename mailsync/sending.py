@@ -459,7 +459,19 @@ def _recipients(raw: bytes) -> list[str]:
 
 def email_deliver(*, email_id: int) -> Email:
     """Send a stored "sending" mail over SMTP; then "sent" (plus the Sent-folder copy for
-    IMAP) or "failed" with the reason. Mail in any other state is left alone."""
+    IMAP) or "failed" with the reason. Mail in any other state is left alone, and so is a
+    mail another delivery is sending right now (``send_claim``): that one finishes it."""
+    from .sync.lock import send_claim  # noqa: PLC0415
+
+    with send_claim(email_id) as mine:
+        if not mine:
+            log.info("email %s: another delivery of it is running, not sending", email_id)
+            return Email.objects.select_related("mailbox").get(pk=email_id)
+        # Its state is read under the claim: a delivery that held it may have sent it.
+        return _deliver(email_id)
+
+
+def _deliver(email_id: int) -> Email:
     email = Email.objects.select_related("mailbox").get(pk=email_id)
     if email.send_state != Email.SendState.SENDING:
         log.info("email %s: state %r, not sending", email_id, email.send_state)

@@ -244,3 +244,43 @@ def connection_slot(mailbox_id: int, *, wait: float) -> Iterator[ConnectionSlot]
         yield slot
     finally:
         slot.release()
+
+
+SEND_NAMESPACE = 0x4D53  # "MS"
+
+
+@contextmanager
+def send_claim(email_id: int) -> Iterator[bool]:
+    """Whether this process may deliver the mail now (True), or another delivery of the same
+    mail is running (False): a Retry queued beside a slow first attempt, a task delivered
+    twice. Two at once both sent it, and the customer got it twice. PostgreSQL: a session
+    advisory lock (let go if the worker dies); SQLite: an flock under DATA_DIR/locks."""
+    if connection.vendor == "postgresql":
+        key = [SEND_NAMESPACE, email_id % 2**31]
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", key)
+            mine = bool(cursor.fetchone()[0])
+        try:
+            yield mine
+        finally:
+            if mine:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+        return
+    import fcntl
+
+    from django.conf import settings
+
+    path = settings.DATA_DIR / "locks"
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / f"send-{email_id}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = True
+        except BlockingIOError:
+            mine = False
+        try:
+            yield mine
+        finally:
+            if mine:
+                fcntl.flock(handle, fcntl.LOCK_UN)

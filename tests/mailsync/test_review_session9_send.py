@@ -499,3 +499,55 @@ def test_sending_from_a_mailbox_that_is_not_the_active_one_is_recorded_once_afte
     ImapSync(Mailbox.objects.get(pk=box.pk), timeout=10).run()
     assert Email.objects.filter(message_id=stored.message_id).count() == 1
     assert active.emails.count() == 0
+
+
+def test_a_second_delivery_beside_one_still_running_does_not_send_the_mail_twice(
+        api, box, smtp_outbox, django_capture_on_commit_callbacks):
+    """BUG (fixed in review, session 9). A Retry of a mail that looked stuck, queued while its
+    first delivery was still running (a slow server), sent it a second time: each delivery
+    checked the state, then sent. Now a delivery runs only while it holds the mail's send
+    claim (``sync.lock.send_claim``)."""
+    import threading
+
+    from django.db import connection
+
+    from mailsync.sync.lock import send_claim
+
+    # Given a stored mail and a first delivery of it still running: its claim is held by
+    # another thread on its own database connection (the real delivery would be in SMTP now)
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        response = api.post("/api/v1/emails/send/", {
+            "from_address": box.email_address, "to": "grace@navy.example",
+            "subject": "Quote", "text": "x"}, format="json")
+    assert response.status_code == 202
+    email_id = response.json()["id"]
+    holding, release = threading.Event(), threading.Event()
+
+    def first_delivery() -> None:
+        try:
+            with send_claim(email_id) as mine:
+                assert mine
+                holding.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=first_delivery)
+    first.start()
+    assert holding.wait(5)
+    try:
+        # When a second delivery of the same mail runs meanwhile
+        second = sending.email_deliver(email_id=email_id)
+        # Then it sends nothing and leaves the mail to the first
+        assert smtp_outbox.messages == []
+        assert second.send_state == Email.SendState.SENDING
+    finally:
+        release.set()
+        first.join(10)
+    # When the queued delivery runs with no other holding the claim, and a late duplicate after it
+    for callback in queued:
+        callback()
+    sending.email_deliver(email_id=email_id)
+    # Then the customer gets the mail once
+    assert len(smtp_outbox.messages) == 1
+    assert Email.objects.get(pk=email_id).send_state == Email.SendState.SENT
