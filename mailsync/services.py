@@ -38,7 +38,7 @@ from .protocols.imap import check_login
 from .protocols.pop3 import check_login as pop3_check_login
 from .storage import compress, decompress
 from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
-from .sync.pop3 import pop3_mailbox_sync
+from .sync.pop3 import detach_pop3_places, pop3_mailbox_sync
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +348,7 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
         if mailbox.protocol == Mailbox.Protocol.POP3:
             report = pop3_mailbox_sync(mailbox=mailbox)
         else:
+            detach_pop3_places(mailbox=mailbox)  # switched from POP3: its mail stays (see there)
             report = imap_mailbox_sync(mailbox=mailbox)
     except MailboxBusy:
         held = False

@@ -65,6 +65,7 @@ POP3_UIDVALIDITY = 0
 EMAIL_SIZE_MAX = 2**31 - 1  # Email.size is a 32-bit column; a LIST size may be anything
 KNOWN_CHUNK = 5000
 _UNIDENTIFIED = "Not downloaded:"
+_REFUSED = "Not downloaded yet:"
 # Messages whose headers are hashed per pipelined round (servers without usable UIDL).
 HASH_CHUNK = 200
 
@@ -120,6 +121,8 @@ class _Known:
     downloaded_at: datetime
     truncated: bool
     email_id: int | None = None
+    size: int = 0
+    gone: bool = False  # deleted_from_server_at is set: the server confirmed its removal
 
 
 def _batches(items: Sequence[Keyed], size_of: Callable[[Keyed], int]) -> Iterator[list[Keyed]]:
@@ -142,6 +145,8 @@ class Pop3Sync(SyncRun):
         # Keys whose RETR went over the limit although LIST said it fitted: headers only.
         self.too_large: set[str] = set()
         self.counted: set[str] = set()
+        # Keys whose RETR the server refused this run, with its reply (for the status).
+        self.refused: dict[str, str] = {}
         self.folder: MailFolder | None = None
         self.next_uid = 1
 
@@ -176,8 +181,9 @@ class Pop3Sync(SyncRun):
         with factory(server_settings(self.mailbox, timeout=self.timeout)) as session:
             listing = session.listing()
             keyed = assign_keys(listing, lambda items: self._hash_keys(session, items))
-            self._say_unidentified(len(listing) - len(keyed))
             known = self._known([k.key for k in keyed])
+            keyed = self._rekey_reused(session, keyed, known)
+            self._say_unidentified(len(listing) - len(keyed))
             minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
             if (factory is Pop3Session and minimum > 0
                     and sum(k.key not in known for k in keyed) >= minimum):
@@ -197,7 +203,59 @@ class Pop3Sync(SyncRun):
                 self._quit(session, marked)  # what is marked is stored: let QUIT remove it
                 raise
             self._quit(session, marked)
+        self._say_refused()
         return True
+
+    def _say_refused(self) -> None:
+        """Messages the server would not send (RETR -ERR) stay on the server and are tried
+        again next run. Without a word in the status, a message the server refuses every
+        time (a damaged file, a server-side scan) was never imported while the mailbox
+        showed "Completed" with nothing to do: the user had no way to know a customer
+        mail was missing. One that vanished meanwhile (another client) is gone next run."""
+        self.report.errors = [e for e in self.report.errors if not e.startswith(_REFUSED)]
+        if self.refused:
+            count = len(self.refused)
+            reply = next(iter(self.refused.values()))
+            self.report.errors.append(
+                f"{_REFUSED} {count} message{'s' if count > 1 else ''} the server refused to send "
+                f"(it answered: {reply[:120]}). {'They were' if count > 1 else 'It was'} left on the "
+                "server and will be tried again at the next sync; if this lasts, open the message "
+                "in webmail or ask the provider.")
+
+    def _rekey_reused(self, session: Pop3Session, keyed: list[Keyed],
+                      known: dict[str, _Known]) -> list[Keyed]:
+        """A known UIDL that now names another message: the server reused it (RFC 1939 7
+        says it must not; servers that rebuild their index, or number ids from 1, do). Its
+        own message was removed from the server at a confirmed QUIT, or its LIST size was
+        another. Taking the UIDL at its word would skip the new message (never stored) and,
+        in remove mode, DELE it: mail lost on both sides. Such messages are keyed by their
+        header hash instead (as without UIDL); a copy that is in fact the old message is
+        then downloaded once more and found by Message-ID + content hash (no duplicate).
+        ``known`` gets the rows of the new keys. Without TOP they are left alone."""
+        reused = {k.listing.number for k in keyed
+                  if k.kind == Pop3Message.KeyKind.UIDL and k.key in known
+                  and (known[k.key].gone or (k.listing.size is not None and known[k.key].size
+                                             and known[k.key].size != k.listing.size))}
+        if not reused:
+            return keyed
+        hashes = self._hash_keys(session, [k.listing for k in keyed if k.listing.number in reused])
+        taken = {k.key for k in keyed}
+        rekeyed: list[Keyed] = []
+        for item in keyed:
+            if item.listing.number not in reused:
+                rekeyed.append(item)
+                continue
+            base = hashes.get(item.listing.number)
+            if base is None:
+                continue  # no way to tell it apart: left alone (counted as unidentified)
+            key, ordinal = base, 1
+            while key in taken:  # identical copies: an ordinal, as in assign_keys
+                ordinal += 1
+                key = f"{base}:{ordinal}"
+            taken.add(key)
+            rekeyed.append(Keyed(item.listing, key, Pop3Message.KeyKind.HASH))
+        known.update(self._known([k.key for k in rekeyed if k.listing.number in reused]))
+        return rekeyed
 
     def _say_unidentified(self, count: int) -> None:
         """Messages with no UIDL and whose headers the server refused (TOP) cannot be told
@@ -234,8 +292,9 @@ class Pop3Sync(SyncRun):
         for start in range(0, len(keys), KNOWN_CHUNK):
             rows = Pop3Message.objects.filter(
                 mailbox=self.mailbox, key__in=keys[start:start + KNOWN_CHUNK]
-            ).values_list("key", "downloaded_at", "truncated", "email_id")
-            known.update({key: _Known(at, truncated, email_id) for key, at, truncated, email_id in rows})
+            ).values_list("key", "downloaded_at", "truncated", "email_id", "size", "deleted_from_server_at")
+            known.update({key: _Known(at, truncated, email_id, size, gone is not None)
+                          for key, at, truncated, email_id, size, gone in rows})
         return known
 
     def _remove(self, known: _Known) -> bool:
@@ -385,6 +444,7 @@ class Pop3Sync(SyncRun):
                 # have deleted it since the LIST).
                 log.warning("mailbox %s: RETR refused (%s)", self.mailbox.pk, reply.error)
                 self.report.failed += 1
+                self.refused[item.key] = reply.error
                 self.counted.discard(item.key)
                 Mailbox.objects.filter(pk=self.mailbox.pk).update(
                     messages_total=F("messages_total") - 1,
@@ -417,6 +477,8 @@ class Pop3Sync(SyncRun):
         assert self.folder is not None
         planned = [(p.message.uid, item, reply, p.raw_size) for item, reply, p in stored]
         mailbox = self.mailbox
+        for item, _, _ in stored:  # refused on an earlier connection of this run, sent now
+            self.refused.pop(item.key, None)
 
         def record(folder: MailFolder) -> None:
             uids = [uid for uid, _, _, _ in planned]
@@ -489,3 +551,32 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
                                   messages=[message], advance_cursor=lambda f: None, progress=False)
             stored += result.stored + result.located
     return stored
+
+
+def detach_pop3_places(*, mailbox: Mailbox) -> int:
+    """A mailbox switched from POP3 to IMAP: the mail its POP3 downloads stored keeps living
+    in the CRM. Call before an IMAP run; returns how many emails were detached.
+
+    POP3 places are (INBOX, UIDVALIDITY 0, a made-up UID). IMAP reads any place in INBOX
+    under another UIDVALIDITY than the server's as void once it has read the folder whole,
+    and tombstones the mails left without a place: every mail the POP3 download had
+    removed from the server (the default mode) would leave the CRM views and be purged
+    after the retention period, although the README promises the POP3 copy is independent
+    of the server. So those mails lose their places instead (a mail with no place is a CRM
+    copy, as a mail the server no longer has) and INBOX is read whole again: what is still
+    on the server is found by Message-ID + content hash (no duplicate) and gets its IMAP
+    place back. Places of the same mails from an IMAP period before the POP3 one go too:
+    POP3 may have removed those messages from the server since."""
+    pop3_places = EmailLocation.objects.filter(folder__mailbox=mailbox, uidvalidity=POP3_UIDVALIDITY)
+    # The usual case (an IMAP mailbox that never was POP3): one indexed query.
+    if not Pop3Message.objects.filter(mailbox=mailbox).exists() or not pop3_places.exists():
+        return 0
+    with mailbox_lock(mailbox.pk), transaction.atomic():
+        email_ids = set(pop3_places.values_list("email_id", flat=True))
+        folder_ids = set(EmailLocation.objects.filter(email_id__in=email_ids)
+                         .values_list("folder_id", flat=True))
+        EmailLocation.objects.filter(email_id__in=email_ids).delete()
+        MailFolder.objects.filter(pk__in=folder_ids).update(
+            uidvalidity=None, uid_high=0, uid_low=None, backfill_done=False, highestmodseq=None,
+            last_uidnext=None, last_exists=None)
+    return len(email_ids)
