@@ -8,11 +8,9 @@ Written as probes; those that failed were fixed in the engine and the services (
 test's "Found by this review" note); the others pin behaviour that held."""
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 
 import pytest
-from imapclient import IMAPClient
 
 import mailsync.protocols.imap as protocol
 from mailsync import services
@@ -21,21 +19,13 @@ from mailsync.models import Email, EmailLocation, Mailbox
 from mailsync.protocols.imap import ImapSession
 from mailsync.sync.imap import ImapSync
 from tests.mailsync.conftest import make_message
+# Another mail client (Thunderbird, a phone) on the same account.
+from tests.mailsync.test_two_connections_per_mailbox import client
 
 pytestmark = pytest.mark.django_db
 
 
 # -- helpers ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def client(dovecot, user):
-    """Another mail client (Thunderbird, a phone) on the same account."""
-    c = IMAPClient(dovecot.host, port=dovecot.imap_port, ssl=False, timeout=20)
-    c.login(user.username, user.password)
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(Exception):
-            c.logout()
 
 
 def put(dovecot, user, folder: str, subject: str, *, when: dt.datetime | None = None,
@@ -463,11 +453,7 @@ PLAIN_CAPABILITIES = ("IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT LIT
 def plain_dovecot(test_ca):
     """A second private Dovecot whose CAPABILITY hides CONDSTORE, QRESYNC, MOVE and UIDPLUS
     (Dovecot's ``imap_capability`` override): an older or minimal hosted IMAP server."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from tests.testbed.dovecot import DovecotServer
+    from tests.testbed.dovecot import DovecotServer, running_dovecot
 
     class PlainDovecot(DovecotServer):
         def _write_config(self, uid: int, gid: int) -> None:
@@ -475,14 +461,8 @@ def plain_dovecot(test_ca):
             with self.config_path.open("a") as config:
                 config.write(f"protocol imap {{\n  imap_capability = {PLAIN_CAPABILITIES}\n}}\n")
 
-    root = Path(tempfile.mkdtemp(prefix="mailroom-plain-dovecot-"))
-    server = PlainDovecot(root, test_ca)
-    try:
-        server.start()
+    with running_dovecot(test_ca, prefix="mailroom-plain-dovecot-", server_class=PlainDovecot) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_server_without_condstore_uidplus_or_move_keeps_the_crm_in_step(plain_dovecot):

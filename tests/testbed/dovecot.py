@@ -662,12 +662,14 @@ def _parse_tab(output: str) -> list[dict[str, str]]:
 @contextlib.contextmanager
 def running_dovecot(ca: TestCA, *, prefix: str = "mailroom-dovecot-",
                     max_userip_connections: int = 1000,
-                    parent: Path | None = None) -> Iterator[DovecotServer]:
+                    parent: Path | None = None,
+                    server_class: type[DovecotServer] | None = None) -> Iterator[DovecotServer]:
     """A private Dovecot in a temporary directory, stopped and removed afterwards.
     ``max_userip_connections``: as providers cap an account's connections. ``parent``: where
-    that directory goes (the system's temporary directory by default)."""
+    that directory goes (the system's temporary directory by default). ``server_class``: a
+    DovecotServer with more configuration (hidden capabilities, say)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    server = DovecotServer(root, ca, max_userip_connections=max_userip_connections)
+    server = (server_class or DovecotServer)(root, ca, max_userip_connections=max_userip_connections)
     try:
         server.start()
         yield server
