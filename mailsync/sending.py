@@ -5,8 +5,9 @@
 then "sent" (and, for IMAP, a copy APPENDed to the Sent folder, which the next sync of that
 folder recognises by fingerprint instead of storing twice) or "failed" with what to fix.
 
-A message is sent at most once: the task is acknowledged on receipt and ``email_deliver``
-only acts on mail in state "sending". A worker killed mid-send leaves the mail in "sending";
+A message is sent at most once: the task is acknowledged on receipt, ``email_deliver``
+only acts on mail in state "sending", and only while it holds the mail's send claim
+(``sync.lock.send_claim``: one delivery of a mail at a time). A worker killed mid-send leaves the mail in "sending";
 after ``STALE_SENDING`` the user may retry it (a duplicate to a customer is worse than a
 visible, retryable state).
 """
