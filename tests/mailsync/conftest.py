@@ -57,36 +57,24 @@ def mail_user(dovecot):
     return dovecot.add_user()
 
 
+def _active_mailbox(mail_user, **server) -> Mailbox:  # noqa: ANN001, ANN003
+    return MailboxFactory(owner=UserFactory(), email_address=mail_user.email, incoming_security="ssl",
+                          username=mail_user.username, password=mail_user.password, is_active=True,
+                          **server)
+
+
 @pytest.fixture
 def imap_mailbox(dovecot, mail_user) -> Mailbox:
     """An active IMAP mailbox over verified TLS (IMAPS) on the private Dovecot."""
-    return MailboxFactory(
-        owner=UserFactory(),
-        email_address=mail_user.email,
-        incoming_host=dovecot.host,
-        incoming_port=dovecot.imaps_port,
-        incoming_security="ssl",
-        username=mail_user.username,
-        password=mail_user.password,
-        is_active=True,
-    )
+    return _active_mailbox(mail_user, incoming_host=dovecot.host, incoming_port=dovecot.imaps_port)
 
 
 @pytest.fixture
 def pop3_mailbox(dovecot, mail_user) -> Mailbox:
     """An active POP3 mailbox over verified TLS (POP3S) on the private Dovecot, in the
     default mode: remove from the server after download."""
-    return MailboxFactory(
-        owner=UserFactory(),
-        email_address=mail_user.email,
-        protocol=Mailbox.Protocol.POP3,
-        incoming_host=dovecot.host,
-        incoming_port=dovecot.pop3s_port,
-        incoming_security="ssl",
-        username=mail_user.username,
-        password=mail_user.password,
-        is_active=True,
-    )
+    return _active_mailbox(mail_user, protocol=Mailbox.Protocol.POP3, incoming_host=dovecot.host,
+                           incoming_port=dovecot.pop3s_port)
 
 
 def wait_for(predicate, timeout: float) -> float:  # noqa: ANN001

@@ -274,17 +274,11 @@ class _DeferringHandler(testbed_smtp._RecordingHandler):
 
 
 class _DeferringServer(testbed_smtp.SMTPServer):
+    handler_class = _DeferringHandler
+
     def __init__(self, ca):
         super().__init__(ca)
         self.answers: dict[str, list[str]] = {}
-
-    def start(self) -> None:
-        handler = _DeferringHandler(self)
-        self.port = self._start_controller(
-            handler, tls_context=self._server_context(), auth_require_tls=True,
-            hostname=testbed_smtp.HOST, server_hostname="localhost",
-            authenticator=handler.authenticate, auth_required=True,
-            auth_exclude_mechanism=["CRAM-MD5"], ready_timeout=5.0)
 
 
 @pytest.fixture
@@ -430,15 +424,21 @@ def test_a_reply_from_an_unknown_address_to_mail_sent_on_a_deal_lands_on_that_de
     assert Email.objects.filter(mailbox=box, message_id=sent_id).count() == 1
 
 
+def stored_not_sent(api, box, subject: str, capture) -> tuple[int, list]:  # noqa: ANN001
+    """Send over the API with the delivery task held back (a busy queue): the stored mail's
+    id and the held-back callbacks, to run when the test says."""
+    with capture(execute=False) as queued:
+        response = api.post("/api/v1/emails/send/", {
+            "from_address": box.email_address, "to": "grace@navy.example",
+            "subject": subject, "text": "x"}, format="json")
+    assert response.status_code == 202
+    return response.json()["id"], queued
+
+
 def test_a_mail_deleted_while_it_waits_to_be_sent_is_not_sent(
         api, box, smtp_outbox, django_capture_on_commit_callbacks):
     # Given a mail stored as "sending" whose delivery task has not run yet (a busy queue)
-    with django_capture_on_commit_callbacks(execute=False) as queued:
-        response = api.post("/api/v1/emails/send/", {
-            "from_address": box.email_address, "to": "grace@navy.example",
-            "subject": "Wrong price", "text": "x"}, format="json")
-    assert response.status_code == 202
-    email_id = response.json()["id"]
+    email_id, queued = stored_not_sent(api, box, "Wrong price", django_capture_on_commit_callbacks)
     # When the salesperson deletes it at once (wrong price!)
     assert api.delete(f"/api/v1/emails/{email_id}/").status_code == 204
     # and the delivery task then runs
@@ -515,12 +515,7 @@ def test_a_second_delivery_beside_one_still_running_does_not_send_the_mail_twice
 
     # Given a stored mail and a first delivery of it still running: its claim is held by
     # another thread on its own database connection (the real delivery would be in SMTP now)
-    with django_capture_on_commit_callbacks(execute=False) as queued:
-        response = api.post("/api/v1/emails/send/", {
-            "from_address": box.email_address, "to": "grace@navy.example",
-            "subject": "Quote", "text": "x"}, format="json")
-    assert response.status_code == 202
-    email_id = response.json()["id"]
+    email_id, queued = stored_not_sent(api, box, "Quote", django_capture_on_commit_callbacks)
     holding, release = threading.Event(), threading.Event()
 
     def first_delivery() -> None:

@@ -19,6 +19,7 @@ from mailsync.models import Email, EmailLocation, Mailbox
 from mailsync.protocols.imap import ImapSession
 from mailsync.sync.imap import ImapSync
 from tests.mailsync.conftest import make_message
+from tests.mailsync.test_folders_names_and_moves import server_subjects
 # Another mail client (Thunderbird, a phone) on the same account.
 from tests.mailsync.test_two_connections_per_mailbox import client
 
@@ -34,17 +35,6 @@ def put(dovecot, user, folder: str, subject: str, *, when: dt.datetime | None = 
         if not c.folder_exists(folder):
             c.create_folder(folder)
         c.append(folder, make_message(subject=subject, date=when), flags=list(flags), msg_time=when)
-
-
-def server_subjects(dovecot, user, folder: str) -> list[str]:
-    with client(dovecot, user) as c:
-        c.select_folder(folder, readonly=True)
-        uids = c.search("ALL")
-        if not uids:
-            return []
-        data = c.fetch(uids, [b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]"])
-        return sorted(v[b"BODY[HEADER.FIELDS (SUBJECT)]"].decode().split(":", 1)[1].strip()
-                      for v in data.values())
 
 
 def sync(mailbox: Mailbox, **kwargs):

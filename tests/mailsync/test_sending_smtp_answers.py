@@ -32,18 +32,12 @@ class _Handler(testbed_smtp._RecordingHandler):
 
 
 class ProbeServer(testbed_smtp.SMTPServer):
+    handler_class = _Handler
+
     def __init__(self, ca):
         super().__init__(ca)
         self.refuse: set[str] = set()
         self.delay_after_data = 0.0
-
-    def start(self) -> None:
-        handler = _Handler(self)
-        self.port = self._start_controller(
-            handler, tls_context=self._server_context(), auth_require_tls=True,
-            hostname=testbed_smtp.HOST, server_hostname="localhost",
-            authenticator=handler.authenticate, auth_required=True,
-            auth_exclude_mechanism=["CRAM-MD5"], ready_timeout=5.0)
 
 
 @pytest.fixture

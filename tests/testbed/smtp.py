@@ -112,8 +112,11 @@ class SMTPServer:
     """STARTTLS submission port (``port``) and implicit-TLS port (``tls_port``).
 
     ``username``/``password`` is an account that always works; add more with
-    ``add_credentials``. ``reset()`` drops recorded mail and extra accounts.
+    ``add_credentials``. ``reset()`` drops recorded mail and extra accounts. A test server
+    that answers otherwise (refusals, delays) sets ``handler_class`` to its own handler.
     """
+
+    handler_class: type[_RecordingHandler] = _RecordingHandler
 
     def __init__(self, ca: TestCA) -> None:
         self.host = HOST
@@ -135,7 +138,7 @@ class SMTPServer:
         return context
 
     def start(self) -> None:
-        handler = _RecordingHandler(self)
+        handler = self.handler_class(self)
         common: dict[str, Any] = {
             "hostname": HOST,
             "server_hostname": "localhost",  # skips a getfqdn() DNS lookup
