@@ -267,6 +267,13 @@ def send_claim(email_id: int) -> Iterator[bool]:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)
         return
+    with _send_claim_file(email_id) as mine:
+        yield mine
+
+
+@contextmanager
+def _send_claim_file(email_id: int) -> Iterator[bool]:
+    """``send_claim`` without PostgreSQL (SQLite, one machine): an flock on a file."""
     import fcntl
 
     from django.conf import settings

@@ -546,3 +546,17 @@ def test_a_second_delivery_beside_one_still_running_does_not_send_the_mail_twice
     # Then the customer gets the mail once
     assert len(smtp_outbox.messages) == 1
     assert Email.objects.get(pk=email_id).send_state == Email.SendState.SENT
+
+
+def test_the_send_claim_without_postgresql_is_held_by_one_delivery_at_a_time(settings, tmp_path):
+    """The embedded default (SQLite) claims a delivery with an flock under DATA_DIR/locks
+    (the suite runs on PostgreSQL, so the file claim is exercised directly): while one
+    delivery holds it a second is refused, and once let go it can be taken again."""
+    from mailsync.sync.lock import _send_claim_file
+
+    settings.DATA_DIR = tmp_path
+    with _send_claim_file(41) as first:
+        with _send_claim_file(41) as second, _send_claim_file(42) as other_mail:
+            assert (first, second, other_mail) == (True, False, True)
+    with _send_claim_file(41) as again:
+        assert again
