@@ -8,6 +8,7 @@ import contextlib
 from datetime import date, timedelta
 import functools
 import logging
+import re
 import socket
 from typing import Any
 
@@ -15,7 +16,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.views.decorators.debug import sensitive_variables
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q, TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from crm.exceptions import RecordPermissionDenied
@@ -259,12 +261,23 @@ def _emails_reshare(*, mailbox: Mailbox) -> None:
     """Recompute ``Email.shareable`` after the excluded domains changed, so mail already
     synced follows the new list (the rule of ``sync.ingest.shareable``: a participant's
     domain is an excluded domain or a subdomain of one)."""
-    excluded = Q(pk__in=[])
-    for domain in mailbox.excluded_domain_set:
-        excluded |= Q(address__endswith=f"@{domain}") | Q(address__endswith=f".{domain}")
-    # Participant addresses are stored lower-cased, as are excluded domains.
-    hit = Exists(EmailParticipant.objects.filter(excluded, email=OuterRef("pk")))
-    emails = Email.objects.filter(mailbox=mailbox)
+    domains = sorted(mailbox.excluded_domain_set)
+    if not domains:
+        Email.objects.filter(mailbox=mailbox, shareable=False).update(shareable=True)
+        return
+    # "@", then the domain or a subdomain of it, then only what sharing_domain strips
+    # ("x@[bank.example]", "x@bank.example."), then the end of the address: a JSON list's
+    # closing quote in To and Cc. Participants hold the plausible addresses (lower-cased, as
+    # excluded domains are); From, To and Cc as written also hold the implausible ones.
+    alternatives = "|".join(re.escape(d) for d in domains)
+    # (Never "[." inside brackets: POSIX reads it as the start of a collating element.)
+    head, tail = rf"@([^@\"]*[.\[ ])?({alternatives})", r"[]. \t<>'[]*"
+    hit = (Exists(EmailParticipant.objects.filter(address__regex=f"{head}{tail}$",
+                                                  email=OuterRef("pk")))
+           | Q(from_address__iregex=f"{head}{tail}$")
+           | Q(to_text__iregex=f'{head}{tail}"') | Q(cc_text__iregex=f'{head}{tail}"'))
+    emails = Email.objects.filter(mailbox=mailbox).annotate(
+        to_text=Cast("to", TextField()), cc_text=Cast("cc", TextField()))
     emails.filter(hit).exclude(shareable=False).update(shareable=False)
     emails.exclude(hit).exclude(shareable=True).update(shareable=True)
 

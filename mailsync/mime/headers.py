@@ -285,9 +285,12 @@ def _address_key(address: str) -> str:
     if len(email) > 254 or email.count("@") != 1:
         return ""
     local, domain = email.split("@")
+    # A fully qualified domain may end in a dot ("bank.example."): the same domain, so the
+    # same contact and the same excluded domain.
+    domain = domain.rstrip(".") if domain.endswith(".") and domain.strip(".") else domain
     if not _PLAUSIBLE_LOCAL_RE.match(local) or not _PLAUSIBLE_DOMAIN_RE.match(domain):
         return ""
-    return email
+    return f"{local}@{domain}"
 
 
 # The shapes most address lists are made of, parsed without the stdlib's character-by-character

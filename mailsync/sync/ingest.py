@@ -65,10 +65,29 @@ def shareable(envelope: Envelope, excluded_domains: set[str]) -> bool:
     if not excluded_domains:
         return True
     for address in (*envelope.from_, *envelope.to, *envelope.cc, *envelope.bcc, *envelope.reply_to):
-        domain = address.key.rpartition("@")[2]
-        if domain and any(domain == d or domain.endswith("." + d) for d in excluded_domains):
+        if _excluded(sharing_domain(address), excluded_domains):
             return False
     return True
+
+
+def sharing_domain(address: Address) -> str:
+    """The domain an excluded-domains list is checked against: the matching key's, else
+    (an address the key rules find implausible, such as "a b@bank.example") what follows
+    the last "@" as written; brackets ("x@[bank.example]") and trailing dots stripped. An
+    implausible address matches no record, but its mail may still be linked through another
+    participant: it must not slip past the list (services._emails_reshare: the same rule
+    over stored mail)."""
+    written = address.key or address.email.strip().lower()
+    return written.rpartition("@")[2].strip(SHARING_DOMAIN_STRIP) if "@" in written else ""
+
+
+# What may wrap or end the domain of an address written oddly: "x@[bank.example]", a
+# trailing dot, a stray quote or bracket.
+SHARING_DOMAIN_STRIP = " \t<>[].\"'"
+
+
+def _excluded(domain: str, excluded_domains: set[str]) -> bool:
+    return bool(domain) and any(domain == d or domain.endswith("." + d) for d in excluded_domains)
 
 
 # The Email fields the sync sets (every other one takes its default): see _email_row.

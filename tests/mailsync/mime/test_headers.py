@@ -112,6 +112,9 @@ def test_display_names_decode_and_domains_lower_case() -> None:
         ("bob@", ""),
         ("bob smith@example.com", ""),
         ("bob@[192.0.2.1]", "bob@[192.0.2.1]"),
+        ("Bob@Example.COM.", "bob@example.com"),  # a fully qualified domain: the same one
+        ("bob@.", ""),
+        ("bob@example..com", ""),
         ("", ""),
     ],
 )
