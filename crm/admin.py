@@ -62,8 +62,13 @@ class RecordAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
         super().save_model(request, obj, form, change)
         # What record_create/record_update do besides saving: the record's past mail (by
-        # its addresses, a deal's by its contact) attaches at once, as from the pages.
-        record_saved.send(sender=type(obj), record=obj, created=not change)
+        # its addresses, a deal's by its contact) attaches at once, as from the pages, and
+        # mail linked by an address it no longer has goes.
+        if change:
+            previous = {name: form.initial.get(name) for name in form.changed_data}
+            record_saved.send(sender=type(obj), record=obj, created=False, previous=previous)
+        else:
+            record_saved.send(sender=type(obj), record=obj, created=True)
 
 
 @admin.register(Lead)

@@ -71,8 +71,12 @@ def record_update(*, actor: User, record: R, data: dict[str, Any]) -> R:
         _validate_owner(actor, owner)
         record.owner = owner
     _validate_links(actor, data)
+    # The values before the change, for receivers that undo what an old value did (mail
+    # linked by a contact's old address: mailsync).
+    columns = {f.name: f.attname for f in type(record)._meta.concrete_fields}
+    previous = {name: getattr(record, columns[name]) for name in data if name in columns}
     record = _apply(record, data)
-    record_saved.send(sender=type(record), record=record, created=False)
+    record_saved.send(sender=type(record), record=record, created=False, previous=previous)
     return record
 
 

@@ -32,7 +32,7 @@ class MailsyncConfig(AppConfig):
 
         from .association import email_associate_record
 
-        def _attach_past_mail(sender, record, created, **kwargs):  # noqa: ANN001, ANN003, ANN202, ARG001
-            email_associate_record(record=record)
+        def _attach_past_mail(sender, record, created, previous=None, **kwargs):  # noqa: ANN001, ANN003, ANN202, ARG001
+            email_associate_record(record=record, previous=previous or {})
 
         record_saved.connect(_attach_past_mail, weak=False, dispatch_uid="mailsync.attach_past_mail")

@@ -311,10 +311,16 @@ def _association_lock(*, shared: bool) -> None:
                        list(ASSOCIATION_LOCK))
 
 
-def email_associate_record(*, record: OwnedRecord) -> int:
+def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object] | None = None) -> int:
     """Attach past mail to a lead, contact or deal just created or changed: no re-download,
-    the participants of every synced mail are already stored."""
+    the participants of every synced mail are already stored. ``previous``: the values of
+    the changed fields before the change (crm.signals.record_saved); mail linked by an
+    address the lead or contact no longer has leaves it (``_unlink_old_addresses``)."""
     _association_lock(shared=False)
+    if previous and isinstance(record, (Lead, Contact)):
+        old = {str(previous.get(name, getattr(record, name)) or "").strip().lower()
+               for name in ("email", "secondary_email")} - {""}
+        _unlink_old_addresses(record=record, addresses=old - _record_addresses(record))
     if isinstance(record, Deal):
         if record.contact_id is None:
             return 0
@@ -344,3 +350,47 @@ def email_associate_record(*, record: OwnedRecord) -> int:
         links += [(email_id, None, None, deal_id) for email_id in email_ids for deal_id in deal_ids]
     return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
                        ignore_conflicts=True, count=True)
+
+
+def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int:
+    """A lead's or contact's address was corrected or removed: the mail it had only by those
+    addresses (and the replies in those conversations it got with them) leaves it, and a
+    contact's deals. It stayed (found in review): a contact saved with a colleague's or a
+    wrong customer's address kept showing that person's mail after the fix, to everyone the
+    contact is shared with. Kept: mail of an address the record still has, the replies
+    within those conversations, and mail sent from the CRM (put on the record by the user)."""
+    from .models import Email
+
+    if not addresses:
+        return 0
+    field = "lead" if isinstance(record, Lead) else "contact"
+    links = EmailLink.objects.filter(**{field: record}).values("email_id")
+    linked = {row["email_id"] for row in links}
+    if not linked:
+        return 0
+
+    def matching(wanted: set[str]) -> set[int]:
+        if not wanted:
+            return set()
+        found = list(EmailParticipant.objects.filter(
+            email_id__in=links, address__in=wanted, role__in=MATCH_ROLES,
+        ).values_list("email_id", "address", "email__mailbox_id"))
+        # As the sync matches: never by the mailbox's own addresses (they link nothing).
+        own = own_addresses(mailbox_id for _, _, mailbox_id in found)
+        return {email_id for email_id, address, mailbox_id in found
+                if address not in own.get(mailbox_id, ())}
+
+    by_old = matching(addresses)
+    if not by_old:
+        return 0
+    kept = matching(_record_addresses(record)) | set(
+        Email.objects.filter(pk__in=links, source=Email.Source.CRM).values_list("pk", flat=True))
+    kept |= _replies_within_threads(kept) & linked
+    gone = ((by_old | (_replies_within_threads(by_old) & linked)) - kept)
+    if not gone:
+        return 0
+    records = Q(**{field: record})
+    if isinstance(record, Contact):
+        records |= Q(deal__in=Deal.objects.filter(contact=record).values("pk"))
+    deleted, _ = EmailLink.objects.filter(records, email_id__in=gone).delete()
+    return deleted

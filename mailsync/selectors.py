@@ -43,10 +43,20 @@ def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[E
     linked = emails_visible_to(user).filter(
         Exists(EmailLink.objects.filter(email=OuterRef("pk"), **{field: record}))
     )
+    return Email.objects.filter(pk__in=_first_of_each_message(user=user, emails=linked))
+
+
+def emails_one_per_message(*, user: User, emails: QuerySet[Email]) -> QuerySet[Email]:
+    """``emails`` with each message once, as a record's page lists it (``emails_of_record``):
+    copies of one mail in several mailboxes (two colleagues' public mailboxes, or two of the
+    user's own) share a fingerprint. Keeps the order, filters and prefetches of ``emails``."""
+    return emails.filter(pk__in=_first_of_each_message(user=user, emails=emails))
+
+
+def _first_of_each_message(*, user: User, emails: QuerySet[Email]) -> QuerySet:
     # The viewer's own copy where there is one (their read state, and one they may act on).
-    first_of_each = linked.values("fingerprint").annotate(
+    return emails.order_by().values("fingerprint").annotate(
         first=Coalesce(Min("pk", filter=Q(mailbox__owner=user)), Min("pk"))).values("first")
-    return Email.objects.filter(pk__in=first_of_each)
 
 
 def mailbox_holdings(*, mailbox: Mailbox) -> tuple[int, int]:

@@ -614,8 +614,19 @@ def email_attachment_view(request: HttpRequest, pk: int, attachment_id: int) -> 
     for images referenced by ``cid:`` inside the sandboxed body)."""
     email = _visible_email(request, pk)
     attachment = get_object_or_404(Attachment, pk=attachment_id, email=email)
-    inline_image = (request.GET.get("inline") == "1" and attachment.content_type in
-                    {"image/png", "image/jpeg", "image/gif", "image/webp"})
+    return attachment_download_response(attachment, inline=request.GET.get("inline") == "1")
+
+
+# Images a browser may show inline (a cid: image of a sanitized body): raster formats only,
+# never SVG (it runs scripts) nor anything a browser would render as a document.
+INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def attachment_download_response(attachment: Attachment, *, inline: bool) -> HttpResponse:
+    """An attachment as a download; with ``inline`` and a safe image type, as that image
+    (for the ``cid:`` images of the sandboxed body). Always ``nosniff`` and sandboxed, for
+    the email pages and the API alike."""
+    inline_image = inline and attachment.content_type in INLINE_IMAGE_TYPES
     response = attachment_content_response(
         attachment, content_type=attachment.content_type if inline_image else "application/octet-stream")
     response["Content-Disposition"] = content_disposition_header(not inline_image, attachment.filename)

@@ -6,6 +6,7 @@ subclasses) become 400 and 403 here, so services need not know about HTTP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
@@ -27,14 +28,30 @@ from ..exceptions import EncryptionNotConfigured, ServiceError
 
 
 def _flatten(detail: Any) -> dict[str, list[str]]:
+    """``{field: [message]}``. Errors of items inside a field (a ListField's child, a nested
+    or many=True serializer, a DictField) are keyed by their path, ``attachments[2]`` or
+    ``items[0].name``: str() of the nested dict was sent as the message, a Python repr such
+    as "{2: [ErrorDetail(string='...', code='empty')]}" (found in review)."""
+    errors: dict[str, list[str]] = {}
+    for path, message in _messages(detail, ""):
+        errors.setdefault(path or "non_field_errors", []).append(message)
+    return errors
+
+
+def _messages(detail: Any, path: str) -> Iterator[tuple[str, str]]:
     if isinstance(detail, dict):
-        return {
-            str(key): [str(item) for item in (value if isinstance(value, list) else [value])]
-            for key, value in detail.items()
-        }
-    if isinstance(detail, list):
-        return {"non_field_errors": [str(item) for item in detail]}
-    return {"non_field_errors": [str(detail)]}
+        for key, value in detail.items():
+            # A ListField's child errors are keyed by the item's index (an int).
+            sub = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+            yield from _messages(value, sub)
+    elif isinstance(detail, list):
+        for index, item in enumerate(detail):
+            # A list of messages, or (a many=True serializer) one error dict per item, with
+            # {} for the valid ones.
+            yield from (_messages(item, f"{path}[{index}]") if isinstance(item, (dict, list))
+                        else [(path, str(item))])
+    else:
+        yield path, str(detail)
 
 
 def _suspicious(exc: SuspiciousOperation) -> tuple[dict[str, Any], int]:

@@ -234,7 +234,9 @@ class EmailSendSerializer(serializers.Serializer):
     # "{2: [ErrorDetail(...)]}" (a ListField child error).
     attachments = serializers.ListField(child=serializers.FileField(allow_empty_file=True),
                                         required=False, default=list,
-                                        help_text="Files (multipart/form-data).")
+                                        help_text="Files (multipart/form-data), at most 18 MB "
+                                                  "in all: a larger upload is a 400 as soon as "
+                                                  "it passes the limit.")
 
     def validate(self, attrs: dict) -> dict:
         if sum(1 for name in ("lead", "contact", "deal") if attrs.get(name) is not None) > 1:

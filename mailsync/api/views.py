@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.db.models import Prefetch
-from django.http import HttpResponse
+from django.core.files.uploadhandler import FileUploadHandler
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django_filters import rest_framework as filters
 from django_filters.rest_framework import DjangoFilterBackend
@@ -25,7 +26,7 @@ from crm.api.pagination import KeysetPagination
 from .. import selectors, services, tasks
 from ..exceptions import MailServerUnreachable
 from ..models import Attachment, Email, EmailLink, EmailLocation, Mailbox
-from ..views import attachment_content_response
+from ..views import INLINE_IMAGE_TYPES, attachment_download_response
 from . import serializers as s
 
 
@@ -116,9 +117,13 @@ class MailboxViewSet(viewsets.ModelViewSet):
 class EmailFilter(filters.FilterSet):
     # Only records the user may see: else ?contact=<id> would tell which hidden contact a
     # visible mail belongs to, one id at a time (found in review).
-    lead = filters.NumberFilter(method="filter_record")
-    contact = filters.NumberFilter(method="filter_record")
-    deal = filters.NumberFilter(method="filter_record")
+    # One entry per message (the user's own copy first), as the record's page lists it.
+    lead = filters.NumberFilter(method="filter_record", help_text=(
+        "Mail on this lead, each message once (your own copy where you have one)."))
+    contact = filters.NumberFilter(method="filter_record", help_text=(
+        "Mail on this contact, each message once (your own copy where you have one)."))
+    deal = filters.NumberFilter(method="filter_record", help_text=(
+        "Mail on this deal, each message once (your own copy where you have one)."))
     # Plain ids within the mail the user may see: a stranger's mailbox or conversation gives
     # the same empty page as an id that exists nowhere (a choice field told them apart).
     mailbox = filters.NumberFilter(field_name="mailbox")
@@ -146,6 +151,17 @@ class EmailFilter(filters.FilterSet):
         model = {"lead": Lead, "contact": Contact, "deal": Deal}[name]
         visible = records_visible_to(self.request.user, model.objects.filter(pk=value))
         return queryset.filter(**{f"links__{name}__in": visible.values("pk")}).distinct()
+
+    def filter_queryset(self, queryset):  # noqa: ANN001, ANN201
+        """A record's mail lists each message once, as the record's page does: the same
+        mail in two mailboxes (two colleagues' public ones, or two of the user's own) was
+        listed twice (found in review). Applied after the other filters, so ``mailbox=``
+        with a record still finds that mailbox's copy. Without a record filter every copy
+        is listed, as each mailbox's pages list them."""
+        queryset = super().filter_queryset(queryset)
+        if any(self.form.cleaned_data.get(name) is not None for name in ("lead", "contact", "deal")):
+            queryset = selectors.emails_one_per_message(user=self.request.user, emails=queryset)
+        return queryset
 
 
 @contextmanager
@@ -176,6 +192,40 @@ _SERVER_ACTION_ERRORS = {
 }
 
 
+class AttachmentsLimitHandler(FileUploadHandler):
+    """Counts the bytes of the request's files as they arrive, before any other upload
+    handler stores them, and refuses the request as soon as they pass the attachments'
+    limit (``sending.MAX_ATTACHMENTS_BYTES``): a 500 MB upload was first stored whole (on
+    disk), then read whole into memory by the send endpoint, to be refused by
+    ``sending.email_send`` (found in review)."""
+
+    def __init__(self, request: HttpRequest, *, limit: int) -> None:
+        super().__init__(request)
+        self.limit = limit
+        self.received = 0
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
+        self.received += len(raw_data)
+        if self.received > self.limit:
+            # What was stored of the file being read goes (a temporary file); the rest of
+            # the request is never read.
+            for handler in self.request.upload_handlers:
+                if handler is not self:
+                    handler.upload_interrupted()
+            raise serializers.ValidationError({"attachments": [
+                f"Attachments may total at most {self.limit // (1024 * 1024)} MB; these are larger."]})
+        return raw_data
+
+    def file_complete(self, file_size: int) -> None:
+        return None  # the next handler makes the file
+
+
+_ATTACHMENT_CONTENT = OpenApiResponse(bytes, description=(
+    "The file as a download (application/octet-stream, Content-Disposition: attachment), or "
+    "with inline=1 a PNG, JPEG, GIF or WebP image with its own type (Content-Disposition: "
+    "inline). Always X-Content-Type-Options: nosniff."))
+
+
 class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                    viewsets.GenericViewSet):
     """Synced and sent emails you may see. PATCH and DELETE reach the IMAP server."""
@@ -201,6 +251,16 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     def get_serializer_class(self):  # noqa: ANN201
         return s.EmailDetailSerializer if self.action == "retrieve" else s.EmailListSerializer
+
+    def initial(self, request: Request, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if self.action == "send":
+            from .. import sending
+
+            # Before anything reads the body (session authentication's CSRF check reads
+            # the form), so the limit holds while the files arrive.
+            request.upload_handlers.insert(
+                0, AttachmentsLimitHandler(request._request, limit=sending.MAX_ATTACHMENTS_BYTES))
+        super().initial(request, *args, **kwargs)
 
     def _reread(self, email: Email) -> Email:
         """The email as the answer shows it, read again after a change; a 404 (not a 500) if
@@ -293,20 +353,20 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data,
                         status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    @extend_schema(
+        parameters=[OpenApiParameter("inline", bool, description=(
+            "Show a PNG, JPEG, GIF or WebP image inline with its own type (the cid: images of "
+            "the sanitized html link here with inline=1); any other file is still a download."))],
+        responses={(200, media_type): _ATTACHMENT_CONTENT
+                   for media_type in ("application/octet-stream", *sorted(INLINE_IMAGE_TYPES))})
     @action(detail=True, methods=["get"], url_path=r"attachments/(?P<attachment_id>\d+)")
     def attachment(self, request: Request, pk: str | None = None, attachment_id: str | None = None) -> HttpResponse:
-        """Download an attachment: always as a download, never rendered by the browser."""
+        """Download an attachment: a download, never rendered by the browser, but for a
+        safe image asked for ``inline`` (as the email page's attachment view)."""
         email = self.get_object()
         attachment = get_object_or_404(Attachment, pk=attachment_id, email=email)
         # Streamed when large: a web process stays under 200 MB (mailsync/views.py).
-        response = attachment_content_response(attachment, content_type="application/octet-stream")
-        from django.utils.http import content_disposition_header
-
-        response["Content-Disposition"] = content_disposition_header(True, attachment.filename)
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Content-Security-Policy"] = "default-src 'none'; sandbox"
-        return response
+        return attachment_download_response(attachment, inline=flag(request.query_params, "inline"))
 
 
 # Registered by crm/api/urls.py

@@ -107,8 +107,8 @@ def test_contact_email_typo_fixed_on_the_edit_page_attaches_mail_of_the_right_ad
 @pytest.mark.django_db
 def test_secondary_email_added_then_removed():
     """A secondary address added later brings its past mail to the contact and its deal;
-    once removed, new mail of that address no longer attaches (what was attached stays:
-    it was the contact's conversation)."""
+    once removed, new mail of that address no longer attaches (and what it brought leaves
+    the contact: tests/mailsync/test_review_session10_api.py)."""
     owner = UserFactory()
     mbx = MailboxFactory(owner=owner)
     contact = ContactFactory(owner=owner, email="main@client.example")
