@@ -230,25 +230,16 @@ def _build(*, sender: HeaderAddress, to: list[HeaderAddress], cc: list[HeaderAdd
            html: str, message_id: str, parent: Email | None,
            attachments: Sequence[OutgoingAttachment]) -> bytes:
     msg = EmailMessage(policy=email_policy.SMTP)  # CRLF line ends, RFC 2047 headers
-    msg["From"] = sender
-    if to:
-        msg["To"] = to
-    if cc:
-        msg["Cc"] = cc
-    if bcc:
-        # Kept in the stored copy (and the Sent folder) as mail clients do; never transmitted.
-        msg["Bcc"] = bcc
-    if reply_to:
-        msg["Reply-To"] = reply_to
+    _set_addresses(msg, "From", [sender])
+    _set_addresses(msg, "To", to)
+    _set_addresses(msg, "Cc", cc)
+    # Kept in the stored copy (and the Sent folder) as mail clients do; never transmitted.
+    _set_addresses(msg, "Bcc", bcc)
+    _set_addresses(msg, "Reply-To", [reply_to] if reply_to else [])
     if subject.isascii():
         msg["Subject"] = subject
     else:
-        # Python 3.11's folding of encoded words (policy.SMTP) puts the space between two
-        # words into the folding white space between two encoded words, which RFC 2047 6.2
-        # says to drop: about a third of long non-ASCII subjects reached the recipient (and
-        # the record) as "ÄrgerQualität". The legacy Header keeps every space inside the
-        # encoded text; set_raw keeps its folding (lines of at most 78, so not refolded).
-        msg.set_raw("Subject", Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n"))
+        msg.set_raw("Subject", _encoded_words(subject, header_name="Subject"))
     msg["Date"] = format_datetime(timezone.now())
     msg["Message-ID"] = message_id
     if parent is not None and _plain_msgid(parent.message_id):
@@ -270,6 +261,44 @@ def _build(*, sender: HeaderAddress, to: list[HeaderAddress], cc: list[HeaderAdd
         stand_ins.append((base64.b64encode(stand_in) + b"\r\n", a.data))
     smtp.check_headers(msg)
     return _with_contents(msg.as_bytes(), stand_ins)
+
+
+def _encoded_words(text: str, *, header_name: str | None = None) -> str:
+    """``text`` as RFC 2047 encoded words, folded between them at 78 characters.
+
+    Python 3.11's folding of encoded words (policy.SMTP) puts the space between two words
+    into the folding white space between two encoded words, which RFC 2047 6.2 says to
+    drop: about a third of long non-ASCII subjects reached the recipient (and the record)
+    as "ÄrgerQualität", and display names lost their spaces the same way (a list of them
+    even had its separating comma encoded, merging two recipients' names). The legacy
+    Header keeps every space inside the encoded text; ``set_raw`` keeps its folding."""
+    return Header(text, "utf-8", header_name=header_name).encode(linesep="\r\n")
+
+
+def _set_addresses(msg: EmailMessage, name: str, addresses: Sequence[HeaderAddress]) -> None:
+    """An address header. All-ASCII display names: the email package's own folding (it
+    quotes them as RFC 5322 needs). A non-ASCII one: each address on its own line, its
+    display name as encoded words (``_encoded_words``), the address as typed."""
+    if not addresses:
+        return
+    if all(a.display_name.isascii() for a in addresses):
+        msg[name] = addresses
+        return
+    # Every line at most 78 characters with its comma: a longer one has the email package
+    # fold the whole header again (policy refold_source "long"), with the bug above.
+    parts = []
+    for i, a in enumerate(addresses):
+        plain = str(a)
+        start = len(name) + 2 if i == 0 else 1  # "To: " or the continuation's space
+        if a.display_name and (not a.display_name.isascii() or start + len(plain) > 77):
+            phrase = _encoded_words(a.display_name, header_name=name if i == 0 else None)
+            lines = phrase.split("\r\n")
+            last = len(lines[-1]) + (start if len(lines) == 1 else 0)
+            tail = f"<{a.addr_spec}>"
+            parts.append(phrase + (" " if last + 1 + len(tail) <= 77 else "\r\n ") + tail)
+        else:
+            parts.append(plain)
+    msg.set_raw(name, ",\r\n ".join(parts))
 
 
 _BASE64_CHUNK = 57 * 1024  # whole lines of 57 bytes -> 76 characters, as the email package writes them
@@ -430,6 +459,12 @@ def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
         EmailLink.objects.get_or_create(email=email, **{field: record})
     own = {mailbox.email_address, *mailbox.aliases.values_list("address", flat=True)}
     emails_associate(email_ids=[email.pk], exclude_addresses=own)
+    if isinstance(record, Deal):
+        # Sent from a deal, it belongs to that deal (and, by address, to its contact): not
+        # to the contact's other deals, which the association rule for mail that comes in
+        # ("the deals of a matched contact") would add, listing a renewal quote on every
+        # project of the customer. Replies inherit this mail's links (association).
+        EmailLink.objects.filter(email=email, deal__isnull=False).exclude(deal=record).delete()
     _queue(email.pk)
     return email
 

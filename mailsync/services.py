@@ -637,6 +637,14 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             # removed: the mail is then in that folder only, as the CRM shows it.
             _check_every_place(session, mailbox, places)
             move_one = folder not in places
+            if move_one and len(places) > 1:
+                # The copy moved is a live one: a copy marked \Deleted in a mail program
+                # keeps the mark when moved (RFC 6851 3.3), and the others are removed, so
+                # the mail was left only as a copy waiting for that program's expunge.
+                marked = {(name, uid) for name, uid, flags in email.locations.values_list(
+                    "folder__name", "uid", "flags") if "\\Deleted" in (flags or [])}
+                places = dict(sorted(places.items(), key=lambda item: all(
+                    (item[0], uid) in marked for uid in item[1])))
             for name, uids in places.items():
                 modseq_before[name] = _select_same_uids(session, mailbox, name, uids).highestmodseq
                 add = [flag for flag, on in changes.items() if on]
@@ -805,5 +813,15 @@ def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:
 def emails_purge_tombstones(*, older_than_days: int) -> int:
     """Delete for good the mails deleted on the server more than N days ago."""
     cutoff = timezone.now() - timedelta(days=older_than_days)
-    deleted, _ = Email.objects.filter(deleted_at__lt=cutoff).delete()
+    old = Email.objects.filter(deleted_at__lt=cutoff)
+    # Not a mail hidden because its copies are marked \Deleted in a mail program: it is
+    # still on the server, and back when the mark is taken off (purged, its place went
+    # with it and the sync, past its UID, never looked at it again).
+    if connection.vendor == "postgresql":
+        old = old.exclude(Exists(EmailLocation.objects.filter(
+            email=OuterRef("pk"), flags__contains=["\\Deleted"])))
+    else:  # SQLite has no JSON "contains": the same rule in Python
+        old = old.exclude(pk__in=[email_id for email_id, flags in EmailLocation.objects.filter(
+            email__in=old).values_list("email_id", "flags") if "\\Deleted" in (flags or [])])
+    deleted, _ = old.delete()
     return deleted

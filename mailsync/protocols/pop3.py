@@ -72,6 +72,9 @@ class Pop3Retrieved:
     # session was closed (the rest of the reply can no longer be told from the next one).
     complete: bool = True
     error: str = ""  # the server answered -ERR for this message
+    # Bytes of the reply that came over the wire (what a provider's daily transfer limit
+    # counts), also when ``raw`` was cut short or handed on without its bytes.
+    received: int = 0
 
 
 class _TooLong(Exception):
@@ -190,6 +193,10 @@ class Pop3Session:
         self.settings = settings
         self.client: poplib.POP3 | None = None
         self.capabilities: frozenset[str] = frozenset()
+        # Bytes of multi-line replies read so far, complete or not: an error that ends a
+        # RETR/TOP pipeline carries those of its replies as ``received`` (the provider
+        # counted them, stored or not).
+        self.received = 0
 
     # -- connection ---------------------------------------------------------------------------
     def __enter__(self) -> Pop3Session:
@@ -329,12 +336,14 @@ class Pop3Session:
                 found = _terminator(block, len(block))
                 if found is None:
                     data += file.read(len(block))
+                    self.received += len(block)
                     if len(data) > max_bytes:
                         raise _TooLong(bytes(data[:max_bytes]))
                     continue
                 at, length = found
             keep = at + 1  # bytes of the block up to the message's last line end
             consumed = file.read(at + length)
+            self.received += len(consumed)
             if keep > 0:
                 data += consumed[:keep]
             elif keep < 0:  # part of the terminator was read with the previous block
@@ -401,6 +410,7 @@ class Pop3Session:
         window = PIPELINE_WINDOW if self.pipelining else 1
         results: list[Pop3Retrieved] = []
         sent = 0
+        before = self.received
         try:
             while sent < min(window, len(commands)):
                 client._putcmd(commands[sent])
@@ -417,7 +427,9 @@ class Pop3Session:
                     sent += 1
         except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
             self.abandon()
-            raise self._translate(exc) from exc
+            error = self._translate(exc)
+            error.received = self.received - before  # type: ignore[attr-defined]
+            raise error from exc
         return results
 
     def _receive(self, request: Pop3Request, results: list[Pop3Retrieved]) -> bool:
@@ -430,14 +442,16 @@ class Pop3Session:
                 raise
             results.append(Pop3Retrieved(request.number, b"", request.headers_only, error=reply[:200]))
             return True
+        before = self.received
         try:
             raw = self._read_multiline(request.max_bytes)
         except _TooLong as exc:
             self.abandon()
             results.append(Pop3Retrieved(request.number, exc.partial, request.headers_only,
-                                         complete=False))
+                                         complete=False, received=self.received - before))
             return False
-        results.append(Pop3Retrieved(request.number, raw, request.headers_only))
+        results.append(Pop3Retrieved(request.number, raw, request.headers_only,
+                                     received=self.received - before))
         return True
 
     @staticmethod

@@ -137,6 +137,14 @@ class SyncRun:
             raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc),
                                   older=self._older)
 
+    def _charge_budget(self, size: int) -> None:
+        """Bytes downloaded but not stored (a header read to tell messages apart, a reply
+        the connection cut short): the provider counted them all the same. (What is stored
+        is charged with its batch, ``ingest._finish``.)"""
+        if size > 0:
+            Mailbox.objects.filter(pk=self.mailbox.pk).update(
+                budget_bytes_used=F("budget_bytes_used") + size)
+
     def _older_mail(self, work: Callable[[], object]) -> bool:
         """Run ``work``, a download of older mail, within its share of the daily budget: when
         that is spent, the older mail of this run stops there (``older_paused``; the run goes

@@ -241,18 +241,24 @@ def retrieve_prepared(session: Pop3Session | Pop3ChildSession, requests: Sequenc
 
     out: list[Pop3Retrieved] = []
     prepared: dict[int, Prepared] = {}
-    for replies in run_ahead(chunks(), name="pop3-retrieve"):
-        wanted: list[FetchedMessage | None] = []
-        numbers: list[int] = []
-        for index, r in enumerate(replies):
-            replies[index] = None  # each message's bytes go once it is prepared (large mail)
-            if not r.error and (r.complete or r.headers_only):
-                wanted.append(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
-                                             internal_date=None, raw=r.raw))
-                numbers.append(r.number)
-            out.append(replace(r, raw=b""))
-        del replies
-        prepared.update(zip(numbers, prepare_batch(wanted)))  # consumes ``wanted``
+    try:
+        for replies in run_ahead(chunks(), name="pop3-retrieve"):
+            wanted: list[FetchedMessage | None] = []
+            numbers: list[int] = []
+            for index, r in enumerate(replies):
+                replies[index] = None  # each message's bytes go once it is prepared (large mail)
+                if not r.error and (r.complete or r.headers_only):
+                    wanted.append(FetchedMessage(uid=uid_of[r.number], flags=(), size=len(r.raw),
+                                                 internal_date=None, raw=r.raw))
+                    numbers.append(r.number)
+                out.append(replace(r, raw=b""))
+            del replies
+            prepared.update(zip(numbers, prepare_batch(wanted)))  # consumes ``wanted``
+    except MailError as exc:
+        # The connection was lost mid-batch: nothing of it is stored, but what came over the
+        # wire (the chunks before, the cut reply) counts against the provider's daily limit.
+        exc.received = getattr(exc, "received", 0) + sum(r.received for r in out)  # type: ignore[attr-defined]
+        raise
     return out, prepared
 
 

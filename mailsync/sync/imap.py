@@ -32,7 +32,7 @@ from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
 from .fetcher import UNDELIVERED, FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
-from .ingest import complete_truncated, ingest_batch, refresh_flags
+from .ingest import complete_truncated, ingest_batch, refresh_flags, tombstone_placeless
 from .prepare import prepare_batch
 from .base import OLDER_MAIL_SHARE, BudgetExhausted, SyncReport, SyncRun, server_settings
 from .lock import ConnectionSlot, connection_slot, mailbox_lock
@@ -836,6 +836,12 @@ class ImapSync(SyncRun):
         by_flags: dict[tuple[str, ...], list[int]] = {}
         for uid, flags in updates:
             by_flags.setdefault(tuple(flags), []).append(uid)
+        # A copy marked \Deleted in a mail program (deleted, waiting for an expunge: RFC 3501
+        # 2.3.2) is not a place the mail shows from; the mark taken off, it is again.
+        marked = {known[uid][0] for uid, flags in updates
+                  if "\\Deleted" in flags and "\\Deleted" not in known[uid][1]}
+        unmarked = {known[uid][0] for uid, flags in updates
+                    if "\\Deleted" not in flags and "\\Deleted" in known[uid][1]}
         with transaction.atomic():
             for flags, uids in by_flags.items():
                 EmailLocation.objects.filter(
@@ -843,6 +849,10 @@ class ImapSync(SyncRun):
                 ).update(flags=list(flags))
             # Read or flagged where any copy is (a mail may sit in two folders).
             refresh_flags({known[uid][0] for uid, _ in updates})
+            if marked:
+                tombstone_placeless(marked)
+            if unmarked:
+                Email.objects.filter(pk__in=list(unmarked), deleted_at__isnull=False).update(deleted_at=None)
         self.report.flag_changes += len(updates)
 
     def _changes_qresync(self, session: ImapSession, folder: MailFolder) -> None:
@@ -897,9 +907,7 @@ def _resolve_errors(folder: MailFolder, *, uidvalidity: int | None = None, uids:
 def _tombstone_placeless(email_ids: set[int] | list[int]) -> None:
     """Mails left with no place on the server leave the CRM views but are kept
     (recoverable: found again on the server, they come back) until the retention ends."""
-    Email.objects.filter(pk__in=list(email_ids), deleted_at__isnull=True).exclude(
-        Exists(EmailLocation.objects.filter(email=OuterRef("pk")))
-    ).update(deleted_at=timezone.now())
+    tombstone_placeless(email_ids)
 
 
 def imap_mailbox_sync(*, mailbox: Mailbox, timeout: float = 30.0) -> SyncReport:

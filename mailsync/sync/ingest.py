@@ -440,6 +440,13 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         alive = {p.fingerprint for p in prepared if "\\Deleted" not in p.message.flags}
         Email.objects.filter(pk__in=[pk for fp, pk in existing.items() if fp in alive],
                              deleted_at__isnull=False).update(deleted_at=None)
+    # A copy marked \Deleted (deleted in a mail program, not expunged yet) is stored with
+    # its place, which follows the mark: a mail with no other place is a tombstone (not
+    # shown; back if the mark is taken off). O(1) per message; a query only when the batch
+    # holds such a copy.
+    marked = [ids_by_fp[p.fingerprint] for p in prepared if "\\Deleted" in p.message.flags]
+    if marked:
+        tombstone_placeless(marked)
     if existing and folder.special_use == "sent":
         # Seen first in another folder (Gmail's All Mail, an archive): in Sent, it was sent.
         Email.objects.filter(pk__in=existing.values(), direction=Email.Direction.RECEIVED).update(
@@ -463,6 +470,26 @@ def _own(mailbox: Mailbox) -> set[str]:
     return {mailbox.email_address.strip().lower(),
             *(a.strip().lower() for a in MailboxAlias.objects.filter(mailbox=mailbox)
               .values_list("address", flat=True))}
+
+
+def tombstone_placeless(email_ids: Collection[int]) -> None:
+    """Mails with no place on the server they show from (none at all, or only copies
+    marked \\Deleted) leave the CRM views but are kept (recoverable: found again on the
+    server, or the mark taken off, they come back) until the retention ends."""
+    if not email_ids:
+        return
+    places = EmailLocation.objects.filter(email=OuterRef("pk"))
+    if connection.vendor == "postgresql":
+        places = places.exclude(flags__contains=["\\Deleted"])
+        Email.objects.filter(pk__in=list(email_ids), deleted_at__isnull=True).exclude(
+            Exists(places)).update(deleted_at=timezone.now())
+        return
+    # SQLite (the embedded default) has no JSON "contains": the same rule in Python.
+    live = {email_id for email_id, flags in EmailLocation.objects.filter(
+        email_id__in=list(email_ids)).values_list("email_id", "flags")
+        if "\\Deleted" not in (flags or [])}
+    Email.objects.filter(pk__in=[pk for pk in email_ids if pk not in live],
+                         deleted_at__isnull=True).update(deleted_at=timezone.now())
 
 
 def refresh_flags(email_ids: Collection[int]) -> None:

@@ -10,8 +10,9 @@ Per run, under the mailbox lock:
    after the commit does a DELE follow.
 4. QUIT, which is when the server removes what was marked (RFC 1939 6). A connection lost
    before QUIT removes nothing: the next run finds those messages again, knows their keys,
-   stores nothing twice and marks them again. ``deleted_from_server_at`` is set only after
-   the server confirmed QUIT.
+   stores nothing twice and marks them again. ``deleted_from_server_at`` is set after the
+   server confirmed QUIT, or, when that reply was lost, by the next run that no longer finds
+   them listed.
 
 The CRM copy is independent: nothing done in the CRM reaches the server, and a message
 removed on the server stays in the CRM.
@@ -34,7 +35,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from ..bulk import insert_rows
-from ..exceptions import MailProtocolError
+from ..exceptions import MailError, MailProtocolError
 from ..models import Email, EmailLocation, MailFolder, Mailbox, MessageError, Pop3Message
 from ..protocols.base import FetchedMessage, ServerSettings
 from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
@@ -159,6 +160,10 @@ class Pop3Sync(SyncRun):
                     return
             except _Large:
                 factory = Pop3ChildSession
+            except MailError as exc:
+                # Cut mid-RETR or mid-TOP: what came before the cut was counted by the provider.
+                self._charge_budget(getattr(exc, "received", 0))
+                raise
         raise MailProtocolError(
             "The server kept sending messages larger than it announced; try again later."
         )
@@ -184,6 +189,7 @@ class Pop3Sync(SyncRun):
             known = self._known([k.key for k in keyed])
             keyed = self._rekey_reused(session, keyed, known)
             self._say_unidentified(len(listing) - len(keyed))
+            self._note_removed(listing, keyed)
             minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
             if (factory is Pop3Session and minimum > 0
                     and sum(k.key not in known for k in keyed) >= minimum):
@@ -267,6 +273,34 @@ class Pop3Sync(SyncRun):
                 "unique id (UIDL) and refuses their headers (TOP), so they were left on the server, "
                 "not downloaded. Use IMAP for this mailbox if the provider offers it.")
 
+    def _note_removed(self, listing: Sequence[Pop3Listing], keyed: list[Keyed]) -> None:
+        """Stored messages the mode removes from the server that it no longer lists are
+        gone from it: a QUIT whose reply was lost (the connection dropped after the server
+        applied the DELEs) left them recorded as still there. Only a record is written
+        (nothing is deleted anywhere), so a message listed again is taken for another one
+        (``_rekey_reused``: downloaded once more, no duplicate). Only the rows the mode
+        removes are read (in "remove after download" those not yet confirmed: a few), none
+        where mail stays on the server for good."""
+        mailbox = self.mailbox
+        if not mailbox.pop3_delete_after_download and mailbox.pop3_keep_days is None:
+            return
+        rows = Pop3Message.objects.filter(mailbox=mailbox, deleted_from_server_at__isnull=True,
+                                          truncated=False)
+        if not mailbox.pop3_delete_after_download:
+            rows = rows.filter(downloaded_at__lte=timezone.now() - timedelta(days=mailbox.pop3_keep_days or 0))
+        if len(keyed) < len(listing):
+            # Messages left unidentified (no UIDL, TOP refused): a header-hash key may be one
+            # of them, still there.
+            rows = rows.filter(key_kind=Pop3Message.KeyKind.UIDL)
+        listed = {k.key for k in keyed} | {item.uidl for item in listing if item.uidl}
+        gone = [key for key in rows.values_list("key", flat=True) if key not in listed]
+        if gone:
+            log.info("mailbox %s: %s stored messages removed from the server unconfirmed",
+                     mailbox.pk, len(gone))
+            for start in range(0, len(gone), KNOWN_CHUNK):
+                rows.filter(key__in=gone[start:start + KNOWN_CHUNK]).update(
+                    deleted_from_server_at=timezone.now())
+
     def _quit(self, session: Pop3Session, marked: list[str]) -> None:
         session.quit()
         if marked:
@@ -281,6 +315,8 @@ class Pop3Sync(SyncRun):
         for start in range(0, len(items), HASH_CHUNK):
             replies = session.retrieve([Pop3Request(item.number, HEADERS_MAX_BYTES, headers_only=True)
                                         for item in items[start:start + HASH_CHUNK]])
+            # The headers came over the wire: the provider's daily limit counts them.
+            self._charge_budget(sum(r.received for r in replies))
             if replies and not replies[-1].complete:
                 raise MailProtocolError("The server sent a header block over 2 MB.")
             keys.update({r.number: header_hash_key(r.raw, sizes[r.number])
@@ -413,6 +449,7 @@ class Pop3Sync(SyncRun):
                 Pop3Message.objects.filter(mailbox=self.mailbox, key__in=[k.key for k, _ in whole]).update(
                     truncated=False)
             if replies and not replies[-1].complete:
+                self._charge_budget(replies[-1].received)
                 self.too_large.add(numbers[replies[-1].number].key)
                 return False  # bigger than LIST said: it stays as it is; the run reconnects
         return True
@@ -451,7 +488,9 @@ class Pop3Sync(SyncRun):
                     bytes_total=F("bytes_total") - (0 if self._headers_only(item) else (item.listing.size or 0)),
                 )
             elif not reply.complete and not reply.headers_only:
-                # Bigger than LIST said: its headers are fetched on the next connection.
+                # Bigger than LIST said: its headers are fetched on the next connection. The
+                # bytes read until then count against the provider's daily limit.
+                self._charge_budget(reply.received)
                 self.too_large.add(item.key)
                 Mailbox.objects.filter(pk=self.mailbox.pk).update(
                     bytes_total=F("bytes_total") - (item.listing.size or 0)

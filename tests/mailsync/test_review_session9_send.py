@@ -415,8 +415,7 @@ def test_a_reply_from_an_unknown_address_to_mail_sent_on_a_deal_lands_on_that_de
     ImapSync(box, timeout=10).run()
     ImapSync(box, timeout=10).run()
     # Then the answer is on that deal (and in the thread), and the sent mail is still one
-    # email. (It is on the contact's other deal too, as the sent mail is: the documented rule
-    # "attach to the deals of a matched contact" applies to mail sent on a deal as well.)
+    # email. (Not on the contact's other deal: neither is the sent mail, since session 10.)
     answer = Email.objects.get(message_id="answer@gmail.example")
     assert EmailLink.objects.filter(email=answer, deal=deal).exists()
     assert EmailLink.objects.filter(email=answer, contact=contact).exists()
