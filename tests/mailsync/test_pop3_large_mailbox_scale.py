@@ -4,9 +4,10 @@ both modes, through a cut connection and a paused day, with nothing removed from
 before it is stored.
 
 The maildrop is written straight into the Maildir (``DovecotServer.fill_maildir``), so the
-counts can be above what matters (UIDL and LIST replies of ~1 MB, tens of thousands of
-pipelined DELEs, keys looked up in chunks) while the file stays well under a minute and a
-half on 2 cores.
+counts can be above what matters (UIDL and LIST replies of a few hundred KB, ten thousand
+pipelined DELEs, keys looked up in chunks of ``KNOWN_CHUNK``, 5,000) while the file stays
+well under a minute on 2 cores (the counts were 2-3 times these until session 10: the same
+paths, three times the CI time).
 """
 from __future__ import annotations
 
@@ -121,10 +122,10 @@ def assert_rest_downloaded_and_removed(dovecot, mail_user, mailbox: Mailbox, rep
 
 def test_large_maildrop_left_on_the_server_then_new_mail_deletions_elsewhere_and_expiry(
         dovecot, mail_user, pop3_mailbox, fault_proxy):
-    """30,000 messages kept on the server: downloaded once, a resync downloads none of them
+    """12,000 messages kept on the server: downloaded once, a resync downloads none of them
     again, new mail alone is downloaded (also after another client deleted thousands, which
     renumbers the maildrop), and when their N days are up they all leave the server."""
-    total = 30_000
+    total = 12_000
     size = fill(dovecot, mail_user, range(total))
     proxy = fault_proxy(dovecot.host, dovecot.pop3s_port)  # transparent: it counts bytes
     Mailbox.objects.filter(pk=pop3_mailbox.pk).update(
@@ -140,7 +141,7 @@ def test_large_maildrop_left_on_the_server_then_new_mail_deletions_elsewhere_and
     assert set(Pop3Message.objects.filter(mailbox=pop3_mailbox).values_list("key_kind", flat=True)) == {"uidl"}
     assert on_server(dovecot, mail_user) == total and removed_from_server(pop3_mailbox) == 0
 
-    # Nothing new: only LIST and UIDL come down (~0.8 MB), not the ~13 MB of mail.
+    # Nothing new: only LIST and UIDL come down (~0.3 MB), not the ~5 MB of mail.
     before = proxy.bytes_down
     report = sync(pop3_mailbox)
     assert (report.new, report.located, report.failed) == (0, 0, 0)
@@ -170,7 +171,7 @@ def test_large_maildrop_left_on_the_server_then_new_mail_deletions_elsewhere_and
     left = total + 950 - len(gone)
     assert on_server(dovecot, mail_user) == left
 
-    # Kept 7 days, now past for all of them: every copy on the server goes (~25,000 DELE
+    # Kept 7 days, now past for all of them: every copy on the server goes (~10,000 DELE
     # in one session), none is downloaded again, and the CRM records which left.
     Mailbox.objects.filter(pk=pop3_mailbox.pk).update(pop3_keep_days=7)
     Pop3Message.objects.filter(mailbox=pop3_mailbox).update(downloaded_at=timezone.now() - timedelta(days=8))
@@ -178,17 +179,19 @@ def test_large_maildrop_left_on_the_server_then_new_mail_deletions_elsewhere_and
     assert (report.new, report.located, report.failed) == (0, 0, 0)
     assert_completed(pop3_mailbox)
     assert on_server(dovecot, mail_user) == 0
-    assert removed_from_server(pop3_mailbox) == left
+    # Those the other client deleted are recorded as gone too, once the mode would have
+    # removed them (no longer listed: the check for a QUIT whose reply was lost).
+    assert removed_from_server(pop3_mailbox) == total + 950
     assert_stored_once(pop3_mailbox, range(total + 950))
 
 
 def test_remove_after_download_cut_midway_twice_then_rerun_loses_and_duplicates_nothing(
         dovecot, mail_user, pop3_mailbox, fault_proxy):
-    """20,000 messages removed after download; the connection is cut in the middle of the
+    """10,000 messages removed after download; the connection is cut in the middle of the
     download, then again in the middle of the rerun (after its DELE of what the first run
     stored). Nothing leaves the server without QUIT; the third run ends with every message
     stored once and the maildrop empty."""
-    total = 20_000
+    total = 10_000
     size = fill(dovecot, mail_user, range(total))
     proxy = fault_proxy(dovecot.host, dovecot.pop3s_port)
     Mailbox.objects.filter(pk=pop3_mailbox.pk).update(incoming_port=proxy.port)
@@ -218,7 +221,7 @@ def test_daily_budget_reached_in_a_large_maildrop_pauses_then_resumes_the_next_d
     """A Gmail POP mailbox whose day's 2.5 GB are nearly spent: the download pauses (not an
     error) with the progress right, only what was stored left the server; the next day the
     rest comes down, each message once."""
-    total = 10_000
+    total = 6_000
     size = fill(dovecot, mail_user, range(total))
     Mailbox.objects.filter(pk=pop3_mailbox.pk).update(
         provider="gmail", budget_day=timezone.now().date(), budget_bytes_used=GMAIL_BUDGET - size // 3)
@@ -252,7 +255,7 @@ def test_server_that_renumbers_its_uidls_gets_its_maildrop_downloaded_again_stor
     UIDL: a mailbox kept on the server is then downloaded again. Each message is found
     in the CRM (by its fingerprint), none is stored twice, and what the user did in the CRM
     stays (a deleted mail is not brought back, a read one stays read)."""
-    total = 10_000
+    total = 6_000
     fill(dovecot, mail_user, range(total))
     Mailbox.objects.filter(pk=pop3_mailbox.pk).update(pop3_delete_after_download=False)
     assert sync(pop3_mailbox).new == total
