@@ -2,12 +2,17 @@
 
 Addresses are compared normalized (lower-case). The lookups use the functional indexes on
 LOWER(email) and LOWER(secondary_email) of leads and contacts.
+
+A record that matched a mail only by a Bcc address (none of its addresses in From, To, Cc or
+Reply-To, nor in the mail a reply answers) gets a link marked ``bcc_only``: the mailbox's
+owner sees it, nobody else does (``selectors``), since it would tell them that the person
+was sent a blind copy. A link found both ways is shown.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from django.db import connection
 from django.db.models import Q
@@ -18,8 +23,54 @@ from crm.models import Contact, Deal, Lead, OwnedRecord
 from .bulk import copy_rows, insert_rows, rows_where_in
 from .models import EmailLink, EmailParticipant, Mailbox, MailboxAlias
 
-# Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc).
+# Matching uses these roles: the customer wrote it (From/Reply-To) or received it (To/Cc),
+# or was sent a blind copy (Bcc: the sender's copy keeps the header).
 MATCH_ROLES = ["from", "to", "cc", "reply_to", "bcc"]
+# The roles everyone who gets the mail can read: a match by one of them is a link shown to
+# whoever sees the record; a match by Bcc alone is the owner's (``bcc_only``).
+SHOWN_ROLES = ["from", "to", "cc", "reply_to"]
+
+# (lead, contact, deal): one of them set.
+Record = tuple[int | None, int | None, int | None]
+LINK_FIELDS = ("email", "lead", "contact", "deal", "bcc_only")
+
+
+def _add(into: dict[Record, bool], record: Record, bcc_only: bool) -> bool:
+    """Put ``record`` into ``into`` (record -> only by Bcc); found another way too, it is
+    not Bcc-only. Whether ``into`` changed."""
+    before = into.get(record)
+    if before is None or (before and not bcc_only):
+        into[record] = bcc_only
+        return True
+    return False
+
+
+def _merge(into: dict[Record, bool], records: Mapping[Record, bool]) -> bool:
+    changed = False
+    for record, bcc_only in records.items():
+        changed |= _add(into, record, bcc_only)
+    return changed
+
+
+def email_links_insert(rows: Sequence[tuple[int, int | None, int | None, int | None, bool]]) -> int:
+    """Insert links (email, lead, contact, deal, bcc_only) that may exist already. One that
+    exists keeps its row, but a Bcc-only link now found another way (by a To address, a
+    reply's parent, the user's own choice) is shown from then on; a shown link is never
+    hidden by this. Returns the number of new links. Two queries more only when some of
+    ``rows`` existed."""
+    if not rows:
+        return 0
+    inserted = insert_rows(EmailLink, LINK_FIELDS, rows, ignore_conflicts=True, count=True)
+    # SQLite's bulk_create cannot say how many conflicted: always looked at there.
+    if inserted < len(rows) or connection.vendor != "postgresql":
+        shown = {tuple(row[:4]) for row in rows if not row[4]}
+        hidden = rows_where_in(EmailLink, ("id", "email", "lead", "contact", "deal"),
+                               where={"bcc_only": True}, field="email",
+                               values={key[0] for key in shown})
+        ids = [pk for pk, *key in hidden if tuple(key) in shown]
+        if ids:
+            EmailLink.objects.filter(pk__in=ids).update(bcc_only=False)
+    return inserted
 
 
 def own_addresses(mailbox_ids: Iterable[int]) -> dict[int, set[str]]:
@@ -64,14 +115,15 @@ def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[
 
 
 def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[str] = (),
-                     addresses: Mapping[int, Iterable[str]] | None = None,
+                     addresses: Mapping[int, Iterable[tuple[str, str]]] | None = None,
                      quoted: Mapping[int, Iterable[str]] | None = None,
                      written: Mapping[int, tuple[int, str, int | None]] | None = None) -> int:
     """Link the given emails to every lead and contact one of their addresses belongs to,
-    and to those contacts' deals. Idempotent. Returns the number of new links.
+    and to those contacts' deals (``bcc_only`` where only a Bcc address matched).
+    Idempotent. Returns the number of new links.
 
     The sync, which has just written them, passes each email's participant ``addresses``
-    (normalized, every role), the Message-IDs it ``quoted`` (In-Reply-To, References) and
+    ((role, normalized address), every role), the Message-IDs it ``quoted`` (In-Reply-To, References) and
     what it ``written``: (mailbox id, Message-ID, thread id) per email, which also says
     they were written in this transaction; then none of it is read back from the database
     and their links go in by COPY (~0.1 s of a 2,000-message sync: bench/imap_sync.py)."""
@@ -80,17 +132,19 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
         return 0
     _association_lock(shared=True)
     excluded = {a.lower() for a in exclude_addresses}
-    by_email: dict[int, set[str]] = defaultdict(set)
+    # Per email, its addresses -> whether only in Bcc.
+    by_email: dict[int, dict[str, bool]] = defaultdict(dict)
     if addresses is None:
         addresses = defaultdict(list)
-        for email_id, address in EmailParticipant.objects.filter(
+        for email_id, role, address in EmailParticipant.objects.filter(
             email_id__in=email_ids, role__in=MATCH_ROLES
-        ).values_list("email_id", "address"):
-            addresses[email_id].append(address)
+        ).values_list("email_id", "role", "address"):
+            addresses[email_id].append((role, address))
     for email_id in email_ids:
-        for address in addresses.get(email_id, ()):
+        for role, address in addresses.get(email_id, ()):
             if address and address not in excluded:
-                by_email[email_id].add(address)
+                seen = by_email[email_id]
+                seen[address] = seen.get(address, True) and role == "bcc"
     wanted = set().union(*by_email.values()) if by_email else set()
     leads = _by_address(Lead, wanted)
     contacts = _by_address(Contact, wanted)
@@ -100,36 +154,39 @@ def emails_associate(*, email_ids: Iterable[int], exclude_addresses: Iterable[st
                                              field="contact", values=contact_ids):
         deals[contact_id].append(deal_id)
 
-    # Per email, the (lead, contact, deal) it belongs to: one record each.
-    found: dict[int, set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    # Per email, the (lead, contact, deal) it belongs to, one record each, and whether only
+    # by Bcc: a record matched by any address of it in From/To/Cc/Reply-To is shown.
+    found: dict[int, dict[Record, bool]] = defaultdict(dict)
     for email_id, email_addresses in by_email.items():
-        lead_ids = {pk for a in email_addresses for pk in leads.get(a, ())}
-        c_ids = {pk for a in email_addresses for pk in contacts.get(a, ())}
-        d_ids = {pk for c in c_ids for pk in deals.get(c, ())}
-        found[email_id] |= {(pk, None, None) for pk in lead_ids}
-        found[email_id] |= {(None, pk, None) for pk in c_ids}
-        found[email_id] |= {(None, None, pk) for pk in d_ids}
+        records = found[email_id]
+        for address, bcc_only in email_addresses.items():
+            for pk in leads.get(address, ()):
+                _add(records, (pk, None, None), bcc_only)
+            for pk in contacts.get(address, ()):
+                _add(records, (None, pk, None), bcc_only)
+                for deal_id in deals.get(pk, ()):
+                    _add(records, (None, None, deal_id), bcc_only)
     _inherit_from_parents(email_ids, quoted, found, written)
-    links = [(email_id, lead, contact, deal)
-             for email_id, records in found.items() for lead, contact, deal in records]
+    links = [(email_id, lead, contact, deal, bcc_only)
+             for email_id, records in found.items() for (lead, contact, deal), bcc_only in records.items()]
     replies = _pass_to_stored_replies(found, written)
-    names = ("email", "lead", "contact", "deal")
     if written is not None:
         # Mails written in this transaction: no link of theirs can exist yet (no other
         # transaction sees them), and ``found`` holds each record once: COPY, no conflicts.
-        copy_rows(EmailLink, names, links)
-        return len(links) + insert_rows(EmailLink, names, replies, ignore_conflicts=True, count=True)
-    return insert_rows(EmailLink, names, links + replies, ignore_conflicts=True, count=True)
+        copy_rows(EmailLink, LINK_FIELDS, links)
+        return len(links) + email_links_insert(replies)
+    return email_links_insert(links + replies)
 
 
 def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[str]] | None,
-                          found: dict[int, set[tuple[int | None, int | None, int | None]]],
+                          found: dict[int, dict[Record, bool]],
                           written: Mapping[int, tuple[int, str, int | None]] | None = None) -> None:
     """A reply joins the records of the mail it answers (its In-Reply-To/References), so the
     whole conversation shows on the deal even when a reply comes from someone the CRM does
     not know (the customer's colleague): parents stored in the same mailbox (only those who
     got the thread know their Message-IDs) or in this batch, and mail sent from the CRM
-    (its Message-ID names the record and carries a random part: it cannot be guessed)."""
+    (its Message-ID names the record and carries a random part: it cannot be guessed).
+    A record the parent has only by Bcc the reply has so too (unless it matches itself)."""
     from .models import Email
 
     mailbox_of: dict[int, int] = {}
@@ -155,32 +212,30 @@ def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[st
     all_ids = set().union(*quotes.values()) if quotes else set()
     if not all_ids:
         return
-    parents: dict[tuple[int | None, str], set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
-    for message_id, mailbox_id, source, lead, contact, deal in _links_of_mails(
+    parents: dict[tuple[int | None, str], dict[Record, bool]] = defaultdict(dict)
+    for message_id, mailbox_id, source, lead, contact, deal, bcc_only in _links_of_mails(
             set(mailbox_of.values()), all_ids):
-        parents[(mailbox_id, message_id)].add((lead, contact, deal))
+        _add(parents[(mailbox_id, message_id)], (lead, contact, deal), bcc_only)
         if source == Email.Source.CRM and message_id.startswith("crm."):
-            parents[(None, message_id)].add((lead, contact, deal))
+            _add(parents[(None, message_id)], (lead, contact, deal), bcc_only)
     for _ in range(5):  # replies to replies within one batch
         changed = False
         for pk, ids in quotes.items():
             mailbox_id = mailbox_of[pk]
             for message_id in ids:
-                inherited = parents.get((mailbox_id, message_id), set()) | parents.get((None, message_id), set())
+                changed |= _merge(found[pk], parents.get((mailbox_id, message_id), {}))
+                changed |= _merge(found[pk], parents.get((None, message_id), {}))
                 parent = in_batch.get((mailbox_id, message_id))
                 if parent is not None and parent != pk:
-                    inherited = inherited | found.get(parent, set())
-                if inherited - found[pk]:
-                    found[pk] |= inherited
-                    changed = True
+                    changed |= _merge(found[pk], found.get(parent, {}))
         if not changed:
             break
 
 
 def _links_of_mails(mailbox_ids: set[int], message_ids: set[str],
-                    ) -> list[tuple[str, int, str, int | None, int | None, int | None]]:
-    """(Message-ID, mailbox, source, lead, contact, deal) of the links of the mails with
-    these Message-IDs stored in these mailboxes or sent from the CRM."""
+                    ) -> list[tuple[str, int, str, int | None, int | None, int | None, bool]]:
+    """(Message-ID, mailbox, source, lead, contact, deal, bcc_only) of the links of the mails
+    with these Message-IDs stored in these mailboxes or sent from the CRM."""
     from .models import Email
 
     if connection.vendor == "postgresql":
@@ -189,7 +244,7 @@ def _links_of_mails(mailbox_ids: set[int], message_ids: set[str],
         quote = connection.ops.quote_name
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT e.message_id, e.mailbox_id, e.source, l.lead_id, l.contact_id, l.deal_id "
+                f"SELECT e.message_id, e.mailbox_id, e.source, l.lead_id, l.contact_id, l.deal_id, l.bcc_only "
                 f"FROM {quote(EmailLink._meta.db_table)} l JOIN {quote(Email._meta.db_table)} e "
                 "ON e.id = l.email_id WHERE e.message_id = ANY(%s) "
                 "AND (e.mailbox_id = ANY(%s) OR e.source = %s)",
@@ -198,7 +253,8 @@ def _links_of_mails(mailbox_ids: set[int], message_ids: set[str],
     return list(EmailLink.objects.filter(
         Q(email__mailbox_id__in=mailbox_ids) | Q(email__source=Email.Source.CRM),
         email__message_id__in=message_ids,
-    ).values_list("email__message_id", "email__mailbox_id", "email__source", "lead_id", "contact_id", "deal_id"))
+    ).values_list("email__message_id", "email__mailbox_id", "email__source", "lead_id", "contact_id", "deal_id",
+                  "bcc_only"))
 
 
 def _mails_in_threads(threads: set[int], besides: Iterable[int]) -> list[tuple[int, int, str, str, list[str]]]:
@@ -221,9 +277,9 @@ def _mails_in_threads(threads: set[int], besides: Iterable[int]) -> list[tuple[i
                 .values_list("pk", "mailbox_id", "message_id", "in_reply_to", "references"))
 
 
-def _pass_to_stored_replies(found: Mapping[int, set[tuple[int | None, int | None, int | None]]],
+def _pass_to_stored_replies(found: Mapping[int, dict[Record, bool]],
                             written: Mapping[int, tuple[int, str, int | None]] | None = None,
-                            ) -> list[tuple[int, int | None, int | None, int | None]]:
+                            ) -> list[tuple[int, int | None, int | None, int | None, bool]]:
     """The other way round: replies stored before the mail they answer (a first sync goes
     newest first) get its records when it arrives, and replies to those replies too."""
     from .models import Email
@@ -238,26 +294,26 @@ def _pass_to_stored_replies(found: Mapping[int, set[tuple[int | None, int | None
     threads = {thread for _, thread, _, _ in rows if thread is not None}
     if not threads:
         return []
-    records_of: dict[tuple[int, str], set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    records_of: dict[tuple[int, str], dict[Record, bool]] = defaultdict(dict)
     for pk, _, mailbox_id, message_id in rows:
         if message_id:
-            records_of[(mailbox_id, message_id)] |= found[pk]
+            _merge(records_of[(mailbox_id, message_id)], found[pk])
     candidates = _mails_in_threads(threads, list(found))
-    extra: dict[int, set[tuple[int | None, int | None, int | None]]] = defaultdict(set)
+    extra: dict[int, dict[Record, bool]] = defaultdict(dict)
     changed = True
     while changed:
         changed = False
         for pk, mailbox_id, message_id, in_reply_to, references in candidates:
-            inherited: set[tuple[int | None, int | None, int | None]] = set()
+            grew = False
             for quoted in (in_reply_to, *(references or [])):
                 if quoted:
-                    inherited |= records_of.get((mailbox_id, quoted), set())
-            if inherited - extra[pk]:
-                extra[pk] |= inherited
+                    grew |= _merge(extra[pk], records_of.get((mailbox_id, quoted), {}))
+            if grew:
                 if message_id:
-                    records_of[(mailbox_id, message_id)] |= inherited
+                    _merge(records_of[(mailbox_id, message_id)], extra[pk])
                 changed = True
-    return [(pk, lead, contact, deal) for pk, records in extra.items() for lead, contact, deal in records]
+    return [(pk, lead, contact, deal, bcc_only)
+            for pk, records in extra.items() for (lead, contact, deal), bcc_only in records.items()]
 
 
 def _record_addresses(record: Lead | Contact) -> set[str]:
@@ -324,32 +380,36 @@ def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object
     if isinstance(record, Deal):
         if record.contact_id is None:
             return 0
-        email_ids = EmailLink.objects.filter(contact_id=record.contact_id).values_list(
-            "email_id", flat=True
-        )
-        links = [EmailLink(email_id=e, deal_id=record.pk) for e in email_ids]
-        return len(EmailLink.objects.bulk_create(links, ignore_conflicts=True, batch_size=1000))
+        # The contact's mail, shown or Bcc-only as it is on the contact.
+        return email_links_insert([
+            (email_id, None, None, record.pk, bcc_only) for email_id, bcc_only in
+            EmailLink.objects.filter(contact_id=record.contact_id).values_list("email_id", "bcc_only")])
     if not isinstance(record, (Lead, Contact)):
         return 0
     addresses = _record_addresses(record)
     if not addresses:
         return 0
     found = list(EmailParticipant.objects.filter(address__in=addresses, role__in=MATCH_ROLES)
-                 .values_list("email_id", "address", "email__mailbox_id"))
+                 .values_list("email_id", "address", "role", "email__mailbox_id"))
     # As the sync matches: never by the address of the mailbox the mail is in (or an alias
     # of it), e.g. a lead created with the salesperson's own address gets none of their mail.
-    own = own_addresses(mailbox_id for _, _, mailbox_id in found)
-    email_ids = {email_id for email_id, address, mailbox_id in found
-                 if address not in own.get(mailbox_id, ())}
-    email_ids |= _replies_within_threads(email_ids)
+    own = own_addresses(mailbox_id for *_, mailbox_id in found)
+    matched = [(email_id, role) for email_id, address, role, mailbox_id in found
+               if address not in own.get(mailbox_id, ())]
+    # Shown: matched by a role everyone reads, and the replies in those conversations;
+    # the rest (and its replies) only by Bcc.
+    shown = {email_id for email_id, role in matched if role != "bcc"}
+    shown |= _replies_within_threads(shown)
+    hidden = {email_id for email_id, _ in matched} - shown
+    hidden |= _replies_within_threads(hidden) - shown
+    ids = [(email_id, email_id in hidden) for email_id in shown | hidden]
     if isinstance(record, Lead):
-        links = [(email_id, record.pk, None, None) for email_id in email_ids]
+        links = [(email_id, record.pk, None, None, bcc_only) for email_id, bcc_only in ids]
     else:
         deal_ids = list(Deal.objects.filter(contact=record).values_list("pk", flat=True))
-        links = [(email_id, None, record.pk, None) for email_id in email_ids]
-        links += [(email_id, None, None, deal_id) for email_id in email_ids for deal_id in deal_ids]
-    return insert_rows(EmailLink, ("email", "lead", "contact", "deal"), links,
-                       ignore_conflicts=True, count=True)
+        links = [(email_id, None, record.pk, None, bcc_only) for email_id, bcc_only in ids]
+        links += [(email_id, None, None, deal_id, bcc_only) for email_id, bcc_only in ids for deal_id in deal_ids]
+    return email_links_insert(links)
 
 
 def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int:
@@ -358,7 +418,8 @@ def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int
     contact's deals. It stayed (found in review): a contact saved with a colleague's or a
     wrong customer's address kept showing that person's mail after the fix, to everyone the
     contact is shared with. Kept: mail of an address the record still has, the replies
-    within those conversations, and mail sent from the CRM (put on the record by the user)."""
+    within those conversations, and mail sent from the CRM (put on the record by the user);
+    such mail that the record now has only by a Bcc address is Bcc-only from then on."""
     from .models import Email
 
     if not addresses:
@@ -369,11 +430,11 @@ def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int
     if not linked:
         return 0
 
-    def matching(wanted: set[str]) -> set[int]:
+    def matching(wanted: set[str], roles: list[str] = MATCH_ROLES) -> set[int]:
         if not wanted:
             return set()
         found = list(EmailParticipant.objects.filter(
-            email_id__in=links, address__in=wanted, role__in=MATCH_ROLES,
+            email_id__in=links, address__in=wanted, role__in=roles,
         ).values_list("email_id", "address", "email__mailbox_id"))
         # As the sync matches: never by the mailbox's own addresses (they link nothing).
         own = own_addresses(mailbox_id for _, _, mailbox_id in found)
@@ -383,14 +444,21 @@ def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int
     by_old = matching(addresses)
     if not by_old:
         return 0
-    kept = matching(_record_addresses(record)) | set(
+    current = _record_addresses(record)
+    shown = matching(current, SHOWN_ROLES) | set(
         Email.objects.filter(pk__in=links, source=Email.Source.CRM).values_list("pk", flat=True))
+    shown |= _replies_within_threads(shown) & linked
+    kept = shown | matching(current)
     kept |= _replies_within_threads(kept) & linked
-    gone = ((by_old | (_replies_within_threads(by_old) & linked)) - kept)
-    if not gone:
+    touched = by_old | (_replies_within_threads(by_old) & linked)
+    gone = touched - kept
+    hide = (touched & kept) - shown  # kept only by a Bcc address now
+    if not gone and not hide:
         return 0
     records = Q(**{field: record})
     if isinstance(record, Contact):
         records |= Q(deal__in=Deal.objects.filter(contact=record).values("pk"))
-    deleted, _ = EmailLink.objects.filter(records, email_id__in=gone).delete()
+    if hide:
+        EmailLink.objects.filter(records, email_id__in=hide, bcc_only=False).update(bcc_only=True)
+    deleted, _ = EmailLink.objects.filter(records, email_id__in=gone).delete() if gone else (0, {})
     return deleted

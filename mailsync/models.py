@@ -406,6 +406,12 @@ class EmailLink(models.Model):
     lead = models.ForeignKey("crm.Lead", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
     contact = models.ForeignKey("crm.Contact", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
     deal = models.ForeignKey("crm.Deal", null=True, blank=True, on_delete=models.CASCADE, related_name="email_links")
+    # The record matched only by a Bcc address of the mail (none of its addresses in From,
+    # To, Cc or Reply-To, and not put on it by the user): only the mailbox's owner sees such
+    # a link; to anyone else it would tell that the person got a blind copy. A database
+    # default too: links are also written by COPY and INSERTs naming their columns
+    # (association, sync.ingest).
+    bcc_only = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         constraints = [

@@ -5,11 +5,18 @@
   participant belongs to one of the mailbox's excluded domains.
 - Mail of private mailboxes is seen by its owner only. Tombstones (deleted on the server)
   are in no view.
+- A link to a record that matched only by a Bcc address (``EmailLink.bcc_only``) exists for
+  the mailbox's owner alone: for others the mail is not on that record, its links do not
+  name it, and it does not make the mail visible (it would tell them who got a blind copy).
+- A copy marked \\Deleted on the server (not expunged yet) is no place the mail shows from:
+  not among its folders, not found by folder.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 
+from django.db import connection
 from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -17,7 +24,7 @@ from django.utils import timezone
 from crm.models import Contact, Deal, Lead, User
 from crm.selectors import records_visible_to
 
-from .models import Email, EmailLink, Mailbox, Thread
+from .models import Email, EmailLink, EmailLocation, Mailbox, Thread
 
 
 def mailboxes_of(user: User) -> QuerySet[Mailbox]:
@@ -27,7 +34,7 @@ def mailboxes_of(user: User) -> QuerySet[Mailbox]:
 def emails_visible_to(user: User) -> QuerySet[Email]:
     if not user.is_authenticated or not user.is_active:
         return Email.objects.none()
-    linked_visible = EmailLink.objects.filter(email=OuterRef("pk")).filter(
+    linked_visible = EmailLink.objects.filter(email=OuterRef("pk"), bcc_only=False).filter(
         Q(lead__in=records_visible_to(user, Lead.objects.all()))
         | Q(contact__in=records_visible_to(user, Contact.objects.all()))
         | Q(deal__in=records_visible_to(user, Deal.objects.all()))
@@ -40,10 +47,43 @@ def emails_of_record(*, user: User, record: Lead | Contact | Deal) -> QuerySet[E
     """The record's mail the user may see, each message once: the same mail synced from two
     mailboxes (a personal and a shared one) has one fingerprint and is listed once."""
     field = {Lead: "lead", Contact: "contact", Deal: "deal"}[type(record)]
-    linked = emails_visible_to(user).filter(
-        Exists(EmailLink.objects.filter(email=OuterRef("pk"), **{field: record}))
-    )
+    linked = emails_linked_to(user=user, emails=emails_visible_to(user), field=field, records=[record.pk])
     return Email.objects.filter(pk__in=_first_of_each_message(user=user, emails=linked))
+
+
+def emails_linked_to(*, user: User, emails: QuerySet[Email], field: str,
+                     records: Iterable[int] | QuerySet) -> QuerySet[Email]:
+    """``emails`` on one of these records (``field`` "lead", "contact" or "deal"; ids, or a
+    query of ids), as ``user`` sees the links: a Bcc-only link is the mailbox owner's alone."""
+    links = EmailLink.objects.filter(email=OuterRef("pk"), **{f"{field}__in": records})
+    return emails.filter(Exists(links.filter(bcc_only=False)) | (Q(mailbox__owner=user) & Exists(links)))
+
+
+def email_links_seen_by(*, user: User, email: Email, links: list[EmailLink]) -> list[EmailLink]:
+    """The links of ``email`` (all of them, loaded) ``user`` may know of, before the
+    records' own visibility: a Bcc-only link only to the mailbox's owner."""
+    if email.mailbox.owner_id == user.pk:
+        return links
+    return [link for link in links if not link.bcc_only]
+
+
+def email_folders(locations: Iterable[EmailLocation]) -> list[str]:
+    """The folders a mail is in, from its locations (with their folders): not a copy
+    marked \\Deleted (RFC 3501 2.3.2: deleted, waiting for an expunge), which is no place
+    it shows from (``sync.ingest.tombstone_placeless``)."""
+    return sorted({loc.folder.name for loc in locations if "\\Deleted" not in (loc.flags or [])})
+
+
+def emails_in_folder(*, emails: QuerySet[Email], folder: str) -> QuerySet[Email]:
+    """``emails`` with a copy in ``folder`` that is not marked \\Deleted."""
+    places = EmailLocation.objects.filter(email=OuterRef("pk"), folder__name=folder)
+    if connection.vendor == "postgresql":
+        return emails.filter(Exists(places.exclude(flags__contains=["\\Deleted"])))
+    # SQLite (the embedded default) has no JSON "contains": the same rule in Python.
+    live = {email_id for email_id, flags in EmailLocation.objects.filter(
+        email__in=emails.values("pk"), folder__name=folder).values_list("email_id", "flags")
+        if "\\Deleted" not in (flags or [])}
+    return emails.filter(pk__in=live)
 
 
 def emails_one_per_message(*, user: User, emails: QuerySet[Email]) -> QuerySet[Email]:

@@ -456,6 +456,8 @@ def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
     assign_threads(mailbox, [(email, env)])
     if record is not None:
         field = {Lead: "lead", Contact: "contact", Deal: "deal"}[type(record)]
+        # Put on the record by the user: shown (never ``bcc_only``), even when the record's
+        # address is only in Bcc; the association below leaves an existing link as it is.
         EmailLink.objects.get_or_create(email=email, **{field: record})
     own = {mailbox.email_address, *mailbox.aliases.values_list("address", flat=True)}
     emails_associate(email_ids=[email.pk], exclude_addresses=own)

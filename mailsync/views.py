@@ -477,7 +477,8 @@ def _visible_email(request: HttpRequest, pk: int) -> Email:
 
 def _linked_records(request: HttpRequest, email: Email) -> list[Any]:
     found: list[Any] = []
-    for link in email.links.select_related("lead", "contact", "deal"):
+    links = list(email.links.select_related("lead", "contact", "deal"))
+    for link in selectors.email_links_seen_by(user=request.user, email=email, links=links):
         record = link.lead or link.contact or link.deal
         if records_visible_to(request.user, type(record).objects.filter(pk=record.pk)).exists():
             found.append(record)
@@ -505,7 +506,7 @@ def email_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         folders = cached if cached is not None else list(
             MailFolder.objects.filter(mailbox=email.mailbox).order_by("name")
             .values_list("name", flat=True))
-    current = sorted({loc.folder.name for loc in email.locations.select_related("folder")})
+    current = selectors.email_folders(email.locations.select_related("folder"))
     # Opening an unread mail marks it read (email_opened_view, asked by the page once shown),
     # unless the owner marked it unread and is still on it (the page "Mark as unread"
     # returns to, a reload); opening another mail ends that.

@@ -3,6 +3,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from .. import selectors
 from ..models import Attachment, Email, Mailbox, excluded_domain
 
 # The limit of one message's size a mailbox may be given (max_message_bytes): below 1 MB
@@ -122,7 +123,7 @@ class EmailListSerializer(serializers.ModelSerializer):
         ]
 
     def get_folders(self, obj: Email) -> list[str]:
-        return sorted({loc.folder.name for loc in obj.locations.all()})
+        return selectors.email_folders(obj.locations.all())  # prefetched with their folders
 
 
 class EmailDetailSerializer(EmailListSerializer):
@@ -158,13 +159,15 @@ class EmailDetailSerializer(EmailListSerializer):
 
     def get_links(self, obj: Email) -> list[dict[str, int | None]]:
         """The records the mail is attached to, those the viewer may see: a colleague who sees
-        it through a shared deal is not told which other records it belongs to."""
+        it through a shared deal is not told which other records it belongs to, nor of a
+        record that only had it in Bcc (the mailbox's owner is)."""
         from crm.models import Contact, Deal, Lead
         from crm.selectors import records_visible_to
 
-        links = list(obj.links.all())
         request = self.context.get("request")
         user = getattr(request, "user", None)
+        links = list(obj.links.all())
+        links = selectors.email_links_seen_by(user=user, email=obj, links=links) if user else []
         visible: dict[str, set[int]] = {}
         for field, model in (("lead", Lead), ("contact", Contact), ("deal", Deal)):
             ids = {getattr(link, f"{field}_id") for link in links} - {None}

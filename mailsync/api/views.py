@@ -118,17 +118,23 @@ class EmailFilter(filters.FilterSet):
     # Only records the user may see: else ?contact=<id> would tell which hidden contact a
     # visible mail belongs to, one id at a time (found in review).
     # One entry per message (the user's own copy first), as the record's page lists it.
+    # Mail on a record only by a Bcc address is listed to the mailbox's owner only.
     lead = filters.NumberFilter(method="filter_record", help_text=(
-        "Mail on this lead, each message once (your own copy where you have one)."))
+        "Mail on this lead, each message once (your own copy where you have one); mail that "
+        "had it only in Bcc, only if the mailbox is yours."))
     contact = filters.NumberFilter(method="filter_record", help_text=(
-        "Mail on this contact, each message once (your own copy where you have one)."))
+        "Mail on this contact, each message once (your own copy where you have one); mail "
+        "that had it only in Bcc, only if the mailbox is yours."))
     deal = filters.NumberFilter(method="filter_record", help_text=(
-        "Mail on this deal, each message once (your own copy where you have one)."))
+        "Mail on this deal, each message once (your own copy where you have one); mail that "
+        "had its contact only in Bcc, only if the mailbox is yours."))
     # Plain ids within the mail the user may see: a stranger's mailbox or conversation gives
     # the same empty page as an id that exists nowhere (a choice field told them apart).
     mailbox = filters.NumberFilter(field_name="mailbox")
     thread = filters.NumberFilter(field_name="thread")
-    folder = filters.CharFilter(method="filter_folder")
+    folder = filters.CharFilter(method="filter_folder", help_text=(
+        "Mail with a copy in this folder (INBOX in any case); a copy marked \\Deleted on the "
+        "server, not expunged yet, does not count."))
     date_after = filters.IsoDateTimeFilter(field_name="date", lookup_expr="gte")
     date_before = filters.IsoDateTimeFilter(field_name="date", lookup_expr="lt")
     unread = filters.BooleanFilter(field_name="seen", exclude=True)
@@ -141,8 +147,9 @@ class EmailFilter(filters.FilterSet):
         from ..sync.imap import wanted_folders
 
         # INBOX is case-insensitive (RFC 3501 5.1): stored as "INBOX", asked for as any case.
+        # A copy there marked \Deleted (not expunged yet) does not count.
         (folder,) = wanted_folders([value])
-        return queryset.filter(locations__folder__name=folder).distinct()
+        return selectors.emails_in_folder(emails=queryset, folder=folder)
 
     def filter_record(self, queryset, name: str, value: int):  # noqa: ANN001, ANN201
         from crm.models import Contact, Deal, Lead
@@ -150,7 +157,9 @@ class EmailFilter(filters.FilterSet):
 
         model = {"lead": Lead, "contact": Contact, "deal": Deal}[name]
         visible = records_visible_to(self.request.user, model.objects.filter(pk=value))
-        return queryset.filter(**{f"links__{name}__in": visible.values("pk")}).distinct()
+        # A Bcc-only link counts for the mailbox's owner only (selectors).
+        return selectors.emails_linked_to(user=self.request.user, emails=queryset, field=name,
+                                          records=visible.values("pk"))
 
     def filter_queryset(self, queryset):  # noqa: ANN001, ANN201
         """A record's mail lists each message once, as the record's page does: the same

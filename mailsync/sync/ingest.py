@@ -14,7 +14,7 @@ from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from ..association import emails_associate
+from ..association import email_links_insert, emails_associate
 from ..mime import Address, Envelope
 from ..models import (
     Email,
@@ -418,11 +418,11 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
 
     write_sources([(e.pk, e.prepared.compressed, e.prepared.raw_size) for e in created])
     participants: list[tuple[int, str, str, str]] = []
-    addresses: dict[int, set[str]] = {}
+    addresses: dict[int, list[tuple[str, str]]] = {}
     for e in created:
         rows = _participant_rows(e.pk, e.prepared.envelope)
         participants += rows
-        addresses[e.pk] = {address for _, _, _, address in rows}
+        addresses[e.pk] = [(role, address) for _, role, _, address in rows]
     copy_rows(EmailParticipant, ("email", "role", "name", "address"), participants)
     insert_rows(EmailLocation, ("email", "folder", "uidvalidity", "uid", "flags"),
                 [(ids_by_fp[p.fingerprint], folder.pk, uidvalidity, p.message.uid, list(p.message.flags))
@@ -593,14 +593,15 @@ def complete_truncated(mailbox: Mailbox, found: Sequence[tuple[int, Prepared]]) 
 
 def _merge_into(merged: dict[int, int]) -> None:
     """Headers-only emails whose whole copy is stored as another email: their places and
-    record links move to that email, which is live if either was; then they go."""
+    record links (shown or Bcc-only as they were) move to that email, which is live if
+    either was; then they go."""
     from ..models import EmailLink
 
     for gone, keeper in merged.items():
         EmailLocation.objects.filter(email_id=gone).update(email_id=keeper)
-        links = list(EmailLink.objects.filter(email_id=gone).values_list("lead_id", "contact_id", "deal_id"))
-        insert_rows(EmailLink, ("email", "lead", "contact", "deal"),
-                    [(keeper, lead, contact, deal) for lead, contact, deal in links], ignore_conflicts=True)
+        links = list(EmailLink.objects.filter(email_id=gone).values_list(
+            "lead_id", "contact_id", "deal_id", "bcc_only"))
+        email_links_insert([(keeper, lead, contact, deal, bcc_only) for lead, contact, deal, bcc_only in links])
         if Email.objects.filter(pk=gone, deleted_at__isnull=True).exists():
             Email.objects.filter(pk=keeper).update(deleted_at=None)
     Email.objects.filter(pk__in=list(merged)).delete()

@@ -18,9 +18,9 @@ Bugs found and fixed:
    names even had its comma encoded, merging two recipients.
 5. Sending: a mail sent from a deal was also linked to every other deal of the contact.
 
-Found, not fixed yet (needs a flag on EmailLink, a migration): a contact who was only in
-Bcc has the mail on their record, which tells colleagues who can see that contact that they
-were sent a blind copy.
+Found here, fixed in test_review_session10_visibility.py (EmailLink.bcc_only, migration
+0015): a contact who was only in Bcc had the mail on their record, which told colleagues who
+can see that contact that they were sent a blind copy.
 """
 from __future__ import annotations
 
