@@ -506,6 +506,25 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
     return grouped
 
 
+def _marked_folders(email: Email) -> set[str]:
+    """The folders where every copy of the mail is flagged \\Deleted (another mail program's
+    delete or move without expunge: RFC 3501 2.3.2, waiting for its expunge). The mail is
+    not in such a folder (``selectors.email_folders``): a move or a delete must neither
+    count it as a place the mail already is nor act through it (a \\Deleted copy keeps its
+    mark when moved, RFC 6851 3.3, so that program's next expunge erases it)."""
+    live: set[str] = set()
+    marked: set[str] = set()
+    for name, flags in email.locations.values_list("folder__name", "flags"):
+        (marked if "\\Deleted" in (flags or []) else live).add(name)
+    return marked - live
+
+
+def _live_first(places: dict[str, list[int]], marked: set[str]) -> dict[str, list[int]]:
+    """``places`` with the folders holding a live copy first: the one copy that moves (to
+    the target, to the Trash) is the first one acted on."""
+    return dict(sorted(places.items(), key=lambda item: item[0] in marked))
+
+
 def _select_same_uids(session, mailbox: Mailbox, name: str, uids: list[int]):  # noqa: ANN001, ANN201
     """Select a folder to change messages in it, but only if our UIDs still mean the same
     messages and are still there. After a UIDVALIDITY change they may name other mails,
@@ -636,15 +655,17 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             # One copy goes to the folder (none if it is there already); copies elsewhere are
             # removed: the mail is then in that folder only, as the CRM shows it.
             _check_every_place(session, mailbox, places)
-            move_one = folder not in places
+            # A folder holding only \Deleted copies is not where the mail is: counted as
+            # there, a move into it kept those copies and removed the live ones elsewhere,
+            # so the mail was left for the other program's next expunge to erase. A live
+            # copy moves there instead (the \Deleted ones stay, that program's business).
+            marked = _marked_folders(email) if folder else set()
+            move_one = folder not in places or folder in marked
             if move_one and len(places) > 1:
                 # The copy moved is a live one: a copy marked \Deleted in a mail program
                 # keeps the mark when moved (RFC 6851 3.3), and the others are removed, so
                 # the mail was left only as a copy waiting for that program's expunge.
-                marked = {(name, uid) for name, uid, flags in email.locations.values_list(
-                    "folder__name", "uid", "flags") if "\\Deleted" in (flags or [])}
-                places = dict(sorted(places.items(), key=lambda item: all(
-                    (item[0], uid) in marked for uid in item[1])))
+                places = _live_first(places, marked)
             for name, uids in places.items():
                 modseq_before[name] = _select_same_uids(session, mailbox, name, uids).highestmodseq
                 add = [flag for flag, on in changes.items() if on]
@@ -766,6 +787,10 @@ def email_delete(*, actor: User, email: Email) -> str:
     places = _locations_by_folder(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
     outcome = "crm"
     if places:
+        # The copy that goes to the Trash is a live one: a \Deleted copy moved there keeps
+        # its mark (RFC 6851 3.3) while the live ones are expunged, so the mail "in the
+        # Trash" was only a copy the other mail program's next expunge erases.
+        places = _live_first(places, _marked_folders(email))
         with _server_session(mailbox) as session:
             trash = session.trash_folder()
             to_trash = bool(trash) and trash not in places
