@@ -185,3 +185,33 @@ def _fetch_processes(parent: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2:].split()[1]) == parent and _is_fetch_process(int(proc.name)):
             found.append(int(proc.name))
     return found
+
+
+def imap_sync(mailbox: Mailbox):  # noqa: ANN201
+    """One IMAP sync of the mailbox as it is stored now (what a worker runs); its report."""
+    from mailsync.sync.imap import ImapSync  # noqa: PLC0415
+
+    mailbox.refresh_from_db()
+    return ImapSync(mailbox, timeout=10).run()
+
+
+def filed_by_another_program(dovecot, user, mailbox: Mailbox, subject: str,  # noqa: ANN001
+                             folder: str = "Projects"):  # noqa: ANN201
+    """A mail delivered to INBOX and synced, then filed into ``folder`` by a mail program
+    that moves without expunging (Thunderbird's "mark as deleted" mode: a copy in the folder,
+    the INBOX copy flagged \\Deleted), synced again. The Email."""
+    from mailsync.models import Email  # noqa: PLC0415
+    from tests.mailsync.test_two_connections_per_mailbox import client  # noqa: PLC0415
+
+    with client(dovecot, user) as c:
+        c.create_folder(folder)
+    Mailbox.objects.filter(pk=mailbox.pk).update(folders=["INBOX", folder])
+    dovecot.deliver(user, make_message(subject=subject))
+    imap_sync(mailbox)
+    with client(dovecot, user) as c:
+        c.select_folder("INBOX")
+        uids = c.search(["SUBJECT", subject])
+        c.copy(uids, folder)
+        c.add_flags(uids, ["\\Deleted"])
+    imap_sync(mailbox)
+    return Email.objects.get(mailbox=mailbox, subject=subject)

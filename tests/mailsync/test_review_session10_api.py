@@ -47,19 +47,11 @@ from tests.factories import (AdministratorFactory, ContactFactory, DealFactory, 
 from tests.mailsync.conftest import make_message
 from tests.mailsync.test_api_contract import mk_email
 from tests.mailsync.test_association_records import mail  # a synced mail, as the sync writes it
+from tests.mailsync.test_review_session9_api import api, sync  # noqa: F401 (api: a fixture)
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def api():
-    return APIClient(raise_request_exception=False)
-
-
-def sync(mailbox: Mailbox) -> None:
-    """What "Sync now" runs: the sync, then body parsing (its follow-up task)."""
-    services.mailbox_sync(mailbox_id=mailbox.pk)
-    services.emails_parse_pending(mailbox_id=mailbox.pk)
 
 
 def copies(mailboxes: list[Mailbox], *, record: dict, subject: str, fingerprint: str) -> list[Email]:

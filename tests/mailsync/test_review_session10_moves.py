@@ -26,17 +26,10 @@ import pytest
 from rest_framework.test import APIClient
 
 from mailsync.models import Email, EmailLocation, Mailbox
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import filed_by_another_program, imap_sync
 from tests.mailsync.test_two_connections_per_mailbox import client
 
 pytestmark = pytest.mark.django_db
-
-
-def imap_sync(mailbox: Mailbox):
-    from mailsync.sync.imap import ImapSync
-
-    mailbox.refresh_from_db()
-    return ImapSync(mailbox, timeout=10).run()
 
 
 def api_for(mailbox: Mailbox) -> APIClient:
@@ -58,18 +51,7 @@ def on_server(dovecot, user, folder: str) -> list[tuple[str, bool]]:  # noqa: AN
 def moved_by_thunderbird(dovecot, user, mailbox: Mailbox, subject: str) -> Email:  # noqa: ANN001
     """A mail delivered to INBOX and synced, then filed into "Projects" by a mail program that
     moves without expunging (a copy in Projects, the INBOX copy flagged \\Deleted), synced."""
-    with client(dovecot, user) as c:
-        c.create_folder("Projects")
-    Mailbox.objects.filter(pk=mailbox.pk).update(folders=["INBOX", "Projects"])
-    dovecot.deliver(user, make_message(subject=subject))
-    imap_sync(mailbox)
-    with client(dovecot, user) as c:
-        c.select_folder("INBOX")
-        uids = c.search(["SUBJECT", subject])
-        c.copy(uids, "Projects")
-        c.add_flags(uids, ["\\Deleted"])
-    imap_sync(mailbox)
-    email = Email.objects.get(mailbox=mailbox, subject=subject)
+    email = filed_by_another_program(dovecot, user, mailbox, subject)
     assert email.deleted_at is None
     assert on_server(dovecot, user, "INBOX") == [(subject, True)]
     assert on_server(dovecot, user, "Projects") == [(subject, False)]

@@ -30,11 +30,11 @@ from email.header import decode_header, make_header
 from email.utils import getaddresses
 
 import pytest
-from rest_framework.test import APIClient
 
 from mailsync.models import Email, EmailLink, Mailbox
 from tests.factories import ContactFactory, DealFactory
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import filed_by_another_program, imap_sync, make_message
+from tests.mailsync.test_review_session9_send import api, box  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.django_db
 
@@ -49,23 +49,6 @@ def addresses(raw: bytes, header: str) -> list[tuple[str, str]]:
 
 
 # == sending ===================================================================================
-
-@pytest.fixture
-def box(imap_mailbox: Mailbox, smtp_outbox) -> Mailbox:
-    imap_mailbox.smtp_host, imap_mailbox.smtp_port = smtp_outbox.host, smtp_outbox.port
-    imap_mailbox.smtp_security = "starttls"
-    imap_mailbox.smtp_username, imap_mailbox.smtp_password = smtp_outbox.username, smtp_outbox.password
-    imap_mailbox.display_name = "Ana Ruiz"
-    imap_mailbox.save()
-    return imap_mailbox
-
-
-@pytest.fixture
-def api(box) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(box.owner)
-    return client
-
 
 # -- 4. long non-ASCII display names ---------------------------------------------------------
 # Names whose header Python 3.11's folding broke (found by sending random ones): "Zoë Ärger
@@ -282,13 +265,6 @@ def test_mail_removed_at_a_quit_whose_reply_was_lost_is_recorded_as_removed_next
 
 # == IMAP: copies marked \Deleted ==============================================================
 
-def imap_sync(mailbox: Mailbox):
-    from mailsync.sync.imap import ImapSync
-
-    mailbox.refresh_from_db()
-    return ImapSync(mailbox, timeout=10).run()
-
-
 def visible(mailbox: Mailbox) -> list[str]:
     """The subjects the CRM shows (tombstones left out), once per email row."""
     return sorted(Email.objects.filter(mailbox=mailbox, deleted_at__isnull=True)
@@ -347,18 +323,8 @@ def test_a_crm_move_of_a_mail_moved_by_thunderbird_without_expunge_takes_the_liv
     from tests.mailsync.test_two_connections_per_mailbox import client
 
     with client(dovecot, mail_user) as c:
-        c.create_folder("Projects")
         c.create_folder("Archive")
-    Mailbox.objects.filter(pk=imap_mailbox.pk).update(folders=["INBOX", "Projects"])
-    dovecot.deliver(mail_user, make_message(subject="Filed"))
-    imap_sync(imap_mailbox)
-    with client(dovecot, mail_user) as c:  # Thunderbird's move without MOVE/expunge
-        c.select_folder("INBOX")
-        uids = c.search(["SUBJECT", "Filed"])
-        c.copy(uids, "Projects")
-        c.add_flags(uids, ["\\Deleted"])
-    imap_sync(imap_mailbox)
-    email = Email.objects.get(mailbox=imap_mailbox, subject="Filed")
+    email = filed_by_another_program(dovecot, mail_user, imap_mailbox, "Filed")
     assert email.deleted_at is None  # shown, from Projects
 
     services.email_update(actor=imap_mailbox.owner, email=email, folder="Archive")

@@ -36,16 +36,9 @@ from tests.factories import (
     RecordShareFactory,
     UserFactory,
 )
-from tests.mailsync.conftest import make_message
+from tests.mailsync.conftest import filed_by_another_program, imap_sync, make_message
 
 pytestmark = pytest.mark.django_db
-
-
-def imap_sync(mailbox: Mailbox):
-    from mailsync.sync.imap import ImapSync
-
-    mailbox.refresh_from_db()
-    return ImapSync(mailbox, timeout=10).run()
 
 
 def api_for(user) -> APIClient:  # noqa: ANN001
@@ -278,20 +271,7 @@ def test_a_copy_marked_deleted_is_not_among_the_folders_nor_found_by_folder(dove
     not expunged); when the CRM syncs, then the API lists its folders as Projects only,
     ``?folder=inbox`` no longer finds it while ``?folder=Projects`` does, and the email page
     shows it in Projects, not in INBOX."""
-    from tests.mailsync.test_two_connections_per_mailbox import client
-
-    with client(dovecot, mail_user) as c:
-        c.create_folder("Projects")
-    Mailbox.objects.filter(pk=imap_mailbox.pk).update(folders=["INBOX", "Projects"])
-    dovecot.deliver(mail_user, make_message(subject="Filed"))
-    imap_sync(imap_mailbox)
-    with client(dovecot, mail_user) as c:  # the other mail program's move, no expunge
-        c.select_folder("INBOX")
-        uids = c.search(["SUBJECT", "Filed"])
-        c.copy(uids, "Projects")
-        c.add_flags(uids, ["\\Deleted"])
-    imap_sync(imap_mailbox)
-    email = Email.objects.get(mailbox=imap_mailbox, subject="Filed")
+    email = filed_by_another_program(dovecot, mail_user, imap_mailbox, "Filed")
     assert email.deleted_at is None
 
     api = api_for(imap_mailbox.owner)
