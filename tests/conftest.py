@@ -14,6 +14,12 @@ pytest_plugins = [
 ]
 
 
+# pg_locks lists every database's locks: tests that read it keep to their own database (two
+# test runs at once, a developer's and a CI clone's, or pytest-xdist processes, each have one;
+# ids such as a mailbox's repeat between them).
+THIS_DATABASE = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from django.conf import settings
 
@@ -26,6 +32,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Browser tests run last: Playwright's sync API keeps an asyncio loop running in the
-    main thread for the rest of the session, where ``asyncio.run`` would then refuse to run."""
+    """Browser tests run last. Their Chromium also stops with each browser file
+    (tests/testbed/browser.py), so the order is not what keeps the other tests working."""
     items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
+@pytest.fixture
+def deal_stages(db):  # noqa: ANN001, ANN201, ARG001
+    """The sales pipeline migration crm 0002 seeds. A transactional test that ran before
+    (in any file) flushed every table at its end, seeded rows included, so tests that need
+    the stages ask for them: seeding is idempotent."""
+    import importlib  # noqa: PLC0415
+
+    from django.apps import apps  # noqa: PLC0415
+
+    importlib.import_module("crm.migrations.0002_seed_deal_stages").seed(apps, None)

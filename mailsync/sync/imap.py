@@ -173,20 +173,28 @@ class ImapSync(SyncRun):
         pending = [f for f in folders if not f.backfill_done]
         if len(pending) < 2:
             return
-        for folder in pending:
-            try:
-                selected = session.select(folder.name, readonly=True)
-            except MailProtocolError:
-                continue  # gone: the folder's own turn says so
-            if folder.uidvalidity is not None and folder.uidvalidity != selected.uidvalidity:
-                continue  # re-mapped in its turn
-            uids = self._search(session)
-            known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=selected.uidvalidity)
-                        .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
-            below = [u for u in uids if (folder.uid_low is None or u < folder.uid_low) and u not in known]
-            sizes = session.fetch_sizes(below) if below else {}
-            self._add_totals(len(sizes), sum(sizes.values()))
-            self._planned[folder.pk] = (selected.uidvalidity, uids, sizes)
+        # Added to the totals once, after every folder is counted (a user polling the status
+        # between two folders saw "0 of 15", then "0 of 30"); also if counting fails midway,
+        # since a planned folder's counts leave the totals again (_drop_plan).
+        messages = size = 0
+        try:
+            for folder in pending:
+                try:
+                    selected = session.select(folder.name, readonly=True)
+                except MailProtocolError:
+                    continue  # gone: the folder's own turn says so
+                if folder.uidvalidity is not None and folder.uidvalidity != selected.uidvalidity:
+                    continue  # re-mapped in its turn
+                uids = self._search(session)
+                known = set(EmailLocation.objects.filter(folder=folder, uidvalidity=selected.uidvalidity)
+                            .values_list("uid", flat=True)) if folder.uidvalidity is not None else set()
+                below = [u for u in uids if (folder.uid_low is None or u < folder.uid_low) and u not in known]
+                sizes = session.fetch_sizes(below) if below else {}
+                messages, size = messages + len(sizes), size + sum(sizes.values())
+                self._planned[folder.pk] = (selected.uidvalidity, uids, sizes)
+        finally:
+            if messages or size:
+                self._add_totals(messages, size)
 
     def _drop_plan(self, folder: MailFolder, *, usable: bool = True) -> dict[int, int] | None:
         """The folder's planned sizes if the plan still holds (same UIDVALIDITY); else its

@@ -74,6 +74,7 @@ def test_create_lead_with_bad_email_is_400_with_field_errors(api):
     assert not Lead.objects.exists()
 
 
+@pytest.mark.usefixtures("deal_stages")
 def test_crud_deal_and_filter_by_stage(api):
     ana = UserFactory()
     api.force_authenticate(ana)
@@ -138,6 +139,7 @@ def test_standard_user_cannot_assign_records_to_others(api):
     assert "owner" in response.json()["errors"]
 
 
+@pytest.mark.usefixtures("deal_stages")
 def test_stages_are_read_only_for_standard_users(api):
     api.force_authenticate(UserFactory())
     stages = api.get("/api/v1/stages/").json()

@@ -89,6 +89,7 @@ def test_deal_cannot_link_a_contact_the_user_cannot_see():
     assert "contact" in excinfo.value.message_dict
 
 
+@pytest.mark.usefixtures("deal_stages")
 def test_deal_takes_account_from_contact():
     ana = UserFactory()
     contact = ContactFactory(owner=ana)
@@ -110,6 +111,7 @@ def test_search_matches_every_word_across_fields():
     assert [lead.last_name for lead in found] == ["Hopper"]
 
 
+@pytest.mark.usefixtures("deal_stages")
 def test_seeded_pipeline_has_probabilities_from_0_to_100():
     from crm.models import DealStage
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from tests.conftest import THIS_DATABASE
 from django.db import connection
 
 from mailsync import services
@@ -140,7 +141,8 @@ def connection_waited_for(mailbox_id: int) -> bool:
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND "
-                       "classid = %s AND objid = %s AND NOT granted)", [CONNECTION_NAMESPACE, mailbox_id])
+                       f"classid = %s AND objid = %s AND NOT granted AND database = {THIS_DATABASE})",
+                       [CONNECTION_NAMESPACE, mailbox_id])
         return cursor.fetchone()[0]
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 
 import pytest
+from tests.conftest import THIS_DATABASE
 from django.db import connection
 
 from mailsync.idle import CLAIMS_NAMESPACE, IdleClaims, IdleSupervisor
@@ -174,8 +175,8 @@ def test_a_deactivated_mailbox_is_let_go_and_a_lost_claims_connection_starts_ove
     finally:
         supervisor.shutdown()
     with connection.cursor() as cursor:  # shutdown let every claim go
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
-                       [CLAIMS_NAMESPACE])
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                       f"AND database = {THIS_DATABASE}", [CLAIMS_NAMESPACE])
         assert cursor.fetchone()[0] == 0
 
 

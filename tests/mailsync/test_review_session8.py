@@ -28,6 +28,7 @@ from email.message import EmailMessage
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from tests.conftest import THIS_DATABASE
 from django.core.management import CommandError, call_command
 from django.db import connection
 from rest_framework.test import APIClient
@@ -505,7 +506,7 @@ def test_shard_arguments_out_of_range_are_errors():
 def _held_anywhere() -> set[int]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                       "AND objid <> 0 AND granted", [CLAIMS_NAMESPACE])
+                       f"AND objid <> 0 AND granted AND database = {THIS_DATABASE}", [CLAIMS_NAMESPACE])
         return {int(r[0]) for r in cursor.fetchall()}
 
 

@@ -27,9 +27,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """One Chromium for the whole session; each test gets its own context (cookies)."""
+    """One Chromium per test file; each test gets its own context (cookies). Not one per
+    session: Playwright's sync API keeps an asyncio loop running in the main thread while it
+    is started, where ``asyncio.run`` (SMTP sending, the SMTP test server's client) refuses
+    to run, in whatever test follows (tests/conftest.py only sorts browser tests last; under
+    pytest-xdist any file may follow a browser file in the same process)."""
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install-test-deps (Debian package chromium)")
     # Playwright's sync API drives the browser from a greenlet with an event loop in this
