@@ -47,3 +47,15 @@ def deal_stages(db):  # noqa: ANN001, ANN201, ARG001
     from django.apps import apps  # noqa: PLC0415
 
     importlib.import_module("crm.migrations.0002_seed_deal_stages").seed(apps, None)
+
+
+@pytest.fixture(autouse=True)
+def _celery_joins_allowed() -> None:
+    """Eager tasks (CELERY_TASK_ALWAYS_EAGER) run inside Celery's ``denied_join_result()``,
+    which saves and restores a process-wide flag; two threads running eager tasks at once (a
+    sync in a thread beside an API call) can leave it set, and every later ``.get()`` in the
+    process then raises "Never call result.get() within a task!". Production runs tasks in
+    workers, never eagerly, so each test starts with the flag clear."""
+    from celery._state import _set_task_join_will_block  # noqa: PLC0415
+
+    _set_task_join_will_block(False)

@@ -17,8 +17,19 @@ os.environ.setdefault(
 os.environ.setdefault("MAILROOM_ENCRYPTION_KEYS", "Yw2jv0n8r3xk9mH7x1J0p8oZ0bq2WkZ0bVJX1mQ2aS4=")
 os.environ.setdefault("MAILROOM_DATA_DIR", tempfile.mkdtemp(prefix="mailroom-test-"))
 os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
-# Tests that run a real worker use Redis (started by scripts/test), on a database of its own.
-os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("MAILROOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+# Tests that run a real worker use Redis (started by scripts/test), on a database of its own;
+# under pytest-xdist each test process takes its own (gw0 the given one, gw1 the one below...),
+# since the worker tests flush theirs.
+def _redis_url() -> str:
+    url = os.environ.get("MAILROOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    base, _, db = url.rpartition("/")
+    return f"{base}/{int(db or 15) - int(worker[2:])}"
+
+
+os.environ.setdefault("CELERY_BROKER_URL", _redis_url())
 # The private Dovecot and SMTP servers of the tests listen on 127.0.0.1.
 os.environ.setdefault("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS", "1")
 # Test mailboxes are small: multi-batch downloads of 10 or more messages (the cut mid-FETCH,

@@ -28,7 +28,9 @@ from tests.mailsync.conftest import make_message, sync_lock_held
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("MAILROOM_PROBE_REDIS_URL", "redis://127.0.0.1:6379/12")
+# A Redis database of this test process's own (these tests flush it): 12, or below under xdist.
+_XDIST_N = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+REDIS_URL = os.environ.get("MAILROOM_PROBE_REDIS_URL", f"redis://127.0.0.1:6379/{12 - _XDIST_N}")
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -56,7 +58,8 @@ def redis_db():
 def producer(redis_db):
     from celery import Celery
 
-    app = Celery("probe", broker=REDIS_URL)
+    # Not the current app: the project's shared tasks must keep resolving to crm.celery's app.
+    app = Celery("probe", broker=REDIS_URL, set_as_current=False)
     # CELERY_BROKER_URL in the environment (tests/settings.py) outranks ``broker=``.
     app.conf.broker_write_url = REDIS_URL
     yield app
