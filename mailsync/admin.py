@@ -173,6 +173,20 @@ class EmailAdmin(ReadOnlyAdmin):
             results = results.exclude(self._hidden(request.user) & ~findable)
         return results, duplicates
 
+    # What the address may filter by (?direction__exact=, ?mailbox__id__exact=): the admin
+    # allows any lookup on the model's own fields, so ?subject__icontains= or
+    # ?text__icontains= found hidden mail by its subject, sender or body (found in review).
+    FILTERABLE = frozenset({"id", "mailbox", "thread", "date", "direction", "source", "seen",
+                            "flagged", "shareable", "truncated", "has_attachments", "parse_state",
+                            "send_state", "deleted_at", "created_at"})
+    _BY_ID = frozenset({"id", "pk", "exact", "in", "isnull"})
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        first, *rest = lookup.split("__")
+        if first not in self.FILTERABLE or (first in {"mailbox", "thread"} and not set(rest) <= self._BY_ID):
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
     @admin.display(description="subject")
     def shown_subject(self, obj: Email) -> str:
         return self.HIDDEN if obj.hidden else (obj.subject or "(no subject)")

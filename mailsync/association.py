@@ -186,7 +186,8 @@ def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[st
     not know (the customer's colleague): parents stored in the same mailbox (only those who
     got the thread know their Message-IDs) or in this batch, and mail sent from the CRM
     (its Message-ID names the record and carries a random part: it cannot be guessed).
-    A record the parent has only by Bcc the reply has so too (unless it matches itself)."""
+    A record the parent has only by Bcc the reply has so too (unless it matches itself), in
+    the parent's mailbox only: in another mailbox it would tell that mailbox's owner."""
     from .models import Email
 
     mailbox_of: dict[int, int] = {}
@@ -216,7 +217,9 @@ def _inherit_from_parents(email_ids: list[int], quoted: Mapping[int, Iterable[st
     for message_id, mailbox_id, source, lead, contact, deal, bcc_only in _links_of_mails(
             set(mailbox_of.values()), all_ids):
         _add(parents[(mailbox_id, message_id)], (lead, contact, deal), bcc_only)
-        if source == Email.Source.CRM and message_id.startswith("crm."):
+        # A Bcc-only record is the parent mailbox's owner's alone: a reply in another
+        # mailbox (a colleague's) that took it would show its owner who got the blind copy.
+        if source == Email.Source.CRM and message_id.startswith("crm.") and not bcc_only:
             _add(parents[(None, message_id)], (lead, contact, deal), bcc_only)
     for _ in range(5):  # replies to replies within one batch
         changed = False
