@@ -92,6 +92,13 @@ class MailboxAdmin(admin.ModelAdmin):
     list_display = ["email_address", "owner", "protocol", "incoming_host", "is_active"]
     list_filter = ["protocol", "is_active"]
     search_fields = ["email_address", "owner__username"]
+    # Written by the sync as it runs: a form posted back wrote the values the page was opened
+    # with over them (an error fixed since came back, and the poll skipped the mailbox for
+    # good; the day's download count went back, past the provider's limit).
+    readonly_fields = ["state", "messages_done", "messages_total", "bytes_done", "bytes_total",
+                       "sync_started_at", "last_sync_at", "paused_until", "last_error",
+                       "last_error_code", "budget_day", "budget_bytes_used", "lease_until",
+                       "lease_holder", "sync_requested"]
 
     def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
         before = Mailbox.objects.get(pk=obj.pk) if change else None
@@ -100,7 +107,8 @@ class MailboxAdmin(admin.ModelAdmin):
             mailbox=obj, excluded_before=before.excluded_domain_set if before else set(),
             activated=obj.is_active and (not change or "is_active" in form.changed_data),
             limit_before=before.max_message_bytes if before else None,
-            since_before=before.sync_since if before else None)
+            since_before=before.sync_since if before else None,
+            reconnect=change and bool(services.ADMIN_CONNECTION_FIELDS & set(form.changed_data)))
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

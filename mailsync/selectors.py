@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
 
 from django.db import connection
 from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Subquery
@@ -122,7 +123,7 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
             and mailbox.bytes_done):
         elapsed = (timezone.now() - mailbox.sync_started_at).total_seconds()
         remaining = max(mailbox.bytes_total - mailbox.bytes_done, 0)
-        eta = timezone.now() + timedelta(seconds=elapsed * remaining / mailbox.bytes_done)
+        eta = _estimate(mailbox, remaining, mailbox.bytes_done / max(elapsed, 0.001))
     errors = MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True).order_by("-created_at")
     return {
         "state": mailbox.state,
@@ -149,6 +150,27 @@ def mailbox_status(*, mailbox: Mailbox) -> dict[str, object]:
         ],
         "emails_unparsed": Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).count(),
     }
+
+
+def _estimate(mailbox: Mailbox, remaining: int, rate: float) -> datetime:
+    """When ``remaining`` bytes are downloaded at ``rate`` bytes a second, within the
+    provider's daily budget: what is over today's share of older mail waits for the next
+    days (the budget resets at midnight UTC). Without it, a 10 GB Gmail mailbox
+    said "in 1.5 hours" for a download of four days."""
+    from .providers import preset_for
+    from .sync.base import OLDER_MAIL_SHARE
+
+    now = timezone.now()
+    budget = preset_for(mailbox.provider).daily_download_bytes
+    share = int(budget * OLDER_MAIL_SHARE) if budget else 0
+    used = mailbox.budget_bytes_used if mailbox.budget_day == now.date() else 0
+    today_left = max(share - used, 0)
+    if not share or remaining <= today_left:
+        return now + timedelta(seconds=remaining / rate)
+    rest = remaining - today_left
+    days = -(-rest // share)  # whole days after today that download older mail
+    last_day = datetime.combine(now.date() + timedelta(days=days), time.min, tzinfo=dt_timezone.utc)
+    return last_day + timedelta(seconds=(rest - (days - 1) * share) / rate)
 
 
 def _sync_running(mailbox_id: int) -> bool:

@@ -235,15 +235,30 @@ def _backfill_again_if_earlier(*, mailbox: Mailbox, since_before: date | None) -
     return True
 
 
+ADMIN_CONNECTION_FIELDS = frozenset({
+    "protocol", "incoming_host", "incoming_port", "incoming_security", "username", "password",
+    "smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password"})
+
+
 def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool,
-                           limit_before: int | None = None, since_before: date | None = None) -> None:
+                           limit_before: int | None = None, since_before: date | None = None,
+                           reconnect: bool = False) -> None:
     """The Django admin saved a mailbox with its own form: what mailbox_update and
     mailbox_activate do besides saving (mail already synced follows a new list of excluded
     domains; an activated mailbox syncs at once, and so does one whose size limit was
     raised or whose "sync mail since" moved earlier: without the latter, a date moved
-    earlier in the admin never brought the older mail)."""
+    earlier in the admin never brought the older mail). ``reconnect``: connection settings
+    (a password) changed: an error they caused is cleared and a sync tries them at once
+    (the admin tests no login: a sync that fails says so again); without this, a password
+    fixed in the admin left "auth_failed", which the poll skips, so the mailbox never
+    synced again."""
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
+    if reconnect and mailbox.state == Mailbox.State.ERROR:
+        mailbox.state = Mailbox.State.NEW if mailbox.last_sync_at is None else Mailbox.State.COMPLETED
+        mailbox.last_error, mailbox.last_error_code = "", ""
+        Mailbox.objects.filter(pk=mailbox.pk, state=Mailbox.State.ERROR).update(
+            state=mailbox.state, last_error="", last_error_code="")
     raised = limit_before is not None and mailbox.max_message_bytes > limit_before
     try:
         earlier = _backfill_again_if_earlier(mailbox=mailbox, since_before=since_before)
@@ -253,7 +268,7 @@ def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activ
         log.warning("mailbox %s: sync running, older mail not requested; save again later",
                     mailbox.pk)
         earlier = False
-    if activated or ((raised or earlier) and mailbox.is_active):
+    if activated or ((raised or earlier or reconnect) and mailbox.is_active):
         _queue_sync(mailbox)
 
 

@@ -130,10 +130,19 @@ class SyncRun:
         limit = self._budget_limit()
         if limit is None:
             return
-        used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list(
-            "budget_bytes_used", flat=True)[0]
+        used, day = Mailbox.objects.filter(pk=self.mailbox.pk).values_list(
+            "budget_bytes_used", "budget_day")[0]
+        today = timezone.now().date()
+        if day != today:
+            # The run began before midnight (UTC): the provider's day has turned and its
+            # budget is new. Counted against yesterday's bytes, the run paused "until
+            # tomorrow", a day late (a POP3 mailbox waited for that time).
+            Mailbox.objects.filter(pk=self.mailbox.pk).exclude(budget_day=today).update(
+                budget_day=today, budget_bytes_used=0)
+            used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list(
+                "budget_bytes_used", flat=True)[0]
         if used >= limit:
-            tomorrow = timezone.now().date() + timedelta(days=1)
+            tomorrow = today + timedelta(days=1)
             raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc),
                                   older=self._older)
 
