@@ -521,6 +521,37 @@ def _locations_by_folder(email: Email) -> dict[str, list[int]]:
     return grouped
 
 
+def _places_for_action(email: Email) -> dict[str, list[int]]:
+    """``_locations_by_folder``; for a mail sent from the CRM whose copy in the Sent folder
+    the sync has not read yet (it has no place), that copy is looked for first (by
+    Message-ID, then the same fingerprint) and recorded. Acted on in the CRM only, the
+    change was undone by the sync that found the copy: a flag or "unread" taken back, a
+    deleted mail back in the CRM (the copy was live on the server)."""
+    places = _locations_by_folder(email)
+    if (places or email.source != Email.Source.CRM or email.send_state != Email.SendState.SENT
+            or not email.message_id):
+        return places
+    from .sync.prepare import prepare  # noqa: PLC0415
+
+    mailbox = email.mailbox
+    with _server_session(mailbox) as session:
+        sent = session.sent_folder()
+        if sent is None:
+            return places
+        selected = session.select(sent, readonly=True)
+        uids = session.search_header("Message-ID", [email.message_id])
+        found = [m for m in session.fetch_messages(uids) if prepare(m).fingerprint == email.fingerprint]
+    if not found:
+        return places
+    folder, _ = MailFolder.objects.get_or_create(
+        mailbox=mailbox, name=sent, defaults={"special_use": "sent", "uidvalidity": selected.uidvalidity})
+    EmailLocation.objects.bulk_create(
+        [EmailLocation(email=email, folder=folder, uidvalidity=selected.uidvalidity, uid=m.uid,
+                       flags=list(m.flags)) for m in found],
+        ignore_conflicts=True)
+    return _locations_by_folder(email)
+
+
 def _marked_folders(email: Email) -> set[str]:
     """The folders where every copy of the mail is flagged \\Deleted (another mail program's
     delete or move without expunge: RFC 3501 2.3.2, waiting for its expunge). The mail is
@@ -652,7 +683,8 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
             folder = "INBOX"
         if not is_imap:
             raise ValidationError({"folder": ["POP3 mail has no folders on the server to move it to."]})
-    places = _locations_by_folder(email) if is_imap else {}
+    places = ((_places_for_action(email) if changes or folder else _locations_by_folder(email))
+              if is_imap else {})
     if folder is not None and is_imap and not places:
         # Sent from the CRM (its Sent-folder copy not synced yet) or no longer on the server:
         # nothing would move, and a 200 would say it had.
@@ -799,7 +831,7 @@ def email_delete(*, actor: User, email: Email) -> str:
     mail, or mail not on the server: the CRM only)."""
     mailbox = email.mailbox
     _check_mail_owner(actor, mailbox)
-    places = _locations_by_folder(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
+    places = _places_for_action(email) if mailbox.protocol == Mailbox.Protocol.IMAP else {}
     outcome = "crm"
     if places:
         # The copy that goes to the Trash is a live one: a \Deleted copy moved there keeps

@@ -494,23 +494,35 @@ def tombstone_placeless(email_ids: Collection[int]) -> None:
 
 def refresh_flags(email_ids: Collection[int]) -> None:
     """Read and flagged as the mail is on the server: where any of its places (current
-    UIDVALIDITY) has the flag. A mail with no place (POP3, a tombstone) keeps its own."""
+    UIDVALIDITY) has the flag. A mail with no place (POP3, a tombstone) keeps its own.
+
+    Only its live places count where it has one: a copy marked \\Deleted (a mail program's
+    move without expunge) keeps the flags it had when it was filed, so a mail read, filed,
+    then marked unread in the other folder stayed read in the CRM."""
     if not email_ids:
         return
     if connection.vendor != "postgresql":
         # SQLite (the embedded default) has no JSON "contains": the same rule in Python.
-        state: dict[int, list[bool]] = {}
+        state: dict[int, dict[bool, list[bool]]] = {}
         for email_id, flags in (EmailLocation.objects.filter(email_id__in=list(email_ids),
                                                              uidvalidity=F("folder__uidvalidity"))
                                 .values_list("email_id", "flags")):
-            seen_flagged = state.setdefault(email_id, [False, False])
-            seen_flagged[0] |= "\\Seen" in (flags or [])
-            seen_flagged[1] |= "\\Flagged" in (flags or [])
-        for email_id, (seen, flagged) in state.items():
+            flags = flags or []
+            seen_flagged = state.setdefault(email_id, {}).setdefault("\\Deleted" not in flags, [False, False])
+            seen_flagged[0] |= "\\Seen" in flags
+            seen_flagged[1] |= "\\Flagged" in flags
+        for email_id, by_liveness in state.items():
+            seen, flagged = by_liveness.get(True) or by_liveness[False]
             Email.objects.filter(pk=email_id).update(seen=seen, flagged=flagged)
         return
     places = EmailLocation.objects.filter(email=OuterRef("pk"), uidvalidity=F("folder__uidvalidity"))
-    Email.objects.filter(pk__in=list(email_ids)).filter(Exists(places)).update(
+    live = places.exclude(flags__contains=["\\Deleted"])
+    emails = Email.objects.filter(pk__in=list(email_ids))
+    emails.filter(Exists(live)).update(
+        seen=Exists(live.filter(flags__contains=["\\Seen"])),
+        flagged=Exists(live.filter(flags__contains=["\\Flagged"])),
+    )
+    emails.filter(Exists(places)).exclude(Exists(live)).update(
         seen=Exists(places.filter(flags__contains=["\\Seen"])),
         flagged=Exists(places.filter(flags__contains=["\\Flagged"])),
     )
