@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
     autoretry_for=(MailTransientError,), retry_backoff=30, retry_backoff_max=900,
     retry_jitter=True, max_retries=8,
 )
-def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
+def sync_mailbox(self, mailbox_id: int, retry: bool = True) -> None:  # noqa: ANN001
+    """``retry=False`` (the beat poll's syncs): a transient fault is left to the next poll,
+    a few minutes later. Retried with backoff too, each poll started a chain of up to nine
+    logins while a server was down, and the chains of successive polls overlapped: several
+    times the poll's own rate of attempts (found in review)."""
     try:
         services.mailbox_sync(mailbox_id=mailbox_id)
     except MailboxBusy:
@@ -28,6 +32,10 @@ def sync_mailbox(self, mailbox_id: int) -> None:  # noqa: ANN001
         # retry against the lock: that used the transient-fault budget and ended in an error.
         if services.mailbox_sync_requested(mailbox_id=mailbox_id):
             sync_mailbox.apply_async((mailbox_id,), countdown=1)  # it ended meanwhile
+    except MailTransientError as exc:  # after MailboxBusy, one of them
+        if retry:
+            raise  # autoretry_for: backoff, at most max_retries
+        log.info("mailbox %s: %s (not retried: the next poll tries again)", mailbox_id, exc.code)
     except MailUserError as exc:
         # Wrong password and the like: the status says what to fix; retrying would only
         # lock the account at the provider.
@@ -77,7 +85,7 @@ def poll_mailboxes() -> int:
         .values_list("pk", flat=True)
     )
     for mailbox_id in ids:
-        sync_mailbox.delay(mailbox_id)
+        sync_mailbox.delay(mailbox_id, retry=False)
     return len(ids)
 
 

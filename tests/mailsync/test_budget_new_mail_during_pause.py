@@ -71,7 +71,7 @@ def test_new_mail_and_changes_keep_coming_while_the_older_mail_waits_for_the_nex
                     "uid", str(places[read]))
     dovecot.doveadm("expunge", "-u", mail_user.username, "mailbox", "INBOX", "uid", str(places[deleted]))
     queued: list[int] = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", queued.append)
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert queued == [imap_mailbox.pk]
     services.mailbox_sync(mailbox_id=imap_mailbox.pk)

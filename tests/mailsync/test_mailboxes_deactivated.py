@@ -24,7 +24,7 @@ def test_deactivated_owner_is_not_polled_idled_or_synced_and_mail_stays(monkeypa
     email = make_email(box, contact)
     crm_services.user_deactivate(actor=AdministratorFactory(), user=owner)
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", queued.append)
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert box.pk not in queued
     assert box.pk not in {t.mailbox_id for t in IdleSupervisor().targets()}

@@ -68,7 +68,7 @@ def test_inactive_mailbox_is_neither_polled_nor_idled(monkeypatch):
     box_b = MailboxFactory(owner=owner, is_active=False)
     services.mailbox_activate(actor=owner, mailbox=box_b)
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", queued.append)
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert box_a.pk not in queued and box_b.pk in queued
     ids = {t.mailbox_id for t in IdleSupervisor().targets()}

@@ -283,7 +283,7 @@ def test_state_after_killed_worker_is_reset_by_next_poll(dovecot, mail_user, ima
     imap_mailbox.refresh_from_db()
     assert imap_mailbox.state == "syncing"  # left by the dead worker
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert imap_mailbox.pk in queued  # the safety net runs it again
 

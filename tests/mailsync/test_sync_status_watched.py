@@ -296,7 +296,7 @@ def test_password_changed_on_the_server_then_fixed_through_the_api(
     assert "app-specific password" in status["last_error"]
     assert "password" in status["last_error"].lower()
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert imap_mailbox.pk not in queued
     assert proxy.connections - before == 1, "logins tried with the wrong password"
@@ -354,7 +354,7 @@ def test_server_unreachable_is_a_transient_error(dovecot, mail_user, imap_mailbo
     assert "password" not in status["last_error"].lower()
     assert "refused" in status["last_error"] or "reach" in status["last_error"], status["last_error"]
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert imap_mailbox.pk in queued
 
@@ -389,7 +389,7 @@ def test_connection_dropped_during_the_tls_handshake_is_transient(
         sync(imap_mailbox)
     status = mailbox_status(mailbox=imap_mailbox)
     queued = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert status["last_error_code"] not in Mailbox.USER_ERROR_CODES, (
         status["last_error_code"], status["last_error"])
@@ -423,7 +423,7 @@ def test_daily_budget_pauses_and_the_beat_resumes(dovecot, mail_user, imap_mailb
     api_for(imap_mailbox).post(f"/api/v1/mailboxes/{imap_mailbox.pk}/sync/")
     queued = []
     real_delay = tasks.sync_mailbox.delay
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk: queued.append(pk))
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
     tasks.poll_mailboxes()
     assert imap_mailbox.pk in queued
     monkeypatch.setattr(tasks.sync_mailbox, "delay", real_delay)

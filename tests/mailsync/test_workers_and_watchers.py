@@ -426,3 +426,43 @@ def test_idle_watcher_shards_split_and_follow_changes(dovecot, redis_db):
     finally:
         for s in shards:
             s.kill()
+
+
+def test_a_poll_while_the_server_is_down_makes_one_login_attempt_a_sync_now_retries(
+        dovecot, producer, fault_proxy):
+    """The beat poll's sync leaves a transient fault to the next poll: retried with backoff
+    as well, every poll started a chain of up to nine attempts while a server was down, and
+    the chains of successive polls overlapped (found in review). "Sync now" still retries."""
+    user = dovecot.add_user()
+    fill(dovecot, user, 3)
+    proxy = fault_proxy(dovecot.host, dovecot.imaps_port)
+    mailbox = mailbox_for(dovecot, user, port=proxy.port)
+    mailbox.incoming_host = proxy.host
+    mailbox.save()
+    proxy.cut_after(0)  # every connection closed at once: the server is down
+    w = start_worker("down", concurrency=1)
+    try:
+        def sync_lines() -> list[str]:
+            return [line for line in w.text().splitlines() if "mailsync.sync_mailbox" in line]
+
+        producer.send_task("mailsync.poll_mailboxes")
+        wait_until(lambda: any("succeeded" in line for line in sync_lines()), 30,
+                   "the poll's sync ends:\n" + w.text()[-2000:])
+        time.sleep(3)
+        assert proxy.connections == 1, proxy.connections
+        assert not [line for line in sync_lines() if "Retry in" in line], sync_lines()
+        down = Mailbox.objects.get(pk=mailbox.pk)
+        assert down.state == Mailbox.State.ERROR, down.state
+        assert down.last_error_code not in Mailbox.USER_ERROR_CODES, down.last_error_code
+
+        producer.send_task("mailsync.sync_mailbox", args=[mailbox.pk])  # "Sync now"
+        wait_until(lambda: any("Retry in" in line for line in sync_lines()), 30,
+                   "a sync asked for by the user is retried:\n" + w.text()[-2000:])
+
+        proxy.reset()  # the server is back: the next poll brings the mail
+        producer.send_task("mailsync.poll_mailboxes")
+        wait_until(lambda: Email.objects.filter(mailbox=mailbox).count() == 3
+                   and Mailbox.objects.get(pk=mailbox.pk).state == Mailbox.State.COMPLETED, 60,
+                   "the next poll syncs:\n" + w.text()[-2000:])
+    finally:
+        w.kill()
