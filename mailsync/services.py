@@ -443,6 +443,9 @@ def _parse_and_store(emails: list[Email]) -> None:
     worker stays under 200 MB; a 40 MB mail took 530 MB)."""
     import hashlib
 
+    from dataclasses import replace
+
+    from .mime.message import inline_only_if_shown
     from .sync.copy import read_source, write_blobs
 
     # Parsed again (Retry after a failure, a completed headers-only mail): the attachments of
@@ -466,6 +469,8 @@ def _parse_and_store(emails: list[Email]) -> None:
             continue
         email.text = parsed.text.replace("\x00", "")
         email.html = parsed.html.replace("\x00", "")
+        # An inline part the HTML does not show is listed with the attachments.
+        parsed = replace(parsed, attachments=inline_only_if_shown(parsed.attachments, parsed.html))
         email.has_attachments = any(not a.inline for a in parsed.attachments)
         # What could not be read is said, and the mail can be retried ("Retry" in the
         # status): a part the parser gave up on, or the whole MIME structure.

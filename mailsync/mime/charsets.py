@@ -54,7 +54,8 @@ def resolve_charset(label: str | None) -> str | None:
     """Return a Python text codec name for a MIME charset label, or None if unusable."""
     if not label:
         return None
-    label = label.strip().strip("\"'").lower()
+    # RFC 2045 §5.1 allows a comment after the value: charset="us-ascii" (7bit).
+    label = label.split("(", 1)[0].strip().strip("\"'").lower()
     if not _LABEL_RE.match(label):
         return None
     if label in _ALIASES:

@@ -10,10 +10,11 @@ import binascii
 import logging
 import mimetypes
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import Message
+from urllib.parse import unquote
 
-from mailsync.mime.charsets import decode_bytes
+from mailsync.mime.charsets import decode_bytes, mostly_utf8
 from mailsync.mime.envelope import Envelope, _coerce_bytes, envelope_from_block, parse_envelope
 from mailsync.mime.filenames import safe_filename
 from mailsync.mime.headers import (
@@ -31,6 +32,47 @@ _PART_LIMIT = "part limit reached while splitting a multipart"
 # RFC 2045 §5.1 / RFC 6838 §4.2: type and subtype are restricted names.
 _MEDIA_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$")
 _EMBEDDED_MESSAGE_TYPES = ("message/rfc822", "message/global")  # message/global: RFC 6532 §3.5
+# The type/subtype at the start of a Content-Type the stdlib could not split: RFC 2045 §5.1
+# allows comments and white space around the tokens ("text/plain (body); charset=..."), and
+# senders drop the ";" before the parameters ("text/plain charset=utf-8").
+_LEADING_MEDIA_TYPE_RE = re.compile(
+    r"^\s*([a-z0-9][a-z0-9!#$&^_.+-]{0,126})\s*/\s*([a-z0-9][a-z0-9!#$&^_.+-]{0,126})(?=[\s(;,]|$)")
+_BOUNDARY_IN_TYPE_RE = re.compile(r"""\sboundary\s*=\s*(?:"([^"]{1,70})"|([^\s";]{1,70}))""", re.I)
+_CHARSET_IN_TYPE_RE = re.compile(r"""charset\s*=\s*["']?([A-Za-z0-9._:+-]{1,40})""", re.I)
+# HTML5 §13.2.3.2 (the prescan): a body sent without a charset names it in a <meta>.
+_META_CHARSET_RE = re.compile(rb"""<meta\s[^>]{0,500}?charset\s*=\s*["']?\s*([A-Za-z0-9._:+-]{1,40})""", re.I)
+# RFC 2392: an HTML body shows a part by "cid:" + its Content-ID (%-encoded, without <>).
+_CID_REF_RE = re.compile(r"""cid:([^\s"'<>)]+)""", re.I)
+
+
+def _media_type(value: str) -> str:
+    """The stdlib's content type, or its leading type/subtype when it kept more than that."""
+    if _MEDIA_TYPE_RE.match(value):
+        return value
+    m = _LEADING_MEDIA_TYPE_RE.match(value)
+    return f"{m.group(1)}/{m.group(2)}" if m else value
+
+
+def _meta_charset(html: bytes) -> str | None:
+    m = _META_CHARSET_RE.search(html, 0, 8192)
+    if m is None:
+        return None
+    label = m.group(1).decode("ascii")
+    # HTML5 §13.2.3.2: a <meta> saying UTF-16 in an ASCII-compatible document means UTF-8.
+    return "utf-8" if label.lower().replace("_", "-").startswith("utf-16") else label
+
+
+def inline_only_if_shown(attachments: list[Attachment], html: str) -> list[Attachment]:
+    """The attachments as the email shows them: a part stays inline only when the HTML body
+    shows it (``Attachment.inline`` is what the part declares). Apple Mail sends photos under a
+    plain-text body as inline parts with a Content-ID, and an unused signature logo is one too;
+    left inline, they were listed nowhere (the pages, the API and has_attachments skip inline
+    parts)."""
+    if not any(a.inline for a in attachments):
+        return attachments
+    shown = {unquote(ref).strip("<>").lower() for ref in _CID_REF_RE.findall(html)}
+    return [a if not a.inline or (a.content_id or "").lower() in shown else replace(a, inline=False)
+            for a in attachments]
 
 
 @dataclass(frozen=True)
@@ -107,12 +149,15 @@ class _Walk:
         # once more) while it is split and decoded (worker memory, issue 3).
         body = memoryview(item.data)[block.body_offset:]
         params = _params(block, item.default_type)
-        ctype = params.get_content_type()
+        ctype = _media_type(params.get_content_type())
         if ctype.startswith("multipart/"):
             if item.depth >= self.max_depth:
                 self.note(f"MIME nesting deeper than {self.max_depth}; not descended")
                 return []
             boundary = _get(params.get_boundary)
+            if not boundary:  # a Content-Type without its ";": the stdlib saw no parameters
+                found = _BOUNDARY_IN_TYPE_RE.search(block.text("content-type") or "")
+                boundary = found.group(1) or found.group(2) if found else None
             children = None
             if boundary:
                 children, notes = split_multipart(body, boundary, budget)
@@ -164,9 +209,13 @@ class _Walk:
         if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
             flowed = (str(_get(lambda: params.get_param("format")) or "").lower() == "flowed",
                       str(_get(lambda: params.get_param("delsp")) or "").lower() == "yes")
-            self.add_text(ctype, payload, _get(params.get_content_charset), item.alt_group, flowed)
+            charset = _get(params.get_content_charset)
+            if charset is None:  # a Content-Type without its ";": the stdlib saw no parameters
+                found = _CHARSET_IN_TYPE_RE.search(block.text("content-type") or "")
+                charset = found.group(1) if found else None
+            self.add_text(ctype, payload, charset, item.alt_group, flowed)
             return
-        declared = (block.text("content-type") or "").split(";", 1)[0].strip().lower()
+        declared = _media_type((block.text("content-type") or "").split(";", 1)[0].strip().lower())
         if not _MEDIA_TYPE_RE.match(declared):
             declared = ctype if ctype in _EMBEDDED_MESSAGE_TYPES else "application/octet-stream"
         if not payload and not filename:
@@ -197,6 +246,12 @@ class _Walk:
 
     def add_text(self, ctype: str, payload: bytes, charset: str | None, alt: int | None,
                  flowed: tuple[bool, bool] = (False, False)) -> None:
+        if charset is None and ctype == "text/html" and not payload.isascii():
+            # Valid UTF-8 still wins (a <meta> copied from a template often lies); else the
+            # page's own <meta charset> is the sender's word, not a guess at cp1252.
+            meta = _meta_charset(payload)
+            if meta and mostly_utf8(payload) is None:
+                charset = meta
         text, defect = decode_bytes(payload, charset)
         if defect:
             self.note(defect)
