@@ -85,10 +85,40 @@ def own_addresses(mailbox_ids: Iterable[int]) -> dict[int, set[str]]:
     return own
 
 
-def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[str, list[int]]:
+def address_forms(address: str) -> set[str]:
+    """The address and, for an internationalized domain, its other spelling: mail carries
+    the ASCII form ("xn--bcher-kva.example", IDNA) unless its sender used SMTPUTF8, while a
+    record's address is typed as a mail program shows it ("bücher.example"). Either way,
+    the same person (as ``Mailbox.excluded_domain_set`` takes both spellings of a domain)."""
+    forms = {address}
+    local, at, domain = address.rpartition("@")
+    if not at or not domain:
+        return forms
+    try:
+        if not domain.isascii():
+            forms.add(f"{local}@{domain.encode('idna').decode('ascii')}")
+        elif "xn--" in domain:
+            forms.add(f"{local}@{domain.encode('ascii').decode('idna').lower()}")
+    except UnicodeError:  # not a valid IDNA name: only as written
+        pass
+    return forms
+
+
+def _all_forms(addresses: Iterable[str]) -> set[str]:
+    return {form for address in addresses for form in address_forms(address)}
+
+
+def _by_address(model: type[Lead] | type[Contact], wanted: set[str]) -> dict[str, list[int]]:
+    """Per address of ``wanted``, the records that have it (in either spelling of an
+    internationalized domain: ``address_forms``)."""
     found: dict[str, list[int]] = defaultdict(list)
-    if not addresses:
+    if not wanted:
         return found
+    asked_as: dict[str, set[str]] = defaultdict(set)  # a spelling -> the addresses it stands for
+    for address in wanted:
+        for form in address_forms(address):
+            asked_as[form].add(address)
+    addresses = set(asked_as)
     if connection.vendor == "postgresql":
         # The addresses as one array parameter (see bulk.rows_where_in); the functional
         # indexes on LOWER(...) serve "= ANY".
@@ -109,7 +139,7 @@ def _by_address(model: type[Lead] | type[Contact], addresses: set[str]) -> dict[
             .values_list("pk", "e1", "e2")
         )
     for pk, e1, e2 in rows:
-        for address in {e1, e2} & addresses:
+        for address in {a for form in {e1, e2} & addresses for a in asked_as[form]}:
             found[address].append(pk)
     return found
 
@@ -383,16 +413,18 @@ def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object
     if isinstance(record, Deal):
         if record.contact_id is None:
             return 0
-        # The contact's mail, shown or Bcc-only as it is on the contact.
+        # The contact's mail, shown or Bcc-only as it is on the contact; not what was sent
+        # from another of its deals (``sending._store``: that deal's alone).
         return email_links_insert([
             (email_id, None, None, record.pk, bcc_only) for email_id, bcc_only in
-            EmailLink.objects.filter(contact_id=record.contact_id).values_list("email_id", "bcc_only")])
+            EmailLink.objects.filter(contact_id=record.contact_id)
+            .exclude(email__in=_sent_from_deals()).values_list("email_id", "bcc_only")])
     if not isinstance(record, (Lead, Contact)):
         return 0
     addresses = _record_addresses(record)
     if not addresses:
         return 0
-    found = list(EmailParticipant.objects.filter(address__in=addresses, role__in=MATCH_ROLES)
+    found = list(EmailParticipant.objects.filter(address__in=_all_forms(addresses), role__in=MATCH_ROLES)
                  .values_list("email_id", "address", "role", "email__mailbox_id"))
     # As the sync matches: never by the address of the mailbox the mail is in (or an alias
     # of it), e.g. a lead created with the salesperson's own address gets none of their mail.
@@ -411,8 +443,20 @@ def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object
     else:
         deal_ids = list(Deal.objects.filter(contact=record).values_list("pk", flat=True))
         links = [(email_id, None, record.pk, None, bcc_only) for email_id, bcc_only in ids]
-        links += [(email_id, None, None, deal_id, bcc_only) for email_id, bcc_only in ids for deal_id in deal_ids]
+        # Not to its deals: what was sent from one of them (``sending._store``: that deal's
+        # alone). Every save of the contact (a new phone number) put it on all of them.
+        from_deals = set(_sent_from_deals().filter(pk__in=[email_id for email_id, _ in ids])
+                         .values_list("pk", flat=True)) if deal_ids else set()
+        links += [(email_id, None, None, deal_id, bcc_only) for email_id, bcc_only in ids
+                  if email_id not in from_deals for deal_id in deal_ids]
     return email_links_insert(links)
+
+
+def _sent_from_deals():  # noqa: ANN202
+    """The mails sent from a deal in the CRM: their Message-ID names it (``sending._message_id``)."""
+    from .models import Email
+
+    return Email.objects.filter(source=Email.Source.CRM, message_id__startswith="crm.deal.")
 
 
 def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int:
@@ -437,7 +481,7 @@ def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int
         if not wanted:
             return set()
         found = list(EmailParticipant.objects.filter(
-            email_id__in=links, address__in=wanted, role__in=roles,
+            email_id__in=links, address__in=_all_forms(wanted), role__in=roles,
         ).values_list("email_id", "address", "email__mailbox_id"))
         # As the sync matches: never by the mailbox's own addresses (they link nothing).
         own = own_addresses(mailbox_id for _, _, mailbox_id in found)
