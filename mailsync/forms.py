@@ -122,6 +122,17 @@ class MailboxForm(forms.Form):
         preset, fixed = provider_preset(data.get("provider") or "other-imap")
         data["protocol"] = fixed or data.get("protocol") or Mailbox.Protocol.IMAP
         pop3 = data.get("protocol") == Mailbox.Protocol.POP3
+        if preset.key != "custom" and preset.pop3_host:
+            # The page shows the preset's server of one protocol; switching the protocol swaps
+            # it in mail.js only. Without JavaScript it came back unchanged: POP3 was tried on
+            # the IMAP server. As the script, only what still is the other protocol's preset.
+            before, after = ((preset.imap_host, preset.imap_port), (preset.pop3_host, preset.pop3_port))
+            if not pop3:
+                before, after = after, before
+            if (data.get("incoming_host") or "").strip().lower() == before[0]:
+                data["incoming_host"] = after[0]
+            if data.get("incoming_port") == before[1]:
+                data["incoming_port"] = after[1]
         if not data.get("incoming_host"):
             data["incoming_host"] = preset.pop3_host if pop3 else preset.imap_host
         if not data.get("incoming_port"):

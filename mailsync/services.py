@@ -83,6 +83,12 @@ def _validate(mailbox: Mailbox) -> None:
     from .sync.imap import wanted_folders  # noqa: PLC0415
 
     mailbox.folders = wanted_folders(mailbox.folders or [])
+    # "Sync mail since" a day to come synced nothing, new mail included (SEARCH SINCE leaves
+    # it out), under a "Completed" status. A day's margin: the user's today may be our tomorrow.
+    if mailbox.sync_since and mailbox.sync_since > timezone.localdate() + timedelta(days=1):
+        raise ValidationError({"sync_since": [
+            "This date is in the future: no mail would sync. Choose today or an earlier day, "
+            "or leave it empty to sync all mail."]})
     _check_host(mailbox.incoming_host)
     if mailbox.smtp_host:
         try:

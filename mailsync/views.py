@@ -190,8 +190,13 @@ def mailbox_detail_view(request: HttpRequest, pk: int) -> HttpResponse:
         else:
             messages.success(request, "Options saved.")
             return redirect("mail-mailbox", pk=mailbox.pk)
+    return _mailbox_page(request, mailbox, form=form, alias_form=AliasForm())
+
+
+def _mailbox_page(request: HttpRequest, mailbox: Mailbox, *, form: MailboxOptionsForm,
+                  alias_form: AliasForm) -> HttpResponse:
     return render(request, "mailsync/mailbox_detail.html", {
-        "mailbox": mailbox, "form": form, "alias_form": AliasForm(),
+        "mailbox": mailbox, "form": form, "alias_form": alias_form,
         "aliases": mailbox.aliases.order_by("address"),
         "status": selectors.mailbox_status(mailbox=mailbox),
         "holdings": selectors.mailbox_holdings(mailbox=mailbox),
@@ -320,7 +325,11 @@ def alias_add_view(request: HttpRequest, pk: int) -> HttpResponse:
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
     else:
-        messages.error(request, "Enter a valid email address.")
+        # Shown again with what was typed (a redirect emptied the field, so the user could
+        # not see what was wrong with it).
+        messages.error(request, f"Not an email address: {request.POST.get('address', '')[:200]}")
+        return _mailbox_page(request, mailbox, form=MailboxOptionsForm(mailbox=mailbox),
+                             alias_form=form)
     return redirect(reverse("mail-mailbox", args=[mailbox.pk]) + "#aliases")
 
 

@@ -147,6 +147,18 @@ def _default_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def not_this_protocol(protocol: str, host: str, port: int, greeting: object) -> MailError:
+    """A server that greets as another protocol (an SMTP port entered as the IMAP or POP3
+    one): say which port to check, not "the connection was lost"."""
+    text = greeting.decode("ascii", "replace") if isinstance(greeting, bytes) else str(greeting)
+    article = "an" if protocol == "IMAP" else "a"
+    return MailProtocolError(
+        f"{host} did not answer as {article} {protocol} server on port {port} "
+        f"(it said {text.strip()[:80]!r}).",
+        hint="Check the port: IMAP is usually 993 (SSL/TLS) or 143 (STARTTLS), POP3 995 or "
+             "110; 25, 465 and 587 are for outgoing mail (SMTP).")
+
+
 def translate_network_error(exc: BaseException, host: str) -> MailError:
     """Map socket/TLS failures to errors that say in plain words what to fix."""
     if isinstance(exc, MailError):

@@ -30,6 +30,7 @@ from .base import (
     FetchedMessage,
     FolderStatus,
     ServerSettings,
+    not_this_protocol,
     open_checked_socket,
     tls_context,
     translate_network_error,
@@ -419,6 +420,11 @@ class ImapSession:
                 client._imap.debug = 0
             self.client = client
         except (OSError, ssl.SSLError, IMAPClientError, imaplib.IMAP4.error) as exc:
+            # A greeting that is no IMAP line at all (an SMTP port's "220 ..."): imaplib says
+            # "unexpected response: b'220 ...'", which read as "the connection was lost".
+            greeting = str(exc).partition("unexpected response: b")[2].strip("'\"")
+            if isinstance(exc, imaplib.IMAP4.abort) and greeting:
+                raise not_this_protocol("IMAP", s.host, s.port, greeting) from exc
             raise translate_network_error(exc, s.host) from exc
         self.login()
 

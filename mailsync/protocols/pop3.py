@@ -29,7 +29,7 @@ from ..exceptions import (
     MailServerUnreachable,
     MailTLSError,
 )
-from .base import ServerSettings, open_checked_socket, tls_context, translate_network_error
+from .base import ServerSettings, not_this_protocol, open_checked_socket, tls_context, translate_network_error
 from .tls import MemoryTLS
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,10 @@ class Pop3Session:
             raise
         except (OSError, ssl.SSLError, EOFError, poplib.error_proto) as exc:
             self.abandon()
+            reply = _reply_text(exc) if isinstance(exc, poplib.error_proto) else ""
+            if reply and not reply.startswith(("-ERR", "line too long")):
+                # The greeting is no POP3 reply ("+OK"/"-ERR"): e.g. an SMTP port's "220 ...".
+                raise not_this_protocol("POP3", s.host, s.port, reply) from exc
             raise self._translate(exc) from exc
         self.login()
 
