@@ -289,7 +289,7 @@ def test_a_budget_pause_in_the_first_folder_resumes_by_itself_and_finishes_every
     assert imap_mailbox.state == Mailbox.State.PAUSED
     assert Email.objects.filter(mailbox=imap_mailbox).count() == stored
     queued: list[int] = []
-    monkeypatch.setattr(tasks.sync_mailbox, "delay", queued.append)
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **_: queued.append(pk))
 
     # The next day (the pause has ended, the budget is a new day's).
     Mailbox.objects.filter(pk=imap_mailbox.pk).update(
