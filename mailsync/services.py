@@ -36,7 +36,7 @@ from .models import (
     Mailbox,
 )
 from .protocols.base import CopiedMessages, is_public_address
-from .protocols.imap import check_login
+from .protocols.imap import NEVER_SYNC, check_login
 from .protocols.pop3 import check_login as pop3_check_login
 from .storage import compress, decompress
 from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
@@ -761,7 +761,13 @@ def email_update(*, actor: User, email: Email, seen: bool | None = None,
         if folder:
             _record_moves(email=email, folder=folder, special_use=target_special_use, moves=moves)
             email.locations.exclude(folder__name=folder).delete()
-            if moves:
+            if target_special_use in NEVER_SYNC:
+                # Into the Trash or Junk, never synced: the mail leaves the CRM's views (a
+                # recoverable tombstone) as the same move in a mail program makes it. Shown
+                # there, it was followed in a folder the sync never reads.
+                email.deleted_at = timezone.now()
+                email.save(update_fields=["deleted_at"])
+            elif moves:
                 # A sync between the server's MOVE and this write saw the old UID vanish and
                 # made the mail a tombstone: it is where the user put it.
                 Email.objects.filter(pk=email.pk, deleted_at__isnull=False).update(deleted_at=None)

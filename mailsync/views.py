@@ -665,7 +665,10 @@ def email_action_view(request: HttpRequest, pk: int) -> HttpResponse:
             messages.success(request, "Flagged." if action == "flag" else "Flag removed.")
         elif action == "move":
             folder = request.POST.get("folder", "").strip()
-            services.email_update(actor=request.user, email=email, folder=folder)
+            email = services.email_update(actor=request.user, email=email, folder=folder)
+            if email.deleted_at:  # the Trash or Junk: not synced, so no longer shown
+                messages.success(request, f"Moved to {folder}. Mail there is not shown in the CRM.")
+                return redirect("mail-inbox")
             messages.success(request, f"Moved to {folder}.")
         elif action == "delete":
             outcome = services.email_delete(actor=request.user, email=email)

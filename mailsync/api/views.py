@@ -285,13 +285,19 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     @extend_schema(request=s.EmailUpdateSerializer,
                    responses={200: s.EmailDetailSerializer, **_SERVER_ACTION_ERRORS})
     def partial_update(self, request: Request, pk: str | None = None) -> Response:
-        """Mark read/unread, flag or move; done on the mail server, then in the CRM."""
+        """Mark read/unread, flag or move; done on the mail server, then in the CRM. A move
+        into the Trash or Junk (never synced) takes the mail out of the CRM's views, as a
+        delete does; the answer shows it there."""
         email = self.get_object()
         data = s.EmailUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         with _on_the_mail_server():
-            services.email_update(actor=request.user, email=email, **data.validated_data)
-        email = self._reread(email)
+            email = services.email_update(actor=request.user, email=email, **data.validated_data)
+        # Moved into the Trash or Junk, the mail left the CRM's views (as a delete): the
+        # answer is what was done, not a 404 of the re-read.
+        email = (Email.objects.prefetch_related(
+            Prefetch("locations", EmailLocation.objects.select_related("folder")), "attachments", "links",
+        ).get(pk=email.pk) if email.deleted_at else self._reread(email))
         return Response(s.EmailDetailSerializer(email, context={"request": request}).data)
 
     @extend_schema(responses={204: OpenApiResponse(
