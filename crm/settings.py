@@ -248,6 +248,10 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = 3600
 CELERY_TASK_SOFT_TIME_LIMIT = 3300
+# A sync run ends itself between batches after this long, "in progress", and the next run
+# starts at once (mailsync.sync.base.RunTimeUp): well before the soft time limit above
+# interrupts it in the middle of a batch.
+MAILROOM_SYNC_RUN_SECONDS = float(_env("MAILROOM_SYNC_RUN_SECONDS", "3000"))  # type: ignore[arg-type]
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = TIME_ZONE
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from datetime import timezone as dt_timezone
+from time import monotonic
 
 from django.conf import settings
 from django.db.models import F
@@ -33,6 +34,15 @@ class BudgetExhausted(Exception):
         super().__init__(f"Paused until {until.isoformat()}")
         self.until = until
         self.older = older
+
+
+class RunTimeUp(BudgetExhausted):
+    """The run has worked MAILROOM_SYNC_RUN_SECONDS: it ends between batches, as a budget
+    pause would (a POP3 QUIT applies the DELEs of what is stored), and the next run goes on
+    at once, before the Celery task's soft time limit could interrupt a batch."""
+
+    def __init__(self) -> None:
+        super().__init__(timezone.now())
 
 
 @dataclass
@@ -68,6 +78,7 @@ class SyncRun:
         self.budget = preset_for(mailbox.provider).daily_download_bytes
         self._older = False  # the download under way is older mail (_older_mail)
         self.older_paused: BudgetExhausted | None = None  # older mail waits for tomorrow
+        self._ends_at: float | None = None  # monotonic time after which no batch starts
 
     def _work(self) -> None:
         raise NotImplementedError
@@ -75,8 +86,14 @@ class SyncRun:
     def run(self) -> SyncReport:
         with mailbox_lock(self.mailbox.pk):
             self._start()
+            self._ends_at = monotonic() + settings.MAILROOM_SYNC_RUN_SECONDS
             try:
                 self._work()
+            except RunTimeUp:
+                # Still in progress: the next run is queued when this one lets the mailbox
+                # go (services.mailbox_sync, as for a change asked for meanwhile).
+                self._set(sync_requested=True, last_error="", last_error_code="")
+                return self.report
             except BudgetExhausted as paused:
                 self._set(state=Mailbox.State.PAUSED, paused_until=paused.until,
                           last_error="", last_error_code="")
@@ -127,6 +144,12 @@ class SyncRun:
         return int(self.budget * OLDER_MAIL_SHARE) if self._older else self.budget
 
     def _check_budget(self) -> None:
+        """Before each batch: whether the day's download budget, and this run's time, allow
+        one more (a run stores something before its time is up: every run gets somewhere)."""
+        report = self.report
+        if (self._ends_at is not None and monotonic() > self._ends_at
+                and report.new + report.located + report.failed + report.completed > 0):
+            raise RunTimeUp
         limit = self._budget_limit()
         if limit is None:
             return
