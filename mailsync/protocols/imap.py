@@ -410,7 +410,18 @@ class ImapSession:
                             f"{s.host} does not offer STARTTLS on port {s.port}.",
                             hint="Use SSL/TLS (usually port 993) instead.",
                         )
-                    client.starttls(ssl_context=tls_context())
+                    try:
+                        client.starttls(ssl_context=tls_context())
+                    except imaplib.IMAP4.abort:
+                        raise  # the connection was lost: transient
+                    except imaplib.IMAP4.error as exc:
+                        # Offered, then refused (NO/BAD): the same fix as not offered, and
+                        # still never a plaintext login (POP3 says the same).
+                        client.shutdown()
+                        raise MailTLSError(
+                            f"{s.host} refused STARTTLS on port {s.port}.",
+                            hint="Use SSL/TLS (usually port 993) instead.",
+                        ) from exc
             # Aware datetimes for INTERNALDATE (IMAPClient's default converts to naive local).
             client.normalise_times = False
             # IMAPClient 4.1 sets imaplib's debug level to 5, so imaplib formats a repr of
