@@ -72,3 +72,17 @@ def test_a_pop3_run_past_its_time_removes_only_what_it_stored_and_the_next_run_g
     subjects = list(Email.objects.filter(mailbox=pop3_mailbox).values_list("subject", flat=True))
     assert sorted(subjects) == sorted(f"Mail {n}" for n in range(30))
     assert dovecot.folder_state(mail_user).uids == []
+
+
+def test_an_initial_sync_goes_newest_first(dovecot, mail_user, imap_mailbox, settings, monkeypatch):
+    """Issue 3: the first sync downloads newest first, so what a user needs now is in the
+    CRM first. A run ended after its first batch (its time up) holds the highest UIDs."""
+    for n in range(20):
+        dovecot.deliver(mail_user, make_message(subject=f"Mail {n:02}"))
+    monkeypatch.setattr(imap_module, "BATCH_MESSAGES", 4)
+    settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES = 0
+    settings.MAILROOM_SYNC_RUN_SECONDS = 0.001
+
+    imap_sync(imap_mailbox)
+    stored = sorted(Email.objects.filter(mailbox=imap_mailbox).values_list("subject", flat=True))
+    assert stored == [f"Mail {n:02}" for n in range(16, 20)], stored
