@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import django_filters
+from django import forms
 from rest_framework.filters import OrderingFilter
 
 TRUE_VALUES = frozenset({"true", "1", "yes", "on"})
+FALSE_VALUES = frozenset({"false", "0", "no", "off"})
 
 
 def flag(params: Mapping[str, str], name: str) -> bool:
@@ -14,6 +17,24 @@ def flag(params: Mapping[str, str], name: str) -> bool:
     x=True.)"""
     value = params.get(name)
     return value is not None and value.strip().lower() in TRUE_VALUES
+
+
+class _QueryBooleanField(forms.Field):
+    def to_python(self, value: object) -> bool | None:
+        if value is None or str(value).strip() == "":
+            return None
+        text = str(value).strip().lower()
+        if text in TRUE_VALUES | FALSE_VALUES:
+            return text in TRUE_VALUES
+        raise forms.ValidationError("Enter true or false (also 1/0, yes/no, on/off).", code="invalid")
+
+
+class QueryBooleanFilter(django_filters.BooleanFilter):
+    """A boolean filter that takes the spellings ``flag`` takes (and their false ones) and
+    refuses anything else with a 400: django-filter's knows true/false/1/0 only and drops
+    any other value without a word, so ``?unread=yes`` listed read mail too."""
+
+    field_class = _QueryBooleanField
 
 
 class StableOrderingFilter(OrderingFilter):

@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 from mailsync.api.views import ROUTES as mail_routes
 
 from . import views
+from .parsers import PARSER_CLASSES
 
 router = DefaultRouter()
 router.register("users", views.UserViewSet, basename="user")
@@ -18,7 +19,7 @@ for prefix, viewset, basename in mail_routes:
     router.register(prefix, viewset, basename=basename)
 
 urlpatterns = [
-    path("auth/token/", ObtainAuthToken.as_view(), name="api-token"),
+    path("auth/token/", ObtainAuthToken.as_view(parser_classes=PARSER_CLASSES), name="api-token"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("", include(router.urls)),

@@ -5,6 +5,7 @@ from rest_framework import serializers
 
 from .. import selectors
 from ..models import Attachment, Email, Mailbox, excluded_domain
+from ..providers import PRESETS
 
 # The limit of one message's size a mailbox may be given (max_message_bytes): below 1 MB
 # ordinary mail would be cut to headers; memory follows it (a few times it per message).
@@ -19,6 +20,11 @@ class MailboxSerializer(serializers.ModelSerializer):
                                      style={"input_type": "password"})
     smtp_password = serializers.CharField(write_only=True, required=False, allow_blank=True,
                                           style={"input_type": "password"})
+    # One of the presets (the model's field is free text): "gmial" or the page's "other-imap"
+    # was stored, its app-password hint and download budget silently those of "custom".
+    provider = serializers.ChoiceField(
+        choices=[(p.key, p.label) for p in PRESETS.values()], required=False,
+        help_text="The provider preset; custom for any other server.")
 
     class Meta:
         model = Mailbox
@@ -62,7 +68,14 @@ class MailboxSerializer(serializers.ModelSerializer):
     def validate(self, attrs: dict) -> dict:
         """The POP3 options are for POP3 mailboxes (the page shows them for those only): on
         an IMAP mailbox a change is refused, not dropped; the value it has already (a GET
-        body sent back) is accepted."""
+        body sent back) is accepted. A name the mailbox does not have ({"pasword": ...}) is
+        refused too, as in an email PATCH: it answered 200 and changed nothing."""
+        given = self.initial_data if hasattr(self.initial_data, "keys") else {}
+        # (The browsable API's form posts its CSRF token among the fields.)
+        unknown = sorted(str(name) for name in given.keys()
+                         if name not in self.fields and name != "csrfmiddlewaretoken")
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         instance = self.instance
         protocol = attrs.get("protocol", instance.protocol if instance else Mailbox.Protocol.IMAP)
         if protocol != Mailbox.Protocol.POP3:

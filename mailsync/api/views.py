@@ -20,7 +20,7 @@ from rest_framework.filters import SearchFilter
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from crm.api.filters import StableOrderingFilter, flag
+from crm.api.filters import QueryBooleanFilter, StableOrderingFilter, flag
 from crm.api.pagination import KeysetPagination
 
 from .. import selectors, services, tasks
@@ -137,7 +137,8 @@ class EmailFilter(filters.FilterSet):
         "server, not expunged yet, does not count."))
     date_after = filters.IsoDateTimeFilter(field_name="date", lookup_expr="gte")
     date_before = filters.IsoDateTimeFilter(field_name="date", lookup_expr="lt")
-    unread = filters.BooleanFilter(field_name="seen", exclude=True)
+    unread = QueryBooleanFilter(field_name="seen", exclude=True)
+    flagged = QueryBooleanFilter(field_name="flagged")
 
     class Meta:
         model = Email
@@ -259,6 +260,8 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         )
 
     def get_serializer_class(self):  # noqa: ANN201
+        if self.serializer_class is not None:  # an action's own (send): OPTIONS described
+            return self.serializer_class       # the list's fields as what to POST to it
         return s.EmailDetailSerializer if self.action == "retrieve" else s.EmailListSerializer
 
     def initial(self, request: Request, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -321,7 +324,7 @@ class EmailViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
                                    "(a retry after a timeout) returns the first one's email and "
                                    "sends nothing again. A key whose email was deleted since is "
                                    "a 400: use a new key.")])
-    @action(detail=False, methods=["post"], url_path="send")
+    @action(detail=False, methods=["post"], url_path="send", serializer_class=s.EmailSendSerializer)
     def send(self, request: Request) -> Response:
         """Compose and send: stored on the record at once with ``send_state`` "sending",
         then "sent" or "failed" (with ``send_error``; retry with ``…/retry-send/``).
