@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, connections
+from django.utils import timezone
 
 from .exceptions import MailError, MailServerUnreachable, MailUserError
 from .models import Mailbox
@@ -77,6 +78,7 @@ class MailboxWatcher(threading.Thread):
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self.failed: MailError | None = None
+        self.failed_at = None  # when (wall clock, to compare with Mailbox.last_sync_at)
         self._connected_at = 0.0
         # The stopped watcher of this mailbox, maybe still closing its connection.
         self.replaces = replaces
@@ -101,9 +103,10 @@ class MailboxWatcher(threading.Thread):
             except MailUserError as exc:
                 if not self.connected.is_set():
                     # Wrong password and the like: the sync status already tells the user;
-                    # the supervisor restarts us when the mailbox settings change.
+                    # the supervisor restarts us when the mailbox settings change, or once a
+                    # sync has logged in since (IdleSupervisor.refresh).
                     log.info("mailbox %s: IDLE stopped: %s", self.mailbox_id, exc.code)
-                    self.failed = exc
+                    self.failed, self.failed_at = exc, timezone.now()
                     return
                 # After a working session (a TLS record cut by a dropped network, say): the
                 # settings were right, the connection was lost.
@@ -135,6 +138,9 @@ class MailboxWatcher(threading.Thread):
         with ImapSession(self.settings) as session:
             if not session.has("IDLE"):
                 log.info("mailbox %s: server has no IDLE; beat polling covers it", self.mailbox_id)
+                # Log out first: held unread till our stop, it took one of the account's
+                # few connections from the sync and the user's own mail apps for nothing.
+                session.close()
                 self.stopping.wait()
                 return
             session.select(self.folder, readonly=True)
@@ -287,6 +293,8 @@ class IdleSupervisor:
         # the same mailbox (even refreshes later) waits for its predecessor.
         self.stopped: dict[int, MailboxWatcher] = {}
         self.stopping = threading.Event()
+        # Mailbox.last_sync_at by id, as of the last targets().
+        self.synced_at: dict[int, object] = {}
 
     def targets(self) -> dict[_Target, ServerSettings]:
         from .sync.imap import server_settings
@@ -296,9 +304,11 @@ class IdleSupervisor:
             protocol=Mailbox.Protocol.IMAP, is_active=True, owner__is_active=True
         )
         result = {}
+        self.synced_at = {}
         for mailbox in mailboxes:
             if mailbox.pk % self.shards != self.shard:
                 continue
+            self.synced_at[mailbox.pk] = mailbox.last_sync_at
             version = f"{mailbox.incoming_host}:{mailbox.incoming_port}:{mailbox.incoming_security}:" \
                       f"{mailbox.username}:{hash(mailbox.password)}"
             result[_Target(mailbox.pk, version)] = server_settings(mailbox, timeout=60)
@@ -378,6 +388,13 @@ class IdleSupervisor:
         self._let_go()
         self.stopped = {pk: w for pk, w in self.stopped.items() if w.is_alive()}
         for target, settings in wanted.items():
+            old = self.watchers.get(target)
+            if (old is not None and old.failed is not None and not old.is_alive()
+                    and (self.synced_at.get(target.mailbox_id) or old.failed_at) > old.failed_at):
+                # Its login was refused (a provider's outage, a password reset undone), yet a
+                # sync with the same settings has worked since: try again, once per such
+                # sync. Else push stayed off until the settings changed or a restart.
+                del self.watchers[target]
             if target not in self.watchers:
                 watcher = MailboxWatcher(target.mailbox_id, settings, self.on_change,
                                          replaces=self.stopped.pop(target.mailbox_id, None),
