@@ -128,12 +128,28 @@ def open_checked_socket(settings: ServerSettings, timeout: float | None = None) 
             sock = socket.socket(family, kind, proto)  # fails where IPv6 is disabled, say
             sock.settimeout(timeout)
             sock.connect(address)
+            _keep_alive(sock)
             return sock
         except OSError as exc:
             if sock is not None:
                 sock.close()
             error = exc
     raise error or OSError(f"{settings.host} has no address")
+
+
+# TCP keepalive on every mail connection: an IDLE connection is silent for up to its
+# re-IDLE (25 minutes); a NAT or firewall that forgets it in the meantime (many do after a
+# few minutes) left it dead and unnoticed until then, and new mail waited for the poll. The
+# probes keep such mappings alive, and a peer gone for good is noticed in about 2 minutes.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def tls_context() -> ssl.SSLContext:

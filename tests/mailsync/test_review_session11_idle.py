@@ -225,3 +225,22 @@ def test_a_silently_stalled_idle_connection_is_given_up_at_the_re_idle_and_push_
         watcher.stop()
         watcher.join(15)
     assert not watcher.is_alive()
+
+
+def test_the_idle_connection_has_tcp_keepalive(dovecot, imap_mailbox):
+    """A NAT or firewall that forgets a silent IDLE connection (many do within minutes) left
+    it dead until the re-IDLE, 25 minutes on; the keepalive probes keep the mapping and notice
+    a peer that is gone in about two minutes."""
+    import socket
+
+    from mailsync.protocols.base import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
+    from mailsync.protocols.imap import ImapSession
+    from mailsync.sync.imap import server_settings
+
+    with ImapSession(server_settings(imap_mailbox, timeout=60)) as session:
+        sock = session.client._imap.sock
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
+    assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT <= 180
