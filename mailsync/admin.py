@@ -108,7 +108,8 @@ class MailboxAdmin(admin.ModelAdmin):
             activated=obj.is_active and (not change or "is_active" in form.changed_data),
             limit_before=before.max_message_bytes if before else None,
             since_before=before.sync_since if before else None,
-            reconnect=change and bool(services.ADMIN_CONNECTION_FIELDS & set(form.changed_data)))
+            reconnect=change and bool(services.ADMIN_CONNECTION_FIELDS & set(form.changed_data)),
+            account_before=(before.incoming_host, before.username) if before else None)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

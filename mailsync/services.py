@@ -190,18 +190,30 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     since_before = mailbox.sync_since
     limit_before = mailbox.max_message_bytes
     before = {name: getattr(mailbox, name) for name in _DESTINATION_FIELDS}
+    settings_before = {name: getattr(mailbox, name) for name in connection_fields}
     for name, value in data.items():
         if name in {"password", "smtp_password"} and not value:
             continue  # write-only: empty keeps the stored secret
         setattr(mailbox, name, value)
     given = {name for name in ("password", "smtp_password") if data.get(name)}
+    # What the connection uses changed: a password typed (even the same one: "try again"),
+    # or another value. The same values sent back (a client PATCHing a GET body to rename
+    # the mailbox) tested the login each time, and were a 400 while the server was down.
+    changed = given | {name for name in connection_fields & data.keys() - {"password", "smtp_password"}
+                       if getattr(mailbox, name) != settings_before[name]}
     reenter = secrets_to_reenter(before, {name: getattr(mailbox, name) for name in _DESTINATION_FIELDS}, given)
     if reenter:
         raise ValidationError(reenter)
     _validate(mailbox)
-    if check_connection and connection_fields & data.keys():
+    if check_connection and changed:
         mailbox_test(mailbox=mailbox)
-    reconnect = bool(connection_fields & data.keys())
+    reconnect = bool(changed)
+    try:
+        reconnect = _forget_old_account(mailbox=mailbox, host=settings_before["incoming_host"],
+                                        username=settings_before["username"]) or reconnect
+    except MailboxBusy as exc:
+        raise ValidationError({"username": [
+            "A sync is running: change the account when it has finished (see the status)."]}) from exc
     if mailbox.state == Mailbox.State.ERROR and reconnect:
         # Fixed (the login test passed): as before the error; the sync queued below shows
         # the rest. "New" only for a mailbox that never synced.
@@ -223,6 +235,31 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     if sync_now and mailbox.is_active:
         _queue_sync(mailbox)
     return mailbox
+
+
+def _forget_old_account(*, mailbox: Mailbox, host: str, username: str) -> bool:
+    """The mailbox now logs in to another account (another server or user name): the
+    cursors, places and POP3 keys of the old one say nothing about the new one. Kept, a
+    UIDVALIDITY (or a UIDL) the two accounts share skipped the new account's mail below
+    the old cursor; a different one tombstoned the old account's mail, purged 30 days later
+    without the confirmation a mailbox delete asks for. So the mail stays as the CRM's copy
+    (no place, as POP3 mail the server no longer has) and the folders are read whole again:
+    mail the new account also holds is found by Message-ID + content hash (no duplicate)
+    and gets its place back. True if so. MailboxBusy while a sync runs (it would write its
+    cursor back over this)."""
+    if mailbox.pk is None or ((host or "").strip().lower() == (mailbox.incoming_host or "").strip().lower()
+                              and username == mailbox.username):
+        return False
+    from .models import Pop3Message  # noqa: PLC0415
+    from .sync.lock import mailbox_lock  # noqa: PLC0415
+
+    with mailbox_lock(mailbox.pk):
+        EmailLocation.objects.filter(folder__mailbox=mailbox).delete()
+        Pop3Message.objects.filter(mailbox=mailbox).delete()
+        MailFolder.objects.filter(mailbox=mailbox).update(
+            uidvalidity=None, uid_high=0, uid_low=None, backfill_done=False, highestmodseq=None,
+            last_uidnext=None, last_exists=None)
+    return True
 
 
 def _backfill_again_if_earlier(*, mailbox: Mailbox, since_before: date | None) -> bool:
@@ -248,7 +285,7 @@ ADMIN_CONNECTION_FIELDS = frozenset({
 
 def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activated: bool,
                            limit_before: int | None = None, since_before: date | None = None,
-                           reconnect: bool = False) -> None:
+                           reconnect: bool = False, account_before: tuple[str, str] | None = None) -> None:
     """The Django admin saved a mailbox with its own form: what mailbox_update and
     mailbox_activate do besides saving (mail already synced follows a new list of excluded
     domains; an activated mailbox syncs at once, and so does one whose size limit was
@@ -260,6 +297,12 @@ def mailbox_saved_by_admin(*, mailbox: Mailbox, excluded_before: set[str], activ
     synced again."""
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
+    if account_before is not None:  # another account: see _forget_old_account
+        try:
+            reconnect = _forget_old_account(mailbox=mailbox, host=account_before[0],
+                                            username=account_before[1]) or reconnect
+        except MailboxBusy:
+            log.warning("mailbox %s: sync running while its account changed", mailbox.pk)
     if reconnect and mailbox.state == Mailbox.State.ERROR:
         mailbox.state = Mailbox.State.NEW if mailbox.last_sync_at is None else Mailbox.State.COMPLETED
         mailbox.last_error, mailbox.last_error_code = "", ""

@@ -260,3 +260,27 @@ def test_lead_filter_with_a_fraction_or_a_strangers_lead_lists_nothing(api):
     assert response.status_code in (200, 400)
     if response.status_code == 200:
         assert response.json()["count"] == 0
+
+
+def test_a_get_body_sent_back_with_unchanged_server_settings_tests_no_login(api):
+    """A client that renames a mailbox by PATCHing back the body it got: the unchanged server
+    fields made the service test the login each time (a 400 while the server was down, and
+    a login at the provider per rename). A changed one, or a password typed, still does."""
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens: the server is down
+        probe.bind(("127.0.0.1", 0))
+        down_port = probe.getsockname()[1]
+    owner = UserFactory()
+    mailbox = MailboxFactory(owner=owner, incoming_host="127.0.0.1", incoming_port=down_port)
+    api.force_authenticate(owner)
+    body = api.get(f"/api/v1/mailboxes/{mailbox.pk}/").json()
+    body["display_name"] = "Renamed"
+    response = api.patch(f"/api/v1/mailboxes/{mailbox.pk}/", body, format="json")
+    assert response.status_code == 200, response.content
+    assert Mailbox.objects.get(pk=mailbox.pk).display_name == "Renamed"
+
+    for change in ({"incoming_port": down_port + 1 if down_port < 65535 else down_port - 1},
+                   {"password": "typed again"}):
+        response = api.patch(f"/api/v1/mailboxes/{mailbox.pk}/", change, format="json")
+        assert response.status_code == 400, (change, response.content)
