@@ -197,6 +197,8 @@ class Pop3Session:
         # RETR/TOP pipeline carries those of its replies as ``received`` (the provider
         # counted them, stored or not).
         self.received = 0
+        # DELEs the server answered -ERR (number: reply): those messages stay on the server.
+        self._refused_deletes: dict[int, str] = {}
 
     # -- connection ---------------------------------------------------------------------------
     def __enter__(self) -> Pop3Session:
@@ -407,7 +409,7 @@ class Pop3Session:
 
         Stops early, with the session closed, at the first reply over its ``max_bytes``
         (that last result has ``complete=False``). A -ERR for one message is reported in its
-        result and the others go on; a refused DELE closes the session and raises.
+        result and the others go on; so is a refused DELE (``refused_deletes()``).
         """
         client = self._client()
         commands = [f"DELE {n}" for n in delete_first] + [self._command(r) for r in requests]
@@ -421,9 +423,7 @@ class Pop3Session:
                 sent += 1
             for index in range(len(commands)):
                 if index < len(delete_first):
-                    # A refused DELE leaves the pipeline out of step: give the session up
-                    # (no QUIT, so none of its deletions happen; the next run marks them again).
-                    client._getresp()
+                    self._dele_reply(delete_first[index])
                 elif not self._receive(requests[index - len(delete_first)], results):
                     return results
                 if sent < len(commands):
@@ -435,6 +435,22 @@ class Pop3Session:
             error.received = self.received - before  # type: ignore[attr-defined]
             raise error from exc
         return results
+
+    def _dele_reply(self, number: int) -> None:
+        """Read one DELE reply. A DELE's reply is one line, so a -ERR leaves the pipeline in
+        step: the message stays on the server and the session goes on (giving it up made one
+        message the server never lets go of fail every run before any new mail came)."""
+        try:
+            self._client()._getresp()
+        except poplib.error_proto as exc:
+            reply = _reply_text(exc)
+            if not reply.startswith("-ERR") or reply.startswith("-ERR EOF"):
+                raise
+            self._refused_deletes[number] = reply[:200]
+
+    def refused_deletes(self) -> dict[int, str]:
+        """The DELEs of this session the server refused: {message number: its reply}."""
+        return dict(self._refused_deletes)
 
     def _receive(self, request: Pop3Request, results: list[Pop3Retrieved]) -> bool:
         """Read one RETR/TOP reply into ``results``; False once the session was given up."""

@@ -321,6 +321,9 @@ class Pop3ChildSession:
     def delete(self, numbers: Sequence[int]) -> None:
         self._call("delete", list(numbers))
 
+    def refused_deletes(self) -> dict[int, str]:
+        return self._call("refused_deletes")  # type: ignore[return-value]
+
     def quit(self) -> None:
         try:
             self._call("quit")
@@ -354,6 +357,8 @@ def run_pop3(job: Pop3Job, send, commands: BinaryIO) -> None:  # noqa: ANN001
                     result = retrieve_prepared(session, *args)
                 elif name == "delete":
                     result = session.delete(args[0])
+                elif name == "refused_deletes":
+                    result = session.refused_deletes()
                 elif name == "quit":
                     session.quit()
                     send(("ok", None))

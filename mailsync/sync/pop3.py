@@ -67,6 +67,7 @@ EMAIL_SIZE_MAX = 2**31 - 1  # Email.size is a 32-bit column; a LIST size may be 
 KNOWN_CHUNK = 5000
 _UNIDENTIFIED = "Not downloaded:"
 _REFUSED = "Not downloaded yet:"
+_UNDELETED = "Not removed from the server:"
 # Messages whose headers are hashed per pipelined round (servers without usable UIDL).
 HASH_CHUNK = 200
 
@@ -150,6 +151,7 @@ class Pop3Sync(SyncRun):
         self.refused: dict[str, str] = {}
         self.folder: MailFolder | None = None
         self.next_uid = 1
+        self.key_of: dict[int, str] = {}  # this session's message numbers: their keys
 
     # -- entry --------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -188,6 +190,7 @@ class Pop3Sync(SyncRun):
             keyed = assign_keys(listing, lambda items: self._hash_keys(session, items))
             known = self._known([k.key for k in keyed])
             keyed = self._rekey_reused(session, keyed, known)
+            self.key_of = {k.listing.number: k.key for k in keyed}
             self._say_unidentified(len(listing) - len(keyed))
             self._note_removed(listing, keyed)
             minimum = settings.MAILROOM_SYNC_PROCESS_MIN_MESSAGES
@@ -302,7 +305,20 @@ class Pop3Sync(SyncRun):
                     deleted_from_server_at=timezone.now())
 
     def _quit(self, session: Pop3Session, marked: list[str]) -> None:
+        refused = session.refused_deletes()
         session.quit()
+        # A refused DELE: the message stays on the server (recorded as there, the mode asks
+        # again next run) and the status says so.
+        kept = {self.key_of.get(number) for number in refused}
+        marked = [key for key in marked if key not in kept]
+        self.report.errors = [e for e in self.report.errors if not e.startswith(_UNDELETED)]
+        if refused:
+            count = len(refused)
+            self.report.errors.append(
+                f"{_UNDELETED} {count} downloaded message{'s' if count > 1 else ''}: the server "
+                f"refused to delete {'them' if count > 1 else 'it'} (it answered: "
+                f"{next(iter(refused.values()))[:120]}). {'They are' if count > 1 else 'It is'} "
+                "in the CRM and will be removed at a later sync if the server allows it.")
         if marked:
             Pop3Message.objects.filter(mailbox=self.mailbox, key__in=marked).update(
                 deleted_from_server_at=timezone.now()
