@@ -596,6 +596,15 @@ def email_send_retry(*, actor: User, email: Email) -> Email:
         raise ValidationError({"send_state": ["This mail has been deleted."]})
     if email.send_state != Email.SendState.FAILED and not stuck:
         raise ValidationError({"send_state": ["Only a mail that failed to send can be sent again."]})
+    from . import senders  # noqa: PLC0415  (senders imports this module)
+
+    # The From is checked again, as email_send checks it: an alias deleted or an
+    # organization email withdrawn since the first attempt must not go out on Retry.
+    if email.from_address.lower() not in {a.lower() for c in senders.sender_choices(actor)
+                                        for a in (c.address, _ascii_domain(c.address))}:
+        raise ValidationError({"from_address": [
+            f"You may no longer send as {email.from_address!r}: write the mail again from "
+            "another address."]})
     with transaction.atomic():
         # Compare-and-set: a double click queues one delivery, not two; a mail deleted
         # meanwhile is not sent.
@@ -624,8 +633,13 @@ def reply_defaults(*, email: Email, reply_all: bool = False) -> dict[str, str]:
     else:
         to = reply_to or [email.from_address]
     cc = [a["email"] for a in (email.to + email.cc)] if reply_all else []
-    own = {email.mailbox.email_address.lower()}
-    cc = [a for a in cc if a.lower() not in own and a not in to]
+    # The user's own addresses (the mailbox's and its aliases, as _store's association) are
+    # not copied: a reply-all to mail sent to an alias put that alias in Cc, and the sender
+    # again when a mail program had changed the case of an address.
+    own = {a.lower() for a in [email.mailbox.email_address,
+                               *email.mailbox.aliases.values_list("address", flat=True)]}
+    taken = own | {a.lower() for a in to}
+    cc = [a for a in cc if a.lower() not in taken and not taken.add(a.lower())]
     if email.html:
         quoted = sanitize_html(email.html).html
     else:

@@ -58,6 +58,10 @@ class SenderRefused(MailUserError):
     code = "sender_refused"
 
 
+class MessageTooLarge(MailUserError):
+    code = "message_too_large"
+
+
 def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from synchronous code.
 
@@ -172,7 +176,32 @@ def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
                 f"The server temporarily refused the recipient(s) {refused} ({detail}).",
                 hint="Nothing was sent. Try again later (Retry).",
             )
+        if "relay" in detail.lower():
+            # "Relay access denied" is about the connection, not the addresses: the server
+            # does not take mail for other domains from this (unauthenticated) client.
+            return RecipientsRefused(
+                f"Outgoing mail (SMTP) server {host} does not relay mail to {refused} "
+                f"({detail}).",
+                hint="Check the SMTP server name and port (submission: 587 or 465) and that "
+                     "a login is used (SMTP username and password under Server Details).",
+            )
         return RecipientsRefused(f"The server refused the recipient(s) {refused} ({detail}).")
+    if isinstance(exc, aiosmtplib.SMTPDataError):
+        # Refused at the end of DATA (RFC 5321 4.2.2): nothing was delivered. 552 / 5.3.4 is
+        # the size limit of a server that did not announce SIZE (or checks it only here);
+        # a 4xx is temporary (a rate limit, greylisting). Before, both read only "answered
+        # 552: ..." without what to do.
+        if exc.code == 552 or "5.3.4" in (exc.message or "") or "5.2.3" in (exc.message or ""):
+            return MessageTooLarge(
+                f"The mail is too large for the outgoing server ({exc.code} {exc.message}).",
+                hint="Send smaller or fewer attachments (or a link to them).",
+            )
+        if 400 <= exc.code < 500:
+            return MailProtocolError(
+                f"Outgoing mail (SMTP) server {host} temporarily refused the mail "
+                f"({exc.code} {exc.message}).",
+                hint="Nothing was sent. Try again later (Retry).",
+            )
     if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
         isinstance(exc, aiosmtplib.SMTPException) and not isinstance(exc, (
             aiosmtplib.SMTPResponseException, ConnectionError, TimeoutError))
