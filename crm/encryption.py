@@ -63,6 +63,20 @@ def rotate(token: str) -> str:
         ) from exc
 
 
+class UnreadableSecret(str):
+    """A stored secret no key in MAILROOM_ENCRYPTION_KEYS decrypts (its key was removed before
+    rotation, or the value is corrupt). It reads as "" so nothing logs in with it, and its
+    row still loads (one such mailbox must not break every page, poll or watcher that lists
+    mailboxes); it saves back unchanged, so putting the key back restores it."""
+
+    token: str
+
+    def __new__(cls, token: str) -> UnreadableSecret:
+        obj = super().__new__(cls, "")
+        obj.token = token
+        return obj
+
+
 class EncryptedTextField(models.TextField):
     """Holds a Fernet token; the model attribute is the plaintext.
 
@@ -75,9 +89,14 @@ class EncryptedTextField(models.TextField):
     def from_db_value(self, value, expression, connection):  # noqa: ANN001, ARG002
         if value is None or value == "":
             return value
-        return decrypt(value)
+        try:
+            return _current().decrypt(value.encode("ascii")).decode("utf-8")
+        except (InvalidToken, UnicodeError):
+            return UnreadableSecret(value)
 
     def get_prep_value(self, value):  # noqa: ANN001
+        if isinstance(value, UnreadableSecret):
+            return value.token
         value = super().get_prep_value(value)
         if value is None or value == "":
             return value

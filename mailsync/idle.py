@@ -311,7 +311,10 @@ class IdleSupervisor:
             self.synced_at[mailbox.pk] = mailbox.last_sync_at
             version = f"{mailbox.incoming_host}:{mailbox.incoming_port}:{mailbox.incoming_security}:" \
                       f"{mailbox.username}:{hash(mailbox.password)}"
-            result[_Target(mailbox.pk, version)] = server_settings(mailbox, timeout=60)
+            try:
+                result[_Target(mailbox.pk, version)] = server_settings(mailbox, timeout=60)
+            except MailUserError:
+                continue  # its password needs entering again (the sync status says so)
         if self.claims is not None:
             result = self._claimed(result)
         return result

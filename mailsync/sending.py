@@ -45,6 +45,7 @@ from .models import Attachment, AttachmentBlob, Email, EmailLink, EmailSource, M
 from .protocols import smtp
 from .protocols.base import FetchedMessage, ServerSettings
 from .storage import compress, decompress
+from .sync.base import login_password
 from .sync.copy import read_source, write_blobs, write_sources
 from .sync.ingest import _participants, assign_threads, prepare, shareable
 
@@ -164,7 +165,7 @@ def smtp_settings(mailbox: Mailbox, *, timeout: float = SMTP_TIMEOUT) -> ServerS
             hint="Add it under Server Details in the mailbox settings.",
         )
     username = mailbox.smtp_username or mailbox.username
-    password = mailbox.smtp_password if mailbox.smtp_username else mailbox.password
+    password = login_password(mailbox.smtp_password if mailbox.smtp_username else mailbox.password)
     return ServerSettings(host=mailbox.smtp_host, port=mailbox.smtp_port,
                           security=mailbox.smtp_security, username=username,
                           password=password, timeout=timeout,

@@ -12,7 +12,9 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from ..exceptions import MailError
+from crm.encryption import UnreadableSecret
+
+from ..exceptions import MailAuthError, MailError
 from ..models import Mailbox
 from ..protocols.base import ServerSettings
 from ..providers import preset_for
@@ -58,11 +60,23 @@ class SyncReport:
     errors: list[str] = field(default_factory=list)
 
 
+def login_password(secret: str) -> str:
+    """The stored password to log in with; a user error if no key decrypts it any more (a
+    login with "" would only fail at the server, or count against the account)."""
+    if isinstance(secret, UnreadableSecret):
+        raise MailAuthError(
+            "The stored password can no longer be read (the encryption key it was saved "
+            "with was removed).",
+            hint="Enter the mailbox password again in its settings.",
+        )
+    return secret
+
+
 def server_settings(mailbox: Mailbox, *, timeout: float = 30.0) -> ServerSettings:
     return ServerSettings(
         host=mailbox.incoming_host, port=mailbox.incoming_port,
         security=mailbox.incoming_security, username=mailbox.username,
-        password=mailbox.password, timeout=timeout,
+        password=login_password(mailbox.password), timeout=timeout,
         allow_private_hosts=settings.MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from crm.encryption import encrypted_fields
+from crm.encryption import UnreadableSecret, encrypted_fields
 from crm.exceptions import EncryptionNotConfigured
 
 BATCH = 500  # rows per UPDATE: keeps statements small while avoiding a round trip per row
@@ -28,6 +28,13 @@ class Command(BaseCommand):
                     rows = list(
                         model._base_manager.select_for_update().exclude(**{field: ""}).only("pk", field)
                     )
+                    unreadable = [r.pk for r in rows if isinstance(getattr(r, field), UnreadableSecret)]
+                    if unreadable:
+                        raise EncryptionNotConfigured(
+                            f"{model._meta.label}.{field} of id(s) {unreadable[:20]} cannot be decrypted "
+                            "with any key in MAILROOM_ENCRYPTION_KEYS: put its key back in the list, "
+                            "or enter those passwords again."
+                        )
                     model._base_manager.bulk_update(rows, [field], batch_size=BATCH)
                     total += len(rows)
                     done.append(f"{model._meta.label}.{field}: {len(rows)} re-encrypted")
