@@ -431,7 +431,7 @@ def _store(*, actor: User, mailbox: Mailbox, raw: bytes, text: str, html: str,
     sender = env.from_[0]
     email = Email.objects.create(
         mailbox=mailbox, fingerprint=p.fingerprint, message_id=env.message_id or "",
-        content_hash=p.content_hash, in_reply_to=env.in_reply_to[0] if env.in_reply_to else "",
+        content_hash=p.content_hash, in_reply_to=env.in_reply_to[-1] if env.in_reply_to else "",
         references=env.references, subject=env.subject, date=env.date or now,
         from_name=sender.name, from_address=sender.email,
         to=[{"name": a.name, "email": a.email} for a in env.to],

@@ -391,6 +391,10 @@ def parse_addresses(values: list[str], cap: int = MAX_ADDRESSES) -> tuple[list[A
 
 _ANGLES = str.maketrans({"\u2039": "<", "\u203a": ">", "\uff1c": "<", "\uff1e": ">"})
 _BRACKETED_RE = re.compile(r"<([^<>]*)>")
+# RFC 822-era clients wrote In-Reply-To as a phrase: '"John" <john@x>'s message of Mon, 1 Jan
+# 2024 <id@x>' (RFC 5322 §4.5.4 obs-in-reply-to: phrases and msg-ids). The possessive marks
+# the bracketed token before it as the author's address, not a msg-id.
+_POSSESSIVE_RE = re.compile(r"\s*['\u2019`]s\b", re.I)
 
 
 def normalize_message_id(value: str | None) -> str | None:
@@ -424,10 +428,13 @@ def parse_id_list(value: str | None, cap: int) -> list[str]:
     if not value:
         return []
     text = value.translate(_ANGLES)
-    found = _BRACKETED_RE.findall(text)
-    if not found:
-        # No <...> at all: keep only tokens that look like ids, not "Your message of Monday".
-        found = [t for t in re.split(r"[\s,]+", text) if "@" in t]
+    found = [m.group(1) for m in _BRACKETED_RE.finditer(text)
+             if not _POSSESSIVE_RE.match(text, m.end())]
+    if not found and not _BRACKETED_RE.search(text):
+        # No <...> at all: keep only tokens that look like ids, not "Your message of Monday"
+        # nor "john@x's message".
+        found = [t for t in re.split(r"[\s,]+", text)
+                 if "@" in t and not _POSSESSIVE_RE.search(t)]
     ids: list[str] = []
     seen: set[str] = set()
     for item in found:

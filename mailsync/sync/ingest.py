@@ -46,7 +46,8 @@ def thread_key(envelope: Envelope, fp: str) -> str:
     if envelope.references:
         return envelope.references[0]
     if envelope.in_reply_to:
-        return envelope.in_reply_to[0]
+        # Several ids: the last is the parent; RFC 822-era phrases put the author first.
+        return envelope.in_reply_to[-1]
     return envelope.message_id or f"fp:{fp}"
 
 
@@ -120,7 +121,7 @@ def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> NewEmail:
     date = env.date or p.message.internal_date
     row = [
         mailbox.pk, p.fingerprint, message_id, p.content_hash,
-        _clean(env.in_reply_to[0] if env.in_reply_to else "", 1000),
+        _clean(env.in_reply_to[-1] if env.in_reply_to else "", 1000),
         [_clean(r, 1000) for r in env.references],
         None,  # the thread, set by _threads_for
         subject, date,
@@ -212,10 +213,15 @@ def _finish_threads(mailbox: Mailbox, emails: list[Email], threads: dict[str, Th
     healing = {email.message_id: email.thread for email in emails
                if email.message_id and email.thread and email.thread.key != email.message_id}
     if healing:
+        # A thread keyed by the id that already holds a mail with that id is no orphan: that
+        # mail is its root, and the new one is another mail reusing the id (a broken client).
+        # Merging would pull a whole unrelated conversation in.
+        claimed = set(rows_where_in(Email, ("thread", "message_id"), where={"mailbox": mailbox.pk},
+                                    field="message_id", values=healing.keys()))
         merge: dict[int, Thread] = {}
         for orphan_id, key in rows_where_in(Thread, ("id", "key"), where={"mailbox": mailbox.pk},
                                             field="key", values=healing.keys()):
-            if orphan_id != healing[key].pk:
+            if orphan_id != healing[key].pk and (orphan_id, key) not in claimed:
                 merge[orphan_id] = healing[key]
 
         def final(thread: Thread) -> Thread:
