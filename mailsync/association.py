@@ -424,7 +424,7 @@ def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object
         return email_links_insert([
             (email_id, None, None, record.pk, bcc_only) for email_id, bcc_only in
             EmailLink.objects.filter(contact_id=record.contact_id)
-            .exclude(email__in=_sent_from_deals()).values_list("email_id", "bcc_only")])
+            .exclude(_sent_from_a_deal("email__")).values_list("email_id", "bcc_only")])
     if not isinstance(record, (Lead, Contact)):
         return 0
     addresses = _record_addresses(record)
@@ -451,18 +451,21 @@ def email_associate_record(*, record: OwnedRecord, previous: Mapping[str, object
         links = [(email_id, None, record.pk, None, bcc_only) for email_id, bcc_only in ids]
         # Not to its deals: what was sent from one of them (``sending._store``: that deal's
         # alone). Every save of the contact (a new phone number) put it on all of them.
-        from_deals = set(_sent_from_deals().filter(pk__in=[email_id for email_id, _ in ids])
+        from .models import Email
+
+        from_deals = set(Email.objects.filter(_sent_from_a_deal(), pk__in=[email_id for email_id, _ in ids])
                          .values_list("pk", flat=True)) if deal_ids else set()
         links += [(email_id, None, None, deal_id, bcc_only) for email_id, bcc_only in ids
                   if email_id not in from_deals for deal_id in deal_ids]
     return email_links_insert(links)
 
 
-def _sent_from_deals():  # noqa: ANN202
-    """The mails sent from a deal in the CRM: their Message-ID names it (``sending._message_id``)."""
+def _sent_from_a_deal(path: str = "") -> Q:
+    """Mail sent from a deal in the CRM (its Message-ID names it: ``sending._message_id``);
+    ``path`` leads from the model queried to the Email ("email__" from EmailLink)."""
     from .models import Email
 
-    return Email.objects.filter(source=Email.Source.CRM, message_id__startswith="crm.deal.")
+    return Q(**{f"{path}source": Email.Source.CRM, f"{path}message_id__startswith": "crm.deal."})
 
 
 def _unlink_old_addresses(*, record: Lead | Contact, addresses: set[str]) -> int:

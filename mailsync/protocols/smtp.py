@@ -124,6 +124,17 @@ def _client(settings: ServerSettings) -> aiosmtplib.SMTP:
         raise
 
 
+def _too_large(exc: aiosmtplib.SMTPResponseException) -> bool:
+    """552, or the enhanced codes 5.3.4 / 5.2.3 (RFC 3463: too big for the system, over the
+    administrative limit)."""
+    return exc.code == 552 or any(code in (exc.message or "") for code in ("5.3.4", "5.2.3"))
+
+
+def _too_large_error(exc: aiosmtplib.SMTPResponseException, kind: type[MailError]) -> MailError:
+    return kind(f"The mail is too large for the outgoing server ({exc.code} {exc.message}).",
+                hint="Send smaller or fewer attachments (or a link to them).")
+
+
 def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
     """aiosmtplib and socket failures in plain words, marked as the outgoing server's."""
     host = settings.host
@@ -149,14 +160,11 @@ def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
     # 451 rate limit read "may not be allowed to send as this address" and a 450 greylisting
     # like a wrong address, without the code that tells them apart.
     if isinstance(exc, aiosmtplib.SMTPSenderRefused):
-        if exc.code == 552 or "5.3.4" in (exc.message or ""):
+        if _too_large(exc):
             # Refused at MAIL FROM for the SIZE we declared (RFC 1870 6.1): the mail is too
             # large for this server (Postfix's default limit is 10 MB; we allow 18 MB of
             # attachments), not an address the account may not use.
-            return SenderRefused(
-                f"The mail is too large for the outgoing server ({exc.code} {exc.message}).",
-                hint="Send smaller or fewer attachments (or a link to them).",
-            )
+            return _too_large_error(exc, SenderRefused)
         if 400 <= exc.code < 500:
             return SenderRefused(
                 f"The server temporarily refused to send from {exc.sender} "
@@ -191,11 +199,8 @@ def _translate(exc: BaseException, settings: ServerSettings) -> MailError:
         # the size limit of a server that did not announce SIZE (or checks it only here);
         # a 4xx is temporary (a rate limit, greylisting). Before, both read only "answered
         # 552: ..." without what to do.
-        if exc.code == 552 or "5.3.4" in (exc.message or "") or "5.2.3" in (exc.message or ""):
-            return MessageTooLarge(
-                f"The mail is too large for the outgoing server ({exc.code} {exc.message}).",
-                hint="Send smaller or fewer attachments (or a link to them).",
-            )
+        if _too_large(exc):
+            return _too_large_error(exc, MessageTooLarge)
         if 400 <= exc.code < 500:
             return MailProtocolError(
                 f"Outgoing mail (SMTP) server {host} temporarily refused the mail "
