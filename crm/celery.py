@@ -19,6 +19,10 @@ app.conf.beat_schedule = {
     "mailsync.purge_tombstones": {
         "task": "mailsync.purge_tombstones", "schedule": crontab(hour=4, minute=7),
     },
+    # Pack files of deleted mail, and of batches that never committed.
+    "mailsync.sweep_sources": {
+        "task": "mailsync.sweep_sources", "schedule": crontab(hour=4, minute=37),
+    },
     "crm.clear_expired_sessions": {
         "task": "crm.clear_expired_sessions",
         "schedule": crontab(hour=3, minute=17),

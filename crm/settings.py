@@ -174,6 +174,13 @@ MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS = _env_bool("MAILROOM_ALLOW_PRIVATE_MAIL_HOSTS
 # Mail deleted on the server stays recoverable in the CRM this many days.
 MAILROOM_TOMBSTONE_DAYS = int(_env("MAILROOM_TOMBSTONE_DAYS", "30"))  # type: ignore[arg-type]
 
+# Raw sources (compressed) go to pack files in this directory, fsynced before the rows that
+# name them commit (mailsync.sourcestore): PostgreSQL keeps where each one is. Every process
+# (web, workers, IDLE watcher) must see the same directory, and it belongs to one database.
+# Empty: the sources are stored in the database (slower; for hosts without a shared directory).
+_source_dir = _env("MAILROOM_SOURCE_DIR", str(DATA_DIR / "sources"))
+MAILROOM_SOURCE_DIR = Path(_source_dir) if _source_dir else None  # type: ignore[arg-type]
+
 # An IMAP download of at least this many messages is fetched and prepared in a child process
 # while the worker stores (mailsync/sync/fetcher.py); smaller ones in a thread. 0: never.
 MAILROOM_SYNC_PROCESS_MIN_MESSAGES = int(

@@ -35,6 +35,14 @@ class MailConfigError(MailUserError):
     code = "config_error"
 
 
+class SourceStoreError(MailTransientError):
+    """A raw source could not be written or read on this server's disk
+    (``mailsync.sourcestore``): the message says what the administrator should check."""
+
+    code = "storage"
+    http_status = 503
+
+
 class MailServerUnreachable(MailTransientError):
     code = "unreachable"
     http_status = 400  # usually a wrong host or port in what the user entered

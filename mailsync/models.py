@@ -356,8 +356,30 @@ class EmailSource(models.Model):
     """The raw RFC 5322 bytes, zstd-compressed: byte-exact backups and re-parsing later."""
 
     email = models.OneToOneField(Email, on_delete=models.CASCADE, primary_key=True, related_name="source_data")
-    data = models.BinaryField()
+    # In the database (``data``), or ``length`` bytes at ``offset`` of a pack file on disk
+    # (``pack``: mailsync.sourcestore, where MAILROOM_SOURCE_DIR is set).
+    data = models.BinaryField(null=True, blank=True)
+    pack = models.CharField(max_length=32, blank=True, default="", db_index=True)
+    offset = models.BigIntegerField(null=True, blank=True)
+    length = models.BigIntegerField(null=True, blank=True)
     size = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(pack="", data__isnull=False)
+                           | (~Q(pack="") & Q(data__isnull=True, offset__gte=0, length__gte=0))),
+                name="source_in_db_or_pack",
+            ),
+        ]
+
+    def compressed(self) -> bytes:
+        """The zstd-compressed source, from the database or its pack."""
+        if self.pack:
+            from .sync.copy import read_source  # noqa: PLC0415  (reads again after a compaction)
+
+            return bytes(read_source(self.email_id) or b"")
+        return bytes(self.data or b"")
 
 
 class EmailLocation(models.Model):

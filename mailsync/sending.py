@@ -38,7 +38,7 @@ from crm.models import Contact, Deal, Lead, User
 from crm.selectors import records_visible_to
 
 from .association import emails_associate
-from .exceptions import MailConfigError, MailDeliveryUncertain, MailError
+from .exceptions import MailConfigError, MailDeliveryUncertain, MailError, SourceStoreError
 from .mime import html_to_text, sanitize_html
 from .mime.filenames import safe_filename
 from .models import Attachment, AttachmentBlob, Email, EmailLink, EmailSource, Mailbox
@@ -525,7 +525,16 @@ def _deliver(email_id: int) -> Email:
         return email
     mailbox = email.mailbox
     # By binary COPY: a SELECT brings bytea as hex text (three times its size at once).
-    compressed = read_source(email.pk)
+    try:
+        compressed = read_source(email.pk)
+    except SourceStoreError as exc:
+        # Its stored copy cannot be read (a pack gone, the directory not mounted): say so
+        # on the mail, never leave it "sending".
+        log.warning("email %s: not sent, its stored copy cannot be read (%s)", email_id, exc)
+        Email.objects.filter(pk=email.pk, send_state=Email.SendState.SENDING).update(
+            send_state=Email.SendState.FAILED, send_error=f"Not sent: {exc}"[:2000])
+        email.refresh_from_db()
+        return email
     if compressed is None:
         raise EmailSource.DoesNotExist("the mail has no stored source")
     raw = decompress(compressed)

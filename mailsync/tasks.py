@@ -96,6 +96,15 @@ def purge_tombstones() -> int:
     return services.emails_purge_tombstones(older_than_days=settings.MAILROOM_TOMBSTONE_DAYS)
 
 
+@shared_task(name="mailsync.sweep_sources")
+def sweep_sources() -> dict[str, int]:
+    from dataclasses import asdict
+
+    from . import sourcestore
+
+    return asdict(sourcestore.sweep())
+
+
 @shared_task(name="mailsync.send_email", acks_late=False, ignore_result=True)
 def send_email(email_id: int) -> None:
     """Deliver one mail composed in the CRM. Acknowledged on receipt and never retried

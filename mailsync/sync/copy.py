@@ -7,10 +7,13 @@ in memory. COPY (FORMAT binary) streams the compressed bytes as they are; measur
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterable
 
 from django.db import connection
 
+from .. import sourcestore
+from ..bulk import copy_rows
 from ..models import EmailSource
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
@@ -22,16 +25,70 @@ CHUNK = 50
 def _source_pieces(rows: Iterable[tuple[int, bytes, int]]) -> Iterable[bytes]:
     yield _HEADER
     for email_id, data, size in rows:
-        yield struct.pack("!hiqi", 3, 8, email_id, len(data))
+        yield struct.pack("!hiqi", 4, 8, email_id, len(data))
         yield data
-        yield struct.pack("!ii", 4, size)
+        yield struct.pack("!iii", 4, size, 0)  # size; pack: "" (the source is in the row)
     yield _TRAILER
 
 
 def write_sources(rows: list[tuple[int, bytes, int]]) -> None:
-    """Store (email_id, compressed data, raw size) rows in mailsync_emailsource."""
-    if not rows:
-        return
+    """Store (email_id, compressed data, raw size) rows: the data in one new pack file
+    (``mailsync.sourcestore``, fsynced before the rows are inserted) when MAILROOM_SOURCE_DIR
+    is set, else in mailsync_emailsource itself. Runs inside the caller's transaction."""
+    begin_sources([(data, size) for _, data, size in rows]).finish([email_id for email_id, _, _ in rows])
+
+
+class PendingSources:
+    """The sources of a batch on their way to a pack file: written and fsynced by a thread
+    from ``begin_sources`` on (the GIL is let go meanwhile), while the caller inserts the
+    batch's other rows; ``finish`` waits for the pack and inserts the rows that name it.
+    Without a source directory, ``finish`` stores them in the database."""
+
+    def __init__(self, sources: list[tuple[bytes, int]]) -> None:
+        self._sources = sources
+        self._thread: threading.Thread | None = None
+        self._written: tuple[str, list[int]] | None = None
+        self._error: BaseException | None = None
+        if sources and sourcestore.directory() is not None:
+            self._thread = threading.Thread(target=self._write, name="source-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            self._written = sourcestore.write_pack([data for data, _ in self._sources])
+        except BaseException as exc:  # noqa: BLE001  (raised in the caller by finish)
+            self._error = exc
+
+    def wait(self) -> None:
+        """The writing thread is done (after an error of the caller: the pack no row names
+        is removed by ``sourcestore.sweep``)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self, email_ids: list[int]) -> None:
+        """Insert the rows, the n-th source for ``email_ids[n]``, once the pack is durable."""
+        if not self._sources:
+            return
+        if self._thread is None:
+            _write_sources_in_db([(email_id, data, size) for email_id, (data, size)
+                                  in zip(email_ids, self._sources, strict=True)])
+            return
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._written is not None
+        name, offsets = self._written
+        copy_rows(EmailSource, ("email_id", "pack", "offset", "length", "size"),
+                  [(email_id, name, offset, len(data), size) for email_id, (data, size), offset
+                   in zip(email_ids, self._sources, offsets, strict=True)])
+
+
+def begin_sources(sources: list[tuple[bytes, int]]) -> PendingSources:
+    """Start storing (compressed data, raw size) sources; ``finish`` with their email ids."""
+    return PendingSources(sources)
+
+
+def _write_sources_in_db(rows: list[tuple[int, bytes, int]]) -> None:
     if connection.vendor != "postgresql":
         EmailSource.objects.bulk_create(
             [EmailSource(email_id=e, data=d, size=s) for e, d, s in rows], batch_size=50
@@ -41,7 +98,7 @@ def write_sources(rows: list[tuple[int, bytes, int]]) -> None:
     with connection.cursor() as cursor, connection.wrap_database_errors:
         for start in range(0, len(rows), CHUNK):
             cursor.copy_expert(
-                f'COPY "{table}" ("email_id", "data", "size") FROM STDIN WITH (FORMAT binary)',
+                f'COPY "{table}" ("email_id", "data", "size", "pack") FROM STDIN WITH (FORMAT binary)',
                 # Streamed: a buffer of the rows held a second copy of a large source.
                 _Chunks(_source_pieces(rows[start:start + CHUNK])), 1 << 20,  # size: positional (Django's debug cursor takes no keywords)
             )
@@ -105,10 +162,26 @@ def write_blobs(rows: list[tuple[str, bytes, int]]) -> None:
 
 
 def read_source(email_id: int) -> bytearray | bytes | None:
-    """The compressed source of one mail, or None. PostgreSQL: in pieces (``_read_bytea``):
-    one SELECT brings bytea as hex text, three times its size in the worker at once."""
+    """The compressed source of one mail, or None: from its pack file, or from the database.
+    PostgreSQL: in pieces (``_read_bytea``): one SELECT brings bytea as hex text, three times
+    its size in the worker at once."""
     from ..models import EmailSource  # noqa: PLC0415
 
+    place = EmailSource.objects.filter(email_id=email_id).values_list("pack", "offset", "length").first()
+    if place is None:
+        return None
+    if place[0]:
+        try:
+            return sourcestore.read(*place)
+        except sourcestore.SourceMissing:
+            # A sweep may have moved it to a new pack (``sourcestore.compact``) meanwhile.
+            again = EmailSource.objects.filter(email_id=email_id).values_list("pack", "offset", "length").first()
+            if again is None:
+                return None
+            if again == place:
+                raise
+            if again[0]:
+                return sourcestore.read(*again)
     if connection.vendor != "postgresql":
         return EmailSource.objects.filter(email_id=email_id).values_list("data", flat=True).first()
     return _read_bytea(EmailSource._meta.db_table, "email_id", email_id)

@@ -28,7 +28,7 @@ from ..models import (
 )
 from ..protocols.base import FetchedMessage
 from ..bulk import copy_rows, insert_rows, rows_where_in
-from .copy import write_sources
+from .copy import begin_sources, write_sources
 from .prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -411,6 +411,19 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         if p.fingerprint not in existing and p.fingerprint not in new:
             new[p.fingerprint] = _new_email(mailbox, folder, p)
     created = list(new.values())
+    # The sources go to disk (a thread) while the rows below are inserted.
+    sources = begin_sources([(e.prepared.compressed, e.prepared.raw_size) for e in created])
+    try:
+        result = _store_rows(mailbox, folder, uidvalidity, prepared, undelete, result, existing, created)
+        sources.finish([e.pk for e in created])
+    finally:
+        sources.wait()
+    return result
+
+
+def _store_rows(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
+                prepared: Sequence[Prepared], undelete: bool, result: BatchResult,
+                existing: dict[str, int], created: list[NewEmail]) -> BatchResult:
     if created:
         threads = _threads_for(mailbox, [(e, e.prepared.envelope) for e in created])
         thread_at = EMAIL_FIELDS.index("thread")
@@ -422,7 +435,6 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     result.stored = len(created)
     ids_by_fp = {**existing, **{e.fingerprint: e.pk for e in created}}
 
-    write_sources([(e.pk, e.prepared.compressed, e.prepared.raw_size) for e in created])
     participants: list[tuple[int, str, str, str]] = []
     addresses: dict[int, list[tuple[str, str]]] = {}
     for e in created:

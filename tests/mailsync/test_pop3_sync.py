@@ -56,7 +56,7 @@ def crm_subjects(mailbox: Mailbox) -> list[str]:
 
 
 def stored_source(email: Email) -> bytes:
-    return decompress(email.source_data.data)
+    return decompress(email.source_data.compressed())
 
 
 def assert_whole(mailbox: Mailbox, originals: dict[str, bytes]) -> None:

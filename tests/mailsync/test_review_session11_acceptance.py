@@ -66,7 +66,7 @@ def test_mail_without_message_id_is_recognised_by_a_derived_key_across_folders_a
 
     emails = Email.objects.filter(mailbox=imap_mailbox, deleted_at__isnull=True)
     assert emails.count() == 2, list(emails.values_list("subject", "fingerprint"))
-    by_body = {decompress(e.source_data.data).rstrip().rsplit(b"\n", 1)[-1]: e
+    by_body = {decompress(e.source_data.compressed()).rstrip().rsplit(b"\n", 1)[-1]: e
                for e in emails.select_related("source_data")}
     assert set(by_body) == {b"First body.", b"Other body."}, set(by_body)
     a, b = by_body[b"First body."], by_body[b"Other body."]
@@ -309,7 +309,7 @@ def test_the_stored_source_is_byte_for_byte_what_the_server_serves(
     finally:
         imap.logout()
     assert len(served) == 12
-    stored = {loc.uid: decompress(loc.email.source_data.data) for loc in EmailLocation.objects.filter(
+    stored = {loc.uid: decompress(loc.email.source_data.compressed()) for loc in EmailLocation.objects.filter(
         folder__mailbox=imap_mailbox, folder__name="INBOX").select_related("email__source_data")}
     assert stored.keys() == served.keys()
     for uid, raw in served.items():

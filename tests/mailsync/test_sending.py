@@ -421,5 +421,5 @@ def test_reply_to_hostile_mail_is_refused_cleanly_or_sent_without_its_broken_ids
     stored = sending.email_send(actor=sender_mailbox.owner, from_address=sender_mailbox.email_address,
                                 to="grace@navy.example", subject="Re: Offer", text="Fine.",
                                 record=contact, in_reply_to=parent)
-    source = __import__("mailsync.storage", fromlist=["x"]).decompress(stored.source_data.data)
+    source = __import__("mailsync.storage", fromlist=["x"]).decompress(stored.source_data.compressed())
     assert b"evil.example" not in source
