@@ -8,7 +8,8 @@ stores batch n, so a large initial sync uses both cores (bench/imap_sync.py).
 The child runs ``main()`` below, started with ``subprocess`` (a Celery prefork
 worker is a daemonic process and may not use ``multiprocessing`` children). It imports no
 Django. The job, password included, goes over its stdin (never argv or the environment); it
-answers with pickled frames on its stdout:
+answers with pickled frames, each after its length (8 bytes), on its stdout, a Unix socket
+(``Frames``: one frame is read with one system call, not a pipe's 64 KB at a time):
 
     ("selected", uidvalidity)      once, after SELECT
     ("batch", uids, [Prepared], [FetchedMessage])  per batch, in order, raw bytes dropped
@@ -31,6 +32,8 @@ import logging
 import os
 import pickle
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -111,12 +114,12 @@ def fetch_in_child(job: FetchJob, child: subprocess.Popen | None = None,
     if child is None or child.poll() is not None:
         discard(child)
         child = _spawn()
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdin is not None
     try:
         _send(child, job)
         child.stdin.close()
-        # The next batch waits in the pipe, not in this process's memory.
-        received = run_ahead(_received(child.stdout, job.uidvalidity), name="imap-receive", depth=0)
+        # The next batch waits in the socket and the child, not in this process's memory.
+        received = run_ahead(_received(_frames(child), job.uidvalidity), name="imap-receive", depth=0)
         try:
             for item in received:
                 yield item
@@ -138,10 +141,70 @@ def _spawn() -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k in _FOR_THE_CHILD or k.startswith(("LC_", "PYTHON"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.Popen(  # noqa: S603  (our own module, no shell)
-        [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_PROJECT_ROOT, env=env,
-    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        child = subprocess.Popen(  # noqa: S603  (our own module, no shell)
+            [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
+            stdin=subprocess.PIPE, stdout=theirs.fileno(), cwd=_PROJECT_ROOT, env=env,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()  # the child's end lives on in the child only: its exit is our EOF
+    child.frames = Frames(ours)  # type: ignore[attr-defined]
+    return child
+
+
+def _frames(child: subprocess.Popen) -> Frames:
+    return child.frames  # type: ignore[attr-defined,no-any-return]
+
+
+class Frames:
+    """The child's frames, read from our end of the socket: a length, then the pickle, each
+    with one ``recv_into(MSG_WAITALL)`` that holds no GIL until the whole frame is there.
+    Over a pipe, ``pickle.load`` took a batch (~7 MB) 64 KB at a time, and the receiving
+    thread waited for the GIL after each piece while this process stored the batch before:
+    0.6 s per batch with a busy main thread, the child blocked meanwhile (bench/README.md)."""
+
+    _HEADER = struct.Struct("!Q")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def load(self) -> object:
+        (size,) = self._HEADER.unpack(self._exactly(self._HEADER.size))
+        if size > MAX_FRAME:
+            raise ValueError(f"a frame of {size} bytes")
+        return pickle.loads(self._exactly(size))  # noqa: S301  (our own child writes it)
+
+    def _exactly(self, size: int) -> bytearray:
+        data = bytearray(size)
+        view = memoryview(data)
+        got = 0
+        while got < size:
+            count = self.sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            if not count:
+                raise EOFError("the fetch process closed its end")
+            got += count
+        del view
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# A sanity bound on one frame (the largest is a batch: ~12 MB of compressed sources, or one
+# message up to the mailbox's size limit).
+MAX_FRAME = 4 << 30
+
+
+def write_frame(out: BinaryIO, frame: tuple) -> None:
+    """The child's side of ``Frames``."""
+    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(Frames._HEADER.pack(len(data)))
+    out.write(data)
+    out.flush()
 
 
 def _send(child: subprocess.Popen, obj: object) -> None:
@@ -157,7 +220,7 @@ def _end(child: subprocess.Popen) -> None:
     if child.poll() is None:
         child.kill()
     child.wait()
-    for stream in (child.stdin, child.stdout):
+    for stream in (child.stdin, getattr(child, "frames", None)):
         if stream is not None:
             try:
                 stream.close()
@@ -165,7 +228,7 @@ def _end(child: subprocess.Popen) -> None:
                 pass
 
 
-def _received(stream: BinaryIO, uidvalidity: int,
+def _received(stream: Frames, uidvalidity: int,
               ) -> Iterator[tuple[list[int], list[Prepared], list[FetchedMessage]]]:
     selected = _receive(stream)
     if selected[0] == "error":
@@ -184,9 +247,9 @@ def _received(stream: BinaryIO, uidvalidity: int,
         yield frame[1], frame[2], frame[3]
 
 
-def _receive(stream: BinaryIO) -> tuple:
+def _receive(stream: Frames) -> tuple:
     try:
-        frame = pickle.load(stream)  # noqa: S301  (our own child process writes this pipe)
+        frame = stream.load()
     except (EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:
         # Ended, or killed in the middle of a frame (the OOM killer, a SIGKILL): retried.
         raise MailTransientError("The fetch process stopped unexpectedly.") from exc
@@ -294,8 +357,7 @@ class Pop3ChildSession:
 
     @staticmethod
     def _result(child: subprocess.Popen) -> object:
-        assert child.stdout is not None
-        frame = _receive(child.stdout)
+        frame = _receive(_frames(child))
         if frame[0] == "error":
             raise frame[1]
         return frame[1]
@@ -405,8 +467,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("MAILROOM_LOG_LEVEL", "WARNING"), stream=sys.stderr)
 
     def send(frame: tuple) -> None:
-        pickle.dump(frame, frames, protocol=pickle.HIGHEST_PROTOCOL)
-        frames.flush()
+        write_frame(frames, frame)
 
     # Loading the CA bundle (~40 ms) while the parent still logs in and searches, not after
     # the job arrives: the first batch comes that much sooner.

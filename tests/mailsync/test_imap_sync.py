@@ -303,15 +303,26 @@ def test_the_fetch_process_gets_no_secret_of_the_worker(monkeypatch):
 def test_a_fetch_process_killed_mid_frame_is_a_transient_error():
     """A child killed while writing a batch leaves half a frame: the sync is retried later."""
     import io
-    import pickle
+    import socket
 
     from mailsync.exceptions import MailTransientError
     from mailsync.sync import fetcher
 
-    frame = pickle.dumps(("batch", [1], [b"x" * 10_000]), protocol=pickle.HIGHEST_PROTOCOL)
-    for torn in (frame[:len(frame) // 2], b""):
-        with pytest.raises(MailTransientError):
-            fetcher._receive(io.BytesIO(torn))
+    written = io.BytesIO()
+    fetcher.write_frame(written, ("batch", [1], [b"x" * 10_000]))
+    whole = written.getvalue()
+    for torn in (whole[:len(whole) // 2], whole[:5], b""):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            theirs.sendall(torn)
+            theirs.close()  # the child is gone
+            with pytest.raises(MailTransientError):
+                fetcher._receive(fetcher.Frames(ours))
+    # The whole frame reads back.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(whole)
+        assert fetcher._receive(fetcher.Frames(ours)) == ("batch", [1], [b"x" * 10_000])
 
 
 def test_wrong_password_is_a_clear_error_without_retry(dovecot, mail_user, imap_mailbox):
