@@ -368,7 +368,8 @@ class EmailSource(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=(Q(pack="", data__isnull=False)
-                           | (~Q(pack="") & Q(data__isnull=True, offset__gte=0, length__gte=0))),
+                           | (~Q(pack="") & Q(data__isnull=True, offset__isnull=False, offset__gte=0,
+                                             length__isnull=False, length__gte=0))),
                 name="source_in_db_or_pack",
             ),
         ]

@@ -93,6 +93,11 @@ def write_pack(pieces: Sequence[bytes]) -> tuple[str, list[int]]:
     return name, offsets
 
 
+def discard(name: str) -> None:
+    """Remove a pack no committed row can name (its batch failed before the commit)."""
+    _remove(path_of(name))
+
+
 def read(name: str, offset: int, length: int) -> bytes:
     """The ``length`` bytes at ``offset`` of pack ``name``."""
     path = path_of(name)
@@ -107,18 +112,20 @@ def read(name: str, offset: int, length: int) -> bytes:
                 if not count:
                     break
                 got += count
-    except FileNotFoundError as exc:
-        log.warning("the pack %s is missing (MAILROOM_SOURCE_DIR: every process must see the "
-                  "same directory)", path)
-        raise SourceMissing("The stored copy of this mail is missing on the CRM server. "
-                               "Your administrator should check MAILROOM_SOURCE_DIR.") from exc
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno == errno.ESTALE:
+            # ESTALE: on NFS, a pack another host removed (a compaction) after we opened it.
+            log.warning("the pack %s is missing (MAILROOM_SOURCE_DIR: every process must see "
+                        "the same directory)", path)
+            raise SourceMissing("The stored copy of this mail is missing on the CRM server. "
+                                "Your administrator should check MAILROOM_SOURCE_DIR; then "
+                                "retry.") from exc
         log.error("could not read the pack %s: %s", path, exc)
         raise SourceStoreError(_explain(exc, "read a stored mail")) from exc
     if got < length:
         log.error("the pack %s is cut short: %s of %s bytes at %s", path, got, length, offset)
         raise SourceMissing("The stored copy of this mail is cut short on the CRM server. "
-                               "Your administrator should check MAILROOM_SOURCE_DIR.")
+                            "Your administrator should check MAILROOM_SOURCE_DIR; then retry.")
     del view
     return bytes(data)
 
@@ -161,7 +168,7 @@ def sweep(*, grace: float = SWEEP_GRACE, now: float | None = None) -> SweepResul
         elif live[name] < size:
             try:
                 freed = compact(name)
-            except (SourceStoreError, OSError):
+            except Exception:  # noqa: BLE001  (one bad pack never stops the erasing of the others)
                 log.exception("could not compact the pack %s", path)
                 continue
             if freed:
@@ -193,8 +200,9 @@ def compact(name: str) -> int:
         offset = 0
         try:
             _make_directory(path.parent)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-            with open(old, "rb") as src, open(fd, "wb") as dst:
+            with open(old, "rb") as src, open(
+                    os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600),
+                    "wb") as dst:
                 for row in rows:
                     _copy_range(src, dst, row.offset, row.length)
                     row.pack, row.offset = new_name, offset
@@ -222,11 +230,16 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
 
 
 def _packs(folder: Path) -> Iterable[Path]:
-    for sub in folder.iterdir():
-        if len(sub.name) == 2 and sub.is_dir():
-            for path in sub.iterdir():
-                if path.name.endswith(SUFFIX) and _NAME.fullmatch(path.name[:-len(SUFFIX)]):
-                    yield path
+    """The pack files, not through symbolic links (the sweep never removes a file elsewhere)."""
+    with os.scandir(folder) as subs:
+        for sub in subs:
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(sub.path) as entries:
+                for entry in entries:
+                    if (entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False)
+                            and _NAME.fullmatch(entry.name[:-len(SUFFIX)])):
+                        yield Path(entry.path)
 
 
 def _write_all(fd: int, pieces: Sequence[bytes]) -> None:
@@ -292,4 +305,4 @@ def _explain(exc: OSError, doing: str) -> str:
         errno.ENOENT: "the directory does not exist",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     return (f"The CRM server could not {doing}: {hint}. Your administrator should check "
-            "MAILROOM_SOURCE_DIR; the sync tries again by itself.")
+            "MAILROOM_SOURCE_DIR.")

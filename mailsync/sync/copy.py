@@ -6,6 +6,7 @@ in memory. COPY (FORMAT binary) streams the compressed bytes as they are; measur
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from collections.abc import Iterable
@@ -60,10 +61,18 @@ class PendingSources:
             self._error = exc
 
     def wait(self) -> None:
-        """The writing thread is done (after an error of the caller: the pack no row names
-        is removed by ``sourcestore.sweep``)."""
+        """The writing thread is done."""
         if self._thread is not None:
             self._thread.join()
+
+    def discard(self) -> None:
+        """After an error of the caller's batch (its transaction rolls back): the pack, which
+        no committed row will name, goes now rather than at a sweep a day later."""
+        self.wait()
+        if self._written is not None:
+            with contextlib.suppress(Exception):
+                sourcestore.discard(self._written[0])
+            self._written = None
 
     def finish(self, email_ids: list[int]) -> None:
         """Insert the rows, the n-th source for ``email_ids[n]``, once the pack is durable."""
@@ -173,7 +182,7 @@ def read_source(email_id: int) -> bytearray | bytes | None:
     if place[0]:
         try:
             return sourcestore.read(*place)
-        except sourcestore.SourceMissing:
+        except sourcestore.SourceStoreError:
             # A sweep may have moved it to a new pack (``sourcestore.compact``) meanwhile.
             again = EmailSource.objects.filter(email_id=email_id).values_list("pack", "offset", "length").first()
             if again is None:

@@ -412,12 +412,15 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
             new[p.fingerprint] = _new_email(mailbox, folder, p)
     created = list(new.values())
     # The sources go to disk (a thread) while the rows below are inserted.
+    # _store runs inside the batch's transaction: an error out of here rolls it back, so
+    # no committed row will name the pack.
     sources = begin_sources([(e.prepared.compressed, e.prepared.raw_size) for e in created])
     try:
         result = _store_rows(mailbox, folder, uidvalidity, prepared, undelete, result, existing, created)
         sources.finish([e.pk for e in created])
-    finally:
-        sources.wait()
+    except BaseException:
+        sources.discard()
+        raise
     return result
 
 
