@@ -22,12 +22,13 @@ uses at most two connections (this one and the IDLE watcher's). For POP3 the chi
 session and answers the engine's commands one by one (``Pop3ChildSession``): ("ok", result)
 or ("error", exception) per command.
 
-Only the parent's own child writes that pipe, so unpickling it trusts nothing foreign. The
-child dies with its parent (PR_SET_PDEATHSIG, and a broken pipe at its next write).
+Only the parent's own child writes that socket, so unpickling it trusts nothing foreign. The
+child dies with its parent (PR_SET_PDEATHSIG, and a broken socket at its next write).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -144,7 +145,7 @@ def _spawn() -> subprocess.Popen:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child = subprocess.Popen(  # noqa: S603  (our own module, no shell)
-            [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT)],
+            [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=theirs.fileno(), cwd=_PROJECT_ROOT, env=env,
         )
     except BaseException:
@@ -176,7 +177,16 @@ class Frames:
         (size,) = self._HEADER.unpack(self._exactly(self._HEADER.size))
         if size > MAX_FRAME:
             raise ValueError(f"a frame of {size} bytes")
-        return pickle.loads(self._exactly(size))  # noqa: S301  (our own child writes it)
+        if size <= WHOLE_FRAME:
+            return pickle.loads(self._exactly(size))  # noqa: S301  (our own child writes it)
+        # Larger (one mail near the mailbox's size limit): unpickled as it arrives, each large
+        # bytes object received straight into itself, not into a buffer of the whole frame
+        # first (2x its size at once). A recv per object: slower with a busy main thread.
+        reader = io.BufferedReader(_FrameBody(self.sock, size), 1 << 16)
+        frame = pickle.load(reader)  # noqa: S301  (our own child writes it)
+        if reader.peek(1) or not reader.raw.done:  # type: ignore[attr-defined]
+            raise ValueError("a frame longer than its pickle")
+        return frame
 
     def _exactly(self, size: int) -> bytearray:
         data = bytearray(size)
@@ -194,6 +204,34 @@ class Frames:
         self.sock.close()
 
 
+class _FrameBody(io.RawIOBase):
+    """The next ``size`` bytes of the socket, and not one more."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self._sock = sock
+        self._left = size
+
+    @property
+    def done(self) -> bool:
+        return self._left == 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001
+        want = min(len(buffer), self._left)
+        if not want:
+            return 0
+        count = self._sock.recv_into(buffer, want, socket.MSG_WAITALL)
+        if not count:
+            raise EOFError("the fetch process closed its end")
+        self._left -= count
+        return count
+
+
+# Frames up to this size (every batch: BATCH_BYTES is 12 MB) are received whole with one
+# system call, then unpickled (twice their size for a moment).
+WHOLE_FRAME = 32 << 20
 # A sanity bound on one frame (the largest is a batch: ~12 MB of compressed sources, or one
 # message up to the mailbox's size limit).
 MAX_FRAME = 4 << 30
@@ -457,10 +495,12 @@ def _pickleable(exc: BaseException) -> BaseException:
 
 
 def main() -> int:
-    parent = os.getppid()
+    # The worker's pid comes in argv: read after our start-up (~0.2 s of imports), getppid()
+    # would already name init if the worker died meanwhile, and the check below would pass.
+    parent = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
     _die_with_parent()
     if os.getppid() != parent:
-        return 1
+        return 1  # the worker died before the death signal was set
     # Frames go to the original stdout; anything a library prints goes to stderr instead.
     frames = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
