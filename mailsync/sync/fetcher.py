@@ -12,8 +12,10 @@ answers with pickled frames, each after its length (8 bytes), on its stdout, a U
 (``Frames``: one frame is read with one system call, not a pipe's 64 KB at a time):
 
     ("selected", uidvalidity)      once, after SELECT
+    ("part", [Prepared])           the first of a batch's prepared messages, ~2 MB a frame
     ("batch", uids, [Prepared], [FetchedMessage])  per batch, in order, raw bytes dropped
-                                   (compressed kept); the last list: messages not delivered
+                                   (compressed kept; the rest of them after the parts);
+                                   the last list: messages not delivered
     ("error", exception)           then it exits
     ("done",)
 
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..exceptions import MailError, MailProtocolError, MailServerUnreachable, MailTransientError
+from ..malloc import large_buffers_back_to_the_system
 from ..protocols.base import FetchedMessage, ServerSettings, tls_context
 from ..protocols.imap import ImapSession
 from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
@@ -229,20 +232,31 @@ class _FrameBody(io.RawIOBase):
         return count
 
 
-# Frames up to this size (every batch: BATCH_BYTES is 12 MB) are received whole with one
+# Frames up to this size (every batch: BATCH_BYTES is 8 MB) are received whole with one
 # system call, then unpickled (twice their size for a moment).
 WHOLE_FRAME = 32 << 20
-# A sanity bound on one frame (the largest is a batch: ~12 MB of compressed sources, or one
+# A sanity bound on one frame (the largest is a batch: ~8 MB of compressed sources, or one
 # message up to the mailbox's size limit).
 MAX_FRAME = 4 << 30
 
 
 def write_frame(out: BinaryIO, frame: tuple) -> None:
-    """The child's side of ``Frames``."""
-    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(Frames._HEADER.pack(len(data)))
-    out.write(data)
+    """The child's side of ``Frames``: the pickle's length, then the pickle, streamed (its
+    length is counted by a first pass that copies nothing: the pickler hands large bytes
+    objects to ``write`` as they are), so the batch is never held twice."""
+    counter = _Counter()
+    pickle.dump(frame, counter, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(Frames._HEADER.pack(counter.size))
+    pickle.dump(frame, out, protocol=pickle.HIGHEST_PROTOCOL)
     out.flush()
+
+
+class _Counter:
+    size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
 
 
 def _send(child: subprocess.Popen, obj: object) -> None:
@@ -276,13 +290,18 @@ def _received(stream: Frames, uidvalidity: int,
             "The folder changed on the server (UIDVALIDITY) during the sync; it is synced "
             "again on the next run."
         )
+    parts: list[Prepared] = []
     while True:
         frame = _receive(stream)
         if frame[0] == "done":
             return
         if frame[0] == "error":
             raise frame[1]
-        yield frame[1], frame[2], frame[3]
+        if frame[0] == "part":
+            parts += frame[1]
+            continue
+        yield frame[1], parts + frame[2], frame[3]
+        parts = []
 
 
 def _receive(stream: Frames) -> tuple:
@@ -312,8 +331,20 @@ def run_job(job: FetchJob, send) -> None:  # noqa: ANN001
                              for batch in job.batches), name="imap-fetch", depth=0)
         for batch, messages in fetched:
             kept_back = [m for m in messages if m.error]
-            send(("batch", batch, prepare_batch([m for m in messages if not m.error]), kept_back))
+            prepared = prepare_batch([m for m in messages if not m.error])
+            # In parts of about PART_BYTES: the worker receives each whole, in one system
+            # call, into a buffer it then unpickles; a part, not the batch, is held twice.
+            start, size = 0, 0
+            for end, p in enumerate(prepared, 1):
+                size += len(p.compressed)
+                if size >= PART_BYTES and end < len(prepared):
+                    send(("part", prepared[start:end]))
+                    start, size = end, 0
+            send(("batch", batch, prepared[start:], kept_back))
     send(("done",))
+
+
+PART_BYTES = 2 << 20
 
 
 # -- POP3: the whole session in the child ---------------------------------------------------
@@ -501,6 +532,7 @@ def main() -> int:
     _die_with_parent()
     if os.getppid() != parent:
         return 1  # the worker died before the death signal was set
+    large_buffers_back_to_the_system()  # as the worker does (mailsync/apps.py)
     # Frames go to the original stdout; anything a library prints goes to stderr instead.
     frames = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

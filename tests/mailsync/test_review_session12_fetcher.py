@@ -664,7 +664,7 @@ def _peak_of(load) -> int:  # noqa: ANN001
 
 def test_receiving_a_frame_costs_no_more_memory_than_over_the_pipe():
     """Fixed (was a bug; a frame over WHOLE_FRAME, 32 MB, is now unpickled as it arrives, while
-    batches, up to 12 MB, still come in one system call): ``Frames.load`` allocated the whole frame as one
+    batches, up to 8 MB, still come in one system call): ``Frames.load`` allocated the whole frame as one
     bytearray (zero-filled before a byte arrives), then ``pickle.loads`` copies every bytes
     object out of it: while a frame comes in, the worker holds it twice. Measured here for
     one 40 MB message: 2.00x the payload, against 1.00x for ``pickle.load`` on the pipe of
