@@ -955,5 +955,5 @@ def emails_purge_tombstones(*, older_than_days: int) -> int:
     else:  # SQLite has no JSON "contains": the same rule in Python
         old = old.exclude(pk__in=[email_id for email_id, flags in EmailLocation.objects.filter(
             email__in=old).values_list("email_id", "flags") if "\\Deleted" in (flags or [])])
-    deleted, _ = old.delete()
-    return deleted
+    _, deleted = old.delete()
+    return deleted.get(Email._meta.label, 0)  # the mails, not their places and links too
