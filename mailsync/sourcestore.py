@@ -135,6 +135,7 @@ class SweepResult:
     removed: int = 0  # packs no row named
     compacted: int = 0  # packs rewritten without the sources of deleted mail
     freed: int = 0  # bytes
+    missing: int = 0  # packs rows name that are not on disk, or shorter than the rows say
 
 
 def sweep(*, grace: float = SWEEP_GRACE, now: float | None = None) -> SweepResult:
@@ -174,6 +175,17 @@ def sweep(*, grace: float = SWEEP_GRACE, now: float | None = None) -> SweepResul
             if freed:
                 result.compacted += 1
                 result.freed += freed
+        elif live[name] > size:
+            log.error("the pack %s is cut short: %s bytes, its mails name %s", path, size, live[name])
+            result.missing += 1
+    # Named but not on disk: mail whose source cannot be read (a directory not shared by
+    # every host, a restore without the packs). Checked again one by one: a pack written or
+    # compacted away since the listing above is not one.
+    for name in sorted(set(live) - set(sizes)):
+        if not path_of(name).exists() and EmailSource.objects.filter(pack=name).exists():
+            log.error("the pack %s is missing: %s mails name it (check MAILROOM_SOURCE_DIR)",
+                      path_of(name), EmailSource.objects.filter(pack=name).count())
+            result.missing += 1
     return result
 
 

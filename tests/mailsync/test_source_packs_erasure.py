@@ -135,3 +135,26 @@ def test_an_orphan_pack_of_a_batch_that_never_committed_goes_after_the_grace(pac
     os.utime(path, (old, old))
     assert sourcestore.sweep().removed == 1
     assert not path.exists()
+
+
+def test_the_sweep_reports_packs_its_mails_name_that_are_gone_or_cut_short(
+        dovecot, mail_user, imap_mailbox, packs_dir, caplog):
+    """An operator learns from the nightly sweep that mail cannot be read (a directory not
+    shared by every host, a restore without the packs), and touches nothing else."""
+    _deliver_marked(dovecot, mail_user, 3)
+    _sync(imap_mailbox)
+    assert sourcestore.sweep().missing == 0
+    name = EmailSource.objects.filter(email__mailbox=imap_mailbox).values_list("pack", flat=True).first()
+    path = sourcestore.path_of(name)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with caplog.at_level("ERROR", logger="mailsync.sourcestore"):
+        result = sourcestore.sweep()
+    assert result.missing == 1 and "cut short" in caplog.text
+    assert path.exists()  # never removed: the rows still name it
+    path.unlink()
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="mailsync.sourcestore"):
+        result = sourcestore.sweep(now=time.time() + sourcestore.SWEEP_GRACE + 60)
+    assert result.missing == 1 and "is missing" in caplog.text
+    assert result.removed == 0
