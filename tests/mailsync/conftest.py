@@ -215,3 +215,22 @@ def filed_by_another_program(dovecot, user, mailbox: Mailbox, subject: str,  # n
         c.add_flags(uids, ["\\Deleted"])
     imap_sync(mailbox)
     return Email.objects.get(mailbox=mailbox, subject=subject)
+
+
+@contextlib.contextmanager
+def tmpfs(mount, size: str) -> Iterator:  # noqa: ANN001
+    """A small real file system (tmpfs of ``size``, e.g. "256k") at ``mount``, unmounted at the
+    end: a disk that really fills up. The tests run as root (scripts/test, .ci/run); a machine
+    where mounting is refused fails the test rather than skipping it, since a skipped test
+    proves nothing."""
+    import subprocess
+
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode:
+        pytest.fail(f"a full-disk test needs root to mount a tmpfs: {done.stderr.decode(errors='replace')}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)

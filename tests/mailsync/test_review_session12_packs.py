@@ -38,7 +38,7 @@ from mailsync.sync import copy as source_copy
 from mailsync.sync import ingest
 from mailsync.sync.copy import read_source
 from tests.factories import MailboxFactory
-from tests.mailsync.conftest import imap_sync, make_message, wait_for
+from tests.mailsync.conftest import imap_sync, make_message, tmpfs, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -55,16 +55,10 @@ def packs_dir(settings, tmp_path) -> Path:
 
 
 @pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A 128 KB tmpfs (the tests run as root), unmounted afterwards."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+def small_disk(tmp_path) -> Path:  # noqa: ANN001
+    """A 128 KB tmpfs that really fills up (conftest ``tmpfs``)."""
+    with tmpfs(tmp_path / "small-disk", "128k") as mount:
+        yield mount
 
 
 class Bg(threading.Thread):

@@ -34,7 +34,7 @@ from mailsync.sync import copy as source_copy
 from mailsync.sync.copy import read_source
 from mailsync.sync.pop3 import Pop3Sync
 from tests.factories import MailboxFactory, UserFactory
-from tests.mailsync.conftest import imap_sync, kill_worker_midway, make_message
+from tests.mailsync.conftest import imap_sync, kill_worker_midway, make_message, tmpfs
 
 pytestmark = pytest.mark.django_db
 
@@ -330,15 +330,9 @@ def test_pop3_download_while_the_source_dir_cannot_be_written_leaves_the_mail_on
 
 @pytest.fixture
 def small_disk(tmp_path) -> Path:  # noqa: ANN001
-    """A 256 KB file system (tmpfs; the tests run as root), unmounted afterwards."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+    """A 256 KB file system that really fills up (conftest ``tmpfs``)."""
+    with tmpfs(tmp_path / "small-disk", "256k") as mount:
+        yield mount
 
 
 def test_a_full_disk_stops_the_sync_with_what_to_check_and_the_rerun_after_it_grew_loses_nothing(
