@@ -1,8 +1,9 @@
 """IMAP IDLE push (RFC 2177): one long-lived connection per active IMAP mailbox that turns
 "something changed" into an incremental sync within a second or two.
 
-The watcher never stores mail itself: it calls ``on_change(mailbox_id)`` (by default, queue
-the mailbox's sync task), so push, "Sync now" and the beat poll share one code path.
+The watcher never stores mail itself: it asks for ``on_change(mailbox_id)`` (by default, queue
+the mailbox's sync task), so push, "Sync now" and the beat poll share one code path. The
+supervisor's ``SyncRequests`` thread makes those calls, never a watcher thread itself.
 
 Several watcher processes split the mailboxes between them. On PostgreSQL they do it by
 themselves (``IdleClaims``): each holds an advisory lock per mailbox it watches, takes its
@@ -51,6 +52,89 @@ def queue_sync(mailbox_id: int) -> None:
     from .tasks import sync_mailbox
 
     sync_mailbox.delay(mailbox_id)
+
+
+# A sync that could not be queued (the broker down or slow) is asked for again after this
+# many seconds, doubling up to NOTIFY_RETRY_MAX.
+NOTIFY_RETRY_START, NOTIFY_RETRY_MAX = 1.0, 60.0
+# At shutdown, how long the syncs still pending may take to be queued.
+NOTIFY_FLUSH = 5.0
+
+
+class SyncRequests(threading.Thread):
+    """Queues the syncs the watchers ask for, from a thread of its own.
+
+    A watcher thread only records the request and goes straight back to IDLE, whatever the
+    broker does: a broker that is down, slow or hangs (a publish can block for seconds
+    while the client retries; Celery's app is not made to be driven from many threads at
+    once) never keeps a mailbox from being watched, and a request that could not be queued
+    is tried again with backoff instead of being dropped (the 5-minute poll was its only
+    cover). Requests for a mailbox that is already waiting to be queued count once."""
+
+    def __init__(self, on_change: OnChange) -> None:
+        super().__init__(name="idle-sync-requests", daemon=True)
+        self.on_change = on_change
+        self._pending: dict[int, None] = {}  # mailbox ids, in the order asked (a dict: no repeats)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._stopped = threading.Event()
+
+    def ask(self, mailbox_id: int) -> None:
+        with self._cond:
+            self._pending[mailbox_id] = None
+            self._cond.notify()
+
+    def pending(self) -> list[int]:
+        with self._cond:
+            return list(self._pending)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._stopped.set()
+            self._cond.notify()
+
+    def _next(self) -> int | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            # Taken off before it is queued: one asked for again meanwhile (a change after
+            # this sync may have started) is queued again, not merged into this one.
+            mailbox_id = next(iter(self._pending))
+            del self._pending[mailbox_id]
+            return mailbox_id
+
+    def run(self) -> None:
+        delay = NOTIFY_RETRY_START
+        flush_until: float | None = None
+        while True:
+            mailbox_id = self._next()
+            if mailbox_id is None:
+                return
+            try:
+                self.on_change(mailbox_id)
+                delay = NOTIFY_RETRY_START
+                continue
+            except Exception:  # noqa: BLE001  (the thread must go on: the next may work)
+                log.exception("mailbox %s: could not queue a sync; trying again in %.0f s",
+                              mailbox_id, delay)
+            with self._cond:
+                self._pending = {mailbox_id: None, **self._pending}  # first in line again
+            if self._stopped.is_set():
+                # Stopping: what is pending gets a few more tries, then is given up.
+                flush_until = flush_until or time.monotonic() + NOTIFY_FLUSH
+                left = flush_until - time.monotonic()
+                if left <= 0:
+                    log.warning("IDLE watcher stopping: syncs not queued for mailboxes %s",
+                                self.pending())
+                    return
+                time.sleep(min(delay, left))
+            else:
+                # Not woken by new requests (they would hammer a broker that is down).
+                self._stopped.wait(delay)
+            delay = min(delay * 2, NOTIFY_RETRY_MAX)
 
 
 def _changed(responses: list[tuple]) -> bool:
@@ -286,6 +370,9 @@ class IdleSupervisor:
         # watcher has closed its connection, so that the next holder never overlaps it.
         self.giving_up: set[int] = set()
         self.on_change = on_change
+        # The watchers' requests for a sync, queued from one thread (started with the first
+        # watcher: a supervisor made only to read its targets starts no thread).
+        self.requests = SyncRequests(on_change)
         self.refresh_interval = refresh_interval
         self.watcher_options = watcher_options
         self.watchers: dict[_Target, MailboxWatcher] = {}
@@ -399,7 +486,9 @@ class IdleSupervisor:
                 # sync. Else push stayed off until the settings changed or a restart.
                 del self.watchers[target]
             if target not in self.watchers:
-                watcher = MailboxWatcher(target.mailbox_id, settings, self.on_change,
+                if not self.requests.is_alive() and self.requests.ident is None:
+                    self.requests.start()
+                watcher = MailboxWatcher(target.mailbox_id, settings, self.requests.ask,
                                          replaces=self.stopped.pop(target.mailbox_id, None),
                                          **self.watcher_options)
                 self.watchers[target] = watcher
@@ -424,6 +513,7 @@ class IdleSupervisor:
                     # mailboxes now; ours stop at once (refresh), not at the next refresh.
                     break
         self.shutdown()
+        connections.close_all()  # this thread's (targets()); the claims' went in shutdown()
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -433,6 +523,11 @@ class IdleSupervisor:
             watcher.join(timeout=5)
         self.watchers.clear()
         self.stopped.clear()
+        if self.requests.ident is not None:
+            # What the watchers asked for last still goes out (for a few seconds at most).
+            self.requests.stop()
+            self.requests.join(NOTIFY_FLUSH + 1)
+            self.requests = SyncRequests(self.on_change)
         if self.claims is not None:
             self.claims.close()  # after the connections closed: the next holder never overlaps
             self.giving_up.clear()

@@ -23,6 +23,7 @@ from tests.mailsync.test_workers_and_watchers import (  # noqa: F401  (redis_db:
     _env,
     _queued_syncs,
     established_to,
+    explained,
     imap_sessions,
     mailbox_for,
     redis_db,
@@ -68,39 +69,40 @@ def test_watchers_share_the_mailboxes_and_take_over_a_killed_ones(dovecot, redis
     first = _watcher("claims-1")
     second = None
     try:
-        wait_until(lambda: all(imap_sessions(dovecot, u) == 1 for u in users), 20,
-                   "the first watcher IDLEs every mailbox")
-        assert established_to(first.pid, dovecot.imaps_port) == 6
+        with explained(lambda: (first, second), dovecot.log_path):
+            wait_until(lambda: all(imap_sessions(dovecot, u) == 1 for u in users), 20,
+                       "the first watcher IDLEs every mailbox")
+            assert established_to(first.pid, dovecot.imaps_port) == 6
 
-        # A second watcher starts: the first gives up half, the second takes them; no
-        # mailbox is ever IDLEd by both (one IDLE connection per mailbox: providers cap them).
-        with _Sessions(dovecot, users) as sessions:
-            second = _watcher("claims-2")
-            wait_until(lambda: established_to(first.pid, dovecot.imaps_port) == 3
-                       and established_to(second.pid, dovecot.imaps_port) == 3, 30,
-                       "the two watchers hold three mailboxes each")
+            # A second watcher starts: the first gives up half, the second takes them; no
+            # mailbox is ever IDLEd by both (one IDLE connection per mailbox: providers cap them).
+            with _Sessions(dovecot, users) as sessions:
+                second = _watcher("claims-2")
+                wait_until(lambda: established_to(first.pid, dovecot.imaps_port) == 3
+                           and established_to(second.pid, dovecot.imaps_port) == 3, 30,
+                           "the two watchers hold three mailboxes each")
+                wait_until(lambda: all(imap_sessions(dovecot, u) == 1 for u in users), 10,
+                           "every mailbox IDLEd once")
+            assert max(sessions.most.values()) == 1, sessions.most
+
+            # Push works for a mailbox the second watcher took over.
+            taken = _held_by(second.pid)
+            assert len(taken) == 3
+            pushed = next(b for b in boxes if b.pk in taken)
+            before = _queued_syncs(redis_db, pushed.pk)
+            dovecot.deliver(users[boxes.index(pushed)], make_message(subject="push to the second"))
+            wait_until(lambda: _queued_syncs(redis_db, pushed.pk) > before, 5, "sync queued on push")
+
+            # The second watcher is killed (no clean shutdown): the first takes its mailboxes
+            # back at its next refresh, and push works for them again.
+            second.kill()
+            wait_until(lambda: established_to(first.pid, dovecot.imaps_port) == 6, 20,
+                       "the first watcher took the killed one's mailboxes over")
             wait_until(lambda: all(imap_sessions(dovecot, u) == 1 for u in users), 10,
-                       "every mailbox IDLEd once")
-        assert max(sessions.most.values()) == 1, sessions.most
-
-        # Push works for a mailbox the second watcher took over.
-        taken = _held_by(second.pid)
-        assert len(taken) == 3
-        pushed = next(b for b in boxes if b.pk in taken)
-        before = _queued_syncs(redis_db, pushed.pk)
-        dovecot.deliver(users[boxes.index(pushed)], make_message(subject="push to the second"))
-        wait_until(lambda: _queued_syncs(redis_db, pushed.pk) > before, 5, "sync queued on push")
-
-        # The second watcher is killed (no clean shutdown): the first takes its mailboxes
-        # back at its next refresh, and push works for them again.
-        second.kill()
-        wait_until(lambda: established_to(first.pid, dovecot.imaps_port) == 6, 20,
-                   "the first watcher took the killed one's mailboxes over")
-        wait_until(lambda: all(imap_sessions(dovecot, u) == 1 for u in users), 10,
-                   "every mailbox IDLEd once again")
-        before = _queued_syncs(redis_db, pushed.pk)
-        dovecot.deliver(users[boxes.index(pushed)], make_message(subject="push after the kill"))
-        wait_until(lambda: _queued_syncs(redis_db, pushed.pk) > before, 5, "sync queued on push")
+                       "every mailbox IDLEd once again")
+            before = _queued_syncs(redis_db, pushed.pk)
+            dovecot.deliver(users[boxes.index(pushed)], make_message(subject="push after the kill"))
+            wait_until(lambda: _queued_syncs(redis_db, pushed.pk) > before, 5, "sync queued on push")
     finally:
         first.kill()
         if second is not None:

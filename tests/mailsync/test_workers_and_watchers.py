@@ -10,6 +10,7 @@ private Redis database (MAILROOM_PROBE_REDIS_URL, default db 12) flushed before 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,25 @@ class Proc:
         except subprocess.TimeoutExpired:
             pass
         self._fh.close()
+
+
+@contextlib.contextmanager
+def explained(running: Callable[[], Iterable[Proc | None]], *files: Path) -> Iterator[None]:
+    """A failure inside carries the logs of the processes ``running()`` names then, with
+    the stacks of their threads for the watchers (SIGUSR1: faulthandler), so that a rare
+    failure in CI can be read."""
+    try:
+        yield
+    except AssertionError as exc:
+        procs = list(running())
+        alive = [p for p in procs if p is not None and p.p.poll() is None]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        logs = "\n".join([*(f"--- {p.log.name} ---\n{p.text()[-6000:]}" for p in procs if p is not None),
+                          *(f"--- {f} ---\n{f.read_text(errors='replace')[-4000:]}" for f in files if f.exists())])
+        raise AssertionError(f"{exc}\n{logs}") from exc
 
 
 def start_worker(name: str, concurrency: int = 2, **extra: str) -> Proc:

@@ -1,7 +1,9 @@
 """Run the IMAP IDLE watcher: push for the active IMAP mailboxes this process watches."""
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
@@ -36,6 +38,9 @@ class Command(BaseCommand):
             if connection.vendor == "postgresql":
                 claims = IdleClaims()
         supervisor = IdleSupervisor(shard=shard, shards=shards, refresh_interval=refresh, claims=claims)
+        # `kill -USR1 <pid>` writes every thread's stack to stderr: what a watcher that
+        # seems stuck is doing (a connection, the database, the broker), without stopping it.
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: supervisor.stopping.set())
         supervisor.run()
