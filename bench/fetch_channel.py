@@ -46,7 +46,7 @@ def child(kind: str, frames: int) -> None:
 
 
 def receive(kind: str, frames: int, busy: bool) -> float:
-    from mailsync.sync.fetcher import Frames
+    from mailsync.sync.fetcher import Frames, bound_silence
 
     command = [sys.executable, __file__, "--child", kind, "--frames", str(frames)]
     if kind == "pipe":
@@ -54,6 +54,7 @@ def receive(kind: str, frames: int, busy: bool) -> float:
         load = lambda: pickle.load(proc.stdout)  # noqa: E731, S301
     else:
         ours, theirs = socket.socketpair()
+        bound_silence(ours)  # as the worker's end is (SO_RCVTIMEO)
         proc = subprocess.Popen(command, stdout=theirs.fileno())
         theirs.close()
         load = Frames(ours).load

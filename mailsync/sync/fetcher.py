@@ -18,6 +18,7 @@ answers with pickled frames, each after its length (8 bytes), on its stdout, a U
                                    the last list: messages not delivered
     ("error", exception)           then it exits
     ("done",)
+    ("tick",)                      whenever it sent nothing for TICK seconds (it is alive)
 
 For IMAP it opens its own connection: the caller closes its own first, so a mailbox still
 uses at most two connections (this one and the IDLE watcher's). For POP3 the child holds the
@@ -25,7 +26,10 @@ session and answers the engine's commands one by one (``Pop3ChildSession``): ("o
 or ("error", exception) per command.
 
 Only the parent's own child writes that socket, so unpickling it trusts nothing foreign. The
-child dies with its parent (PR_SET_PDEATHSIG, and a broken socket at its next write).
+child dies with its parent (PR_SET_PDEATHSIG, and a broken socket at its next write). The
+parent gives up on a child that has said nothing for SILENCE seconds (stopped, frozen): the
+sync ends with a transient error and is retried, instead of hanging until Celery's time
+limit; a server that stops answering is the child's own network timeouts' business.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,6 +101,16 @@ UNDELIVERED = ("The server did not send this message when asked (it is still the
                "it is fetched again by Retry.")
 
 
+# The child sends a ("tick",) frame when it has sent nothing for TICK seconds, whatever it is
+# waiting for (the server, the worker); the worker gives up on a child silent for SILENCE.
+TICK = 10.0
+SILENCE = 120.0
+
+
+class FetchProcessSilent(OSError):
+    """Nothing from the fetch process for SILENCE seconds."""
+
+
 # -- the parent's side -----------------------------------------------------------------------
 def spawn_ahead() -> subprocess.Popen:
     """A fetch process started before its job is known: its interpreter and imports (~0.15 s)
@@ -147,8 +162,9 @@ def _spawn() -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        bound_silence(ours)
         child = subprocess.Popen(  # noqa: S603  (our own module, no shell)
-            [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT), str(os.getpid())],
+            [sys.executable, "-c", _BOOTSTRAP, str(_PROJECT_ROOT), str(os.getpid()), repr(TICK)],
             stdin=subprocess.PIPE, stdout=theirs.fileno(), cwd=_PROJECT_ROOT, env=env,
         )
     except BaseException:
@@ -158,6 +174,16 @@ def _spawn() -> subprocess.Popen:
         theirs.close()  # the child's end lives on in the child only: its exit is our EOF
     child.frames = Frames(ours)  # type: ignore[attr-defined]
     return child
+
+
+def bound_silence(sock: socket.socket) -> None:
+    """Reads from ``sock`` wait SILENCE seconds at most for their first byte. Bounded in the
+    kernel (SO_RCVTIMEO), so a frame is still received with one blocking recv_into that holds
+    no GIL (a Python-level timeout would make the socket non-blocking: a call per piece of
+    the frame, each taking the GIL)."""
+    seconds = max(SILENCE, 0.001)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)))
 
 
 def _frames(child: subprocess.Popen) -> Frames:
@@ -196,7 +222,7 @@ class Frames:
         view = memoryview(data)
         got = 0
         while got < size:
-            count = self.sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            count = _recv_into(self.sock, view[got:], size - got)
             if not count:
                 raise EOFError("the fetch process closed its end")
             got += count
@@ -225,11 +251,20 @@ class _FrameBody(io.RawIOBase):
         want = min(len(buffer), self._left)
         if not want:
             return 0
-        count = self._sock.recv_into(buffer, want, socket.MSG_WAITALL)
+        count = _recv_into(self._sock, buffer, want)
         if not count:
             raise EOFError("the fetch process closed its end")
         self._left -= count
         return count
+
+
+def _recv_into(sock: socket.socket, buffer, size: int) -> int:  # noqa: ANN001
+    """Up to ``size`` bytes, waiting for all of them; fewer when SILENCE passed meanwhile (the
+    rest is asked for again); FetchProcessSilent when nothing came for SILENCE seconds."""
+    try:
+        return sock.recv_into(buffer, size, socket.MSG_WAITALL)
+    except BlockingIOError as exc:  # EAGAIN: SO_RCVTIMEO ran out with nothing received
+        raise FetchProcessSilent(f"nothing from the fetch process for {SILENCE:.0f} s") from exc
 
 
 # Frames up to this size (every batch: BATCH_BYTES is 8 MB) are received whole with one
@@ -307,6 +342,15 @@ def _received(stream: Frames, uidvalidity: int,
 def _receive(stream: Frames) -> tuple:
     try:
         frame = stream.load()
+        while frame == ("tick",):
+            frame = stream.load()
+    except FetchProcessSilent as exc:
+        # Stopped (SIGSTOP, a debugger) or frozen: the caller kills it; the next run goes on
+        # from the last stored batch.
+        raise MailTransientError(
+            f"The sync's fetch process stopped answering (nothing for {SILENCE:.0f} s); "
+            "the sync is tried again."
+        ) from exc
     except (EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:
         # Ended, or killed in the middle of a frame (the OOM killer, a SIGKILL): retried.
         raise MailTransientError("The fetch process stopped unexpectedly.") from exc
@@ -517,6 +561,20 @@ def _die_with_parent() -> None:
         return
 
 
+def _tick(send, last_sent: list[float], tick: float) -> None:  # noqa: ANN001
+    """Tell the worker we are alive when nothing else was sent for ``tick`` seconds (a slow
+    server, a large message, the worker busy): its SILENCE is for a stopped process only."""
+    while True:
+        wait = last_sent[0] + tick - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+            continue
+        try:
+            send(("tick",))
+        except OSError:
+            return  # the worker is gone: the main thread finds out too
+
+
 def _pickleable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
@@ -538,8 +596,17 @@ def main() -> int:
     os.dup2(2, 1)
     logging.basicConfig(level=os.environ.get("MAILROOM_LOG_LEVEL", "WARNING"), stream=sys.stderr)
 
+    lock = threading.Lock()
+    last_sent = [time.monotonic()]
+
     def send(frame: tuple) -> None:
-        write_frame(frames, frame)
+        with lock:  # a frame is written whole: the ticker's never cuts into another
+            write_frame(frames, frame)
+            last_sent[0] = time.monotonic()
+
+    tick = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    if tick > 0:
+        threading.Thread(target=_tick, args=(send, last_sent, tick), name="tick", daemon=True).start()
 
     # Loading the CA bundle (~40 ms) while the parent still logs in and searches, not after
     # the job arrives: the first batch comes that much sooner.
