@@ -204,7 +204,10 @@ class MailboxWatcher(threading.Thread):
                 # It worked for a while: a drop, not a server that ends every session at once.
                 backoff = BACKOFF_START
             self.connected.clear()
-            if self.stopping.wait(backoff):
+            # Jittered (half to all of the backoff): when a provider drops every connection at
+            # once (a restart, a network cut), the watchers of all its mailboxes must not all
+            # log in again in the same instant, and again in step at every doubling.
+            if self.stopping.wait(backoff * random.uniform(0.5, 1.0)):
                 return
             backoff = min(backoff * 2, BACKOFF_MAX)
 
