@@ -919,10 +919,15 @@ def email_delete(*, actor: User, email: Email) -> str:
     return outcome
 
 
-def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:
+def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, object]:
     """Retry what failed: messages that could not be stored (fetched again from the server)
-    and mails whose body could not be parsed (parsed again from the stored source)."""
+    and mails whose body could not be parsed (parsed again from the stored source).
+
+    ``refetch_paused_until``: set when the provider's daily download limit stopped the
+    fetching again (what was not fetched keeps its error; Retry works again from then);
+    the bodies are parsed again all the same (nothing is downloaded for them)."""
     from .models import MessageError
+    from .sync.base import BudgetExhausted
 
     # POP3: from the raw bytes kept with the error (the server may no longer have them).
     if mailbox.protocol == Mailbox.Protocol.POP3:
@@ -931,15 +936,18 @@ def mailbox_retry_failed(*, actor: User, mailbox: Mailbox) -> dict[str, int]:
         from .sync.imap import retry_message_errors
 
     _check_owner(actor, mailbox)
-    refetched = 0
+    refetched, paused_until = 0, None
     if MessageError.objects.filter(mailbox=mailbox, resolved_at__isnull=True).exists():
-        refetched = retry_message_errors(mailbox=mailbox)
+        try:
+            refetched = retry_message_errors(mailbox=mailbox)
+        except BudgetExhausted as paused:  # (IMAP: POP3 retries from the bytes it kept)
+            refetched, paused_until = getattr(paused, "stored", 0), paused.until
     reparsed = Email.objects.filter(mailbox=mailbox, parse_state=Email.ParseState.FAILED).update(
         parse_state=Email.ParseState.PENDING, parse_error=""
     )
     while emails_parse_pending(mailbox_id=mailbox.pk):
         pass
-    return {"refetched": refetched, "reparsed": reparsed}
+    return {"refetched": refetched, "reparsed": reparsed, "refetch_paused_until": paused_until}
 
 
 def emails_purge_tombstones(*, older_than_days: int) -> int:

@@ -20,6 +20,7 @@ from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
 from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
@@ -259,6 +260,11 @@ def mailbox_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
         result = services.mailbox_retry_failed(actor=request.user, mailbox=mailbox)
         messages.success(request, f"Retried: {result['refetched']} message(s) fetched again, "
                                   f"{result['reparsed']} read again.")
+        if result["refetch_paused_until"] is not None:
+            until = timezone.localtime(result["refetch_paused_until"])
+            messages.warning(request, "Your email provider's daily download limit is reached: the "
+                                      "other messages can be fetched again from "
+                                      f"{until:%Y-%m-%d %H:%M %Z}. Retry then.")
     except MailError as exc:
         messages.error(request, explain(exc))
     return redirect("mail-mailbox", pk=mailbox.pk)

@@ -102,7 +102,10 @@ class MailboxViewSet(viewsets.ModelViewSet):
         return Response(selectors.mailbox_status(mailbox=mailbox), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses=inline_serializer(
-        "MailboxRetry", {"refetched": serializers.IntegerField(), "reparsed": serializers.IntegerField()}))
+        "MailboxRetry", {"refetched": serializers.IntegerField(), "reparsed": serializers.IntegerField(),
+                         "refetch_paused_until": serializers.DateTimeField(
+                             allow_null=True, help_text="Set when the provider's daily download "
+                             "limit stopped the fetching again: Retry works again from then.")}))
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """Retry the messages that failed to import and the bodies that failed to parse."""

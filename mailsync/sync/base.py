@@ -28,6 +28,25 @@ from .lock import mailbox_lock
 OLDER_MAIL_SHARE = 0.9
 
 
+def budget_spent_until(mailbox_id: int, limit: int | None) -> datetime | None:
+    """When the mailbox's downloads today have reached ``limit`` bytes (its provider's daily
+    budget, or a share of it): the moment the budget resets (midnight UTC); else None."""
+    if limit is None:
+        return None
+    used, day = Mailbox.objects.filter(pk=mailbox_id).values_list("budget_bytes_used", "budget_day")[0]
+    today = timezone.now().date()
+    if day != today:
+        # Begun before midnight (UTC): the provider's day has turned and its budget is new.
+        # Counted against yesterday's bytes, a run paused "until tomorrow", a day late (a
+        # POP3 mailbox waited for that time).
+        Mailbox.objects.filter(pk=mailbox_id).exclude(budget_day=today).update(
+            budget_day=today, budget_bytes_used=0)
+        used = Mailbox.objects.filter(pk=mailbox_id).values_list("budget_bytes_used", flat=True)[0]
+    if used < limit:
+        return None
+    return datetime.combine(today + timedelta(days=1), time.min, tzinfo=dt_timezone.utc)
+
+
 class BudgetExhausted(Exception):
     """The provider's daily download limit is used up: pause until it resets. ``older``: only
     older mail's share of it (``OLDER_MAIL_SHARE``); new mail may still come."""
@@ -164,24 +183,9 @@ class SyncRun:
         if (self._ends_at is not None and monotonic() > self._ends_at
                 and report.new + report.located + report.failed + report.completed > 0):
             raise RunTimeUp
-        limit = self._budget_limit()
-        if limit is None:
-            return
-        used, day = Mailbox.objects.filter(pk=self.mailbox.pk).values_list(
-            "budget_bytes_used", "budget_day")[0]
-        today = timezone.now().date()
-        if day != today:
-            # The run began before midnight (UTC): the provider's day has turned and its
-            # budget is new. Counted against yesterday's bytes, the run paused "until
-            # tomorrow", a day late (a POP3 mailbox waited for that time).
-            Mailbox.objects.filter(pk=self.mailbox.pk).exclude(budget_day=today).update(
-                budget_day=today, budget_bytes_used=0)
-            used = Mailbox.objects.filter(pk=self.mailbox.pk).values_list(
-                "budget_bytes_used", flat=True)[0]
-        if used >= limit:
-            tomorrow = today + timedelta(days=1)
-            raise BudgetExhausted(datetime.combine(tomorrow, time.min, tzinfo=dt_timezone.utc),
-                                  older=self._older)
+        until = budget_spent_until(self.mailbox.pk, self._budget_limit())
+        if until is not None:
+            raise BudgetExhausted(until, older=self._older)
 
     def _charge_budget(self, size: int) -> None:
         """Bytes downloaded but not stored (a header read to tell messages apart, a reply

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 import time as time_module
 
 from django.conf import settings
@@ -30,11 +30,12 @@ from ..exceptions import MailProtocolError, MailTransientError, MailUserError
 from ..models import Email, EmailLocation, MailFolder, Mailbox
 from ..protocols.base import ServerSettings
 from ..protocols.imap import NEVER_SYNC, ImapSession
+from ..providers import preset_for
 from .fetcher import UNDELIVERED, FetchJob, discard, fetch_batch, fetch_in_child, spawn_ahead
 from .pipeline import batched, run_ahead
 from .ingest import complete_truncated, ingest_batch, refresh_flags, tombstone_placeless
 from .prepare import prepare_batch
-from .base import OLDER_MAIL_SHARE, BudgetExhausted, SyncReport, SyncRun, server_settings
+from .base import OLDER_MAIL_SHARE, BudgetExhausted, SyncReport, SyncRun, budget_spent_until, server_settings
 from .lock import ConnectionSlot, connection_slot, mailbox_lock
 
 log = logging.getLogger(__name__)
@@ -929,8 +930,19 @@ __all__ = ["BudgetExhausted", "ImapSync", "SyncReport", "imap_mailbox_sync", "Ma
            "MailTransientError"]
 
 
+class RetryPaused(BudgetExhausted):
+    """Retry stopped at the provider's daily download limit; ``stored`` came before it."""
+
+    def __init__(self, until: datetime, *, stored: int) -> None:
+        super().__init__(until)
+        self.stored = stored
+
+
 def retry_message_errors(*, mailbox: Mailbox) -> int:
-    """Fetch again the messages recorded in MessageError and store them (idempotent)."""
+    """Fetch again the messages recorded in MessageError and store them (idempotent).
+
+    Within the provider's daily download limit, as a sync is: RetryPaused (with what was
+    stored before) when it is reached, before the first batch or between two."""
     from ..models import MessageError
 
     stored = 0
@@ -941,6 +953,16 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             by_folder.setdefault(error.folder_id, []).append(error)
     if not by_folder:
         return 0
+    limit = preset_for(mailbox.provider).daily_download_bytes
+    targets = [e.pk for errors_ in by_folder.values() for e in errors_]
+
+    def within_budget() -> None:
+        until = budget_spent_until(mailbox.pk, limit)
+        if until is not None:
+            done = MessageError.objects.filter(pk__in=targets, resolved_at__isnull=False).count()
+            raise RetryPaused(until, stored=done)
+
+    within_budget()  # spent already: not even a login
     with mailbox_lock(mailbox.pk), connection_slot(mailbox.pk, wait=settings.MAILROOM_CONNECTION_WAIT), \
             ImapSession(server_settings(mailbox)) as session:
         for folder_errors in by_folder.values():
@@ -955,7 +977,8 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
                        if e.uidvalidity == selected.uidvalidity and e.uid not in already]
             uids = sorted({e.uid for e in current})
             again, fetched, still = fetch_again(session, mailbox, folder, selected.uidvalidity, uids,
-                                                session.fetch_sizes(uids), progress=False)
+                                                session.fetch_sizes(uids), progress=False,
+                                                before_batch=within_budget)
             stored += again
             # Gone from the server since: nothing left to retry. (Still there and not sent
             # again: the error stays.)
