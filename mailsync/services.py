@@ -38,7 +38,9 @@ from .models import (
 from .protocols.base import CopiedMessages, is_public_address
 from .protocols.imap import NEVER_SYNC, check_login
 from .protocols.pop3 import check_login as pop3_check_login
+from .providers import preset_for
 from .storage import compress, decompress
+from .sync.base import budget_spent_until
 from .sync.imap import SyncReport, imap_mailbox_sync, server_settings
 from .sync.pop3 import detach_pop3_places, pop3_mailbox_sync
 
@@ -189,6 +191,7 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     excluded_before = mailbox.excluded_domain_set
     since_before = mailbox.sync_since
     limit_before = mailbox.max_message_bytes
+    provider_before = mailbox.provider
     before = {name: getattr(mailbox, name) for name in _DESTINATION_FIELDS}
     settings_before = {name: getattr(mailbox, name) for name in connection_fields}
     for name, value in data.items():
@@ -224,6 +227,9 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     # older mail wanted ("sync mail since" earlier), or a raised size limit (headers-only
     # mail downloaded whole).
     sync_now = reconnect or mailbox.max_message_bytes > limit_before
+    if (mailbox.state == Mailbox.State.PAUSED and mailbox.provider != provider_before
+            and not _budget_still_spent(mailbox)):
+        sync_now = True  # paused by the old provider's daily limit: the new one allows more
     if mailbox.excluded_domain_set != excluded_before:
         _emails_reshare(mailbox=mailbox)
     try:
@@ -235,6 +241,13 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     if sync_now and mailbox.is_active:
         _queue_sync(mailbox)
     return mailbox
+
+
+def _budget_still_spent(mailbox: Mailbox) -> bool:
+    """Whether today's downloads still reach the daily limit of the mailbox's provider *as
+    it is now*: a pause taken under another provider (Gmail, then the company's own server)
+    or yesterday's budget no longer holds the mailbox back."""
+    return budget_spent_until(mailbox.pk, preset_for(mailbox.provider).daily_download_bytes) is not None
 
 
 def _forget_old_account(*, mailbox: Mailbox, host: str, username: str) -> bool:
@@ -413,7 +426,8 @@ def mailbox_sync(*, mailbox_id: int) -> SyncReport | None:
         log.info("mailbox %s: not active, not syncing", mailbox_id)
         return None
     if (mailbox.protocol == Mailbox.Protocol.POP3 and mailbox.state == Mailbox.State.PAUSED
-            and mailbox.paused_until and mailbox.paused_until > timezone.now()):
+            and mailbox.paused_until and mailbox.paused_until > timezone.now()
+            and _budget_still_spent(mailbox)):
         # POP3 downloads in one line, oldest first: nothing to do until the budget resets.
         # An IMAP mailbox still syncs: only its older mail waits (SyncRun._older_mail).
         log.info("mailbox %s: paused until %s", mailbox_id, mailbox.paused_until)

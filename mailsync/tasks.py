@@ -10,6 +10,7 @@ from django.utils import timezone
 from . import services
 from .exceptions import MailboxBusy, MailTransientError, MailUserError
 from .models import Email, Mailbox
+from .providers import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def poll_mailboxes() -> int:
     now = timezone.now()
     ids = list(
         Mailbox.objects.filter(is_active=True, owner__is_active=True)
-        .exclude(protocol=Mailbox.Protocol.POP3, state=Mailbox.State.PAUSED, paused_until__gt=now)
+        .exclude(protocol=Mailbox.Protocol.POP3, state=Mailbox.State.PAUSED, paused_until__gt=now,
+                 provider__in=[key for key, p in PRESETS.items() if p.daily_download_bytes])
         .exclude(state=Mailbox.State.ERROR, last_error_code__in=Mailbox.USER_ERROR_CODES)
         .values_list("pk", flat=True)
     )

@@ -1,6 +1,7 @@
 """Retry (fetch again the messages that failed) stays within the provider's daily download
 limit, as the sync does: Gmail answers a client that goes over its 2.5 GB a day by refusing
-IMAP for up to a day. Before, Retry fetched whatever failed whatever the day had used.
+IMAP for up to a day. Before, Retry fetched whatever failed whatever the day had used. And a
+POP3 pause under one provider's limit ends when the mailbox's provider changes.
 
 Real Dovecot and PostgreSQL; the provider is the Gmail preset with a small daily limit, its
 servers the private Dovecot (behind a counting TCP proxy where logins are counted)."""
@@ -123,3 +124,54 @@ def test_the_api_and_the_page_say_when_retry_works_again(failed_three):
     text = response.content.decode()
     assert "daily download limit is reached" in text
     assert _open_errors(mailbox) == 3
+
+
+# -- a POP3 pause under one provider's limit, then another provider ---------------------------
+def test_a_pop3_mailbox_paused_by_gmails_limit_downloads_at_once_when_its_provider_changes(
+        dovecot, mail_user, pop3_mailbox, monkeypatch, django_capture_on_commit_callbacks):
+    """Paused by Gmail's daily limit, the user corrects the provider (the account is on the
+    company's own server, no limit): the download goes on at once, and the 5-minute poll no
+    longer leaves it out. Before, it stayed paused until midnight UTC whatever the provider."""
+    from mailsync import tasks
+    from mailsync.sync.pop3 import Pop3Sync
+
+    for i in range(3):
+        dovecot.deliver(mail_user, make_message(subject=f"Pop {i}"))
+    Mailbox.objects.filter(pk=pop3_mailbox.pk).update(provider="gmail")
+    _spend_gmail(pop3_mailbox)
+    pop3_mailbox.refresh_from_db()
+    Pop3Sync(pop3_mailbox, timeout=10).run()
+    pop3_mailbox.refresh_from_db()
+    assert pop3_mailbox.state == Mailbox.State.PAUSED and not _subjects(pop3_mailbox)
+    assert services.mailbox_sync(mailbox_id=pop3_mailbox.pk) is None  # still Gmail: waits
+    queued: list[int] = []
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **kw: queued.append(pk))
+    assert tasks.poll_mailboxes() == 0
+
+    with django_capture_on_commit_callbacks(execute=True):  # the sync is queued on commit
+        services.mailbox_update(actor=pop3_mailbox.owner, mailbox=pop3_mailbox,
+                                data={"provider": "custom"}, check_connection=False)
+
+    assert queued == [pop3_mailbox.pk], "no sync queued when the provider changed"
+    services.mailbox_sync(mailbox_id=pop3_mailbox.pk)
+    pop3_mailbox.refresh_from_db()
+    assert pop3_mailbox.state == Mailbox.State.COMPLETED
+    assert _subjects(pop3_mailbox) == ["Pop 0", "Pop 1", "Pop 2"]
+
+
+def test_the_poll_leaves_out_a_paused_pop3_mailbox_only_while_its_providers_limit_holds(
+        pop3_mailbox, monkeypatch):
+    from mailsync import tasks
+
+    queued: list[int] = []
+    monkeypatch.setattr(tasks.sync_mailbox, "delay", lambda pk, **kw: queued.append(pk))
+    Mailbox.objects.filter(pk=pop3_mailbox.pk).update(
+        state=Mailbox.State.PAUSED, paused_until=_tomorrow(), provider="gmail")
+    assert tasks.poll_mailboxes() == 0
+    Mailbox.objects.filter(pk=pop3_mailbox.pk).update(provider="custom")  # e.g. by the admin
+    assert tasks.poll_mailboxes() == 1 and queued == [pop3_mailbox.pk]
+
+
+def _spend_gmail(mailbox: Mailbox) -> None:
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        budget_day=timezone.now().date(), budget_bytes_used=providers.PRESETS["gmail"].daily_download_bytes)
