@@ -113,7 +113,7 @@ class NewEmail:
     pk: int | None = None
 
 
-def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> NewEmail:
+def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared, excluded_domains: set[str]) -> NewEmail:
     env, flags = p.envelope, p.message.flags
     sender = env.from_[0] if env.from_ else None
     message_id = _clean(env.message_id or "", 1000)
@@ -131,7 +131,7 @@ def _new_email(mailbox: Mailbox, folder: MailFolder, p: Prepared) -> NewEmail:
         _direction(mailbox, folder, env),
         min(p.message.size, 2**31 - 1),  # a 32-bit column; a server may claim anything
         "\\Seen" in flags, "\\Flagged" in flags,
-        shareable(env, mailbox.excluded_domain_set),
+        shareable(env, excluded_domains),
         p.message.truncated,
     ]
     return NewEmail(p.fingerprint, message_id, subject, date, p, row)
@@ -407,9 +407,11 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     existing = dict(rows_where_in(Email, ("fingerprint", "id"), where={"mailbox": mailbox.pk},
                                   field="fingerprint", values={p.fingerprint for p in prepared}))
     new: dict[str, NewEmail] = {}
+    excluded = _excluded_domains_now(mailbox) if any(
+        p.fingerprint not in existing for p in prepared) else set()
     for p in prepared:
         if p.fingerprint not in existing and p.fingerprint not in new:
-            new[p.fingerprint] = _new_email(mailbox, folder, p)
+            new[p.fingerprint] = _new_email(mailbox, folder, p, excluded)
     created = list(new.values())
     # The sources go to disk (a thread) while the rows below are inserted.
     # _store runs inside the batch's transaction: an error out of here rolls it back, so
@@ -422,6 +424,17 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
         sources.discard()
         raise
     return result
+
+
+def _excluded_domains_now(mailbox: Mailbox) -> set[str]:
+    """The mailbox's excluded domains as they are now, its row locked until the batch
+    commits. Not the run's copy, read when the sync began: a domain excluded during an
+    hour-long first sync applies to the batches after it, and a change saved while this
+    batch is stored waits for it, then reshares it with the rest (services._emails_reshare).
+    Before, mail from a domain excluded mid-sync was still shared when stored later."""
+    current = (Mailbox.objects.select_for_update(no_key=True).filter(pk=mailbox.pk)
+               .values_list("excluded_domains", flat=True).first())
+    return Mailbox(excluded_domains=current or "").excluded_domain_set
 
 
 def _store_rows(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
