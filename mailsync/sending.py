@@ -511,7 +511,7 @@ def email_deliver(*, email_id: int) -> Email:
 
 
 def _deliver(email_id: int) -> Email:
-    email = Email.objects.select_related("mailbox").get(pk=email_id)
+    email = Email.objects.select_related("mailbox__owner", "sent_by").get(pk=email_id)
     if email.send_state != Email.SendState.SENDING:
         log.info("email %s: state %r, not sending", email_id, email.send_state)
         return email
@@ -524,6 +524,16 @@ def _deliver(email_id: int) -> Email:
         email.refresh_from_db()
         return email
     mailbox = email.mailbox
+    sender = email.sent_by if email.sent_by_id else mailbox.owner
+    if not sender.is_active:
+        # Deactivated by an administrator while the mail waited (in the queue, or for a
+        # retry): a user who has left must not go on writing to customers.
+        log.info("email %s: its sender is deactivated, not sending", email_id)
+        Email.objects.filter(pk=email.pk, send_state=Email.SendState.SENDING).update(
+            send_state=Email.SendState.FAILED,
+            send_error=f"Not sent: {sender.get_username()}'s account was deactivated before it went out.")
+        email.refresh_from_db()
+        return email
     # By binary COPY: a SELECT brings bytea as hex text (three times its size at once).
     try:
         compressed = read_source(email.pk)

@@ -423,3 +423,29 @@ def test_reply_to_hostile_mail_is_refused_cleanly_or_sent_without_its_broken_ids
                                 record=contact, in_reply_to=parent)
     source = __import__("mailsync.storage", fromlist=["x"]).decompress(stored.source_data.compressed())
     assert b"evil.example" not in source
+
+
+def test_mail_waiting_to_go_out_is_not_sent_once_its_sender_is_deactivated(
+        sender_mailbox, smtp_outbox, django_capture_on_commit_callbacks):
+    """The salesperson is deactivated while a mail waits in the queue (or for a retry after
+    a refused login): it never reaches the customer, and says why. Before, it went out."""
+    from crm import services as crm_services
+
+    owner = sender_mailbox.owner
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        stored = sending.email_send(actor=owner, to="grace@navy.example",
+                                    from_address=sender_mailbox.email_address,
+                                    subject="Last offer", text="Our offer.")
+    assert len(queued) == 1  # the delivery task, not run yet
+    crm_services.user_deactivate(actor=AdministratorFactory(), user=owner)
+
+    for callback in queued:
+        callback()
+
+    stored.refresh_from_db()
+    assert stored.send_state == Email.SendState.FAILED
+    assert "deactivated" in stored.send_error
+    assert smtp_outbox.messages == []
+    # A redelivery of the task does not send it either.
+    sending.email_deliver(email_id=stored.pk)
+    assert smtp_outbox.messages == []
