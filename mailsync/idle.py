@@ -78,6 +78,7 @@ class SyncRequests(threading.Thread):
         self._cond = threading.Condition()
         self._stopping = False
         self._stopped = threading.Event()
+        self._flush_until = math.inf  # set by stop()
 
     def ask(self, mailbox_id: int) -> None:
         with self._cond:
@@ -89,7 +90,10 @@ class SyncRequests(threading.Thread):
             return list(self._pending)
 
     def stop(self) -> None:
+        """Stop once what is pending went out, or NOTIFY_FLUSH seconds from now at most (a
+        publish already under way is not cut short)."""
         with self._cond:
+            self._flush_until = time.monotonic() + NOTIFY_FLUSH
             self._stopping = True
             self._stopped.set()
             self._cond.notify()
@@ -106,12 +110,23 @@ class SyncRequests(threading.Thread):
             del self._pending[mailbox_id]
             return mailbox_id
 
+    def _put_back(self, mailbox_id: int) -> None:
+        with self._cond:
+            self._pending = {mailbox_id: None, **self._pending}  # first in line again
+
+    def _give_up(self) -> None:
+        log.warning("IDLE watcher stopping: syncs not queued for mailboxes %s (the poll "
+                    "covers them)", self.pending())
+
     def run(self) -> None:
         delay = NOTIFY_RETRY_START
-        flush_until: float | None = None
         while True:
             mailbox_id = self._next()
             if mailbox_id is None:
+                return
+            if self._stopped.is_set() and time.monotonic() >= self._flush_until:
+                self._put_back(mailbox_id)
+                self._give_up()
                 return
             try:
                 self.on_change(mailbox_id)
@@ -120,19 +135,16 @@ class SyncRequests(threading.Thread):
             except Exception:  # noqa: BLE001  (the thread must go on: the next may work)
                 log.exception("mailbox %s: could not queue a sync; trying again in %.0f s",
                               mailbox_id, delay)
-            with self._cond:
-                self._pending = {mailbox_id: None, **self._pending}  # first in line again
+            self._put_back(mailbox_id)
             if self._stopped.is_set():
-                # Stopping: what is pending gets a few more tries, then is given up.
-                flush_until = flush_until or time.monotonic() + NOTIFY_FLUSH
-                left = flush_until - time.monotonic()
-                if left <= 0:
-                    log.warning("IDLE watcher stopping: syncs not queued for mailboxes %s",
-                                self.pending())
+                # Stopping: one more try only if it can start before the deadline.
+                if time.monotonic() + delay >= self._flush_until:
+                    self._give_up()
                     return
-                time.sleep(min(delay, left))
+                time.sleep(delay)
             else:
-                # Not woken by new requests (they would hammer a broker that is down).
+                # Not woken by new requests (they would hammer a broker that is down); a
+                # stop ends the wait, for the flush.
                 self._stopped.wait(delay)
             delay = min(delay * 2, NOTIFY_RETRY_MAX)
 

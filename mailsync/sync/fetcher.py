@@ -38,6 +38,7 @@ import io
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -295,10 +296,22 @@ class _Counter:
 
 
 def _send(child: subprocess.Popen, obj: object) -> None:
+    """Write ``obj`` to the child's stdin, waiting SILENCE seconds at most for room in the
+    pipe: a job larger than the pipe (the batches of ~7,000 messages and more) must not block
+    the sync for good on a child that stopped before reading it."""
     assert child.stdin is not None
+    data = memoryview(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
     try:
-        pickle.dump(obj, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        child.stdin.flush()
+        fd = child.stdin.fileno()  # nothing is ever left in its buffer: written here only
+        os.set_blocking(fd, False)
+        room = select.poll()
+        room.register(fd, select.POLLOUT)
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                if not room.poll(SILENCE * 1000):
+                    raise _stopped_answering() from None
     except (BrokenPipeError, ValueError) as exc:  # ValueError: the pipe was closed here
         raise MailTransientError("The fetch process stopped unexpectedly.") from exc
 
@@ -313,6 +326,11 @@ def _end(child: subprocess.Popen) -> None:
                 stream.close()
             except OSError:
                 pass
+
+
+def _stopped_answering() -> MailTransientError:
+    return MailTransientError(f"The sync's fetch process stopped answering (nothing for {SILENCE:.0f} s); "
+                              "the sync is tried again.")
 
 
 def _received(stream: Frames, uidvalidity: int,
@@ -347,10 +365,7 @@ def _receive(stream: Frames) -> tuple:
     except FetchProcessSilent as exc:
         # Stopped (SIGSTOP, a debugger) or frozen: the caller kills it; the next run goes on
         # from the last stored batch.
-        raise MailTransientError(
-            f"The sync's fetch process stopped answering (nothing for {SILENCE:.0f} s); "
-            "the sync is tried again."
-        ) from exc
+        raise _stopped_answering() from exc
     except (EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:
         # Ended, or killed in the middle of a frame (the OOM killer, a SIGKILL): retried.
         raise MailTransientError("The fetch process stopped unexpectedly.") from exc
