@@ -61,3 +61,21 @@ GMAIL_POP3_NOTE = (
 
 def preset_for(key: str) -> Preset:
     return PRESETS.get(key, PRESETS["custom"])
+
+
+def preset_servers(key: str, protocol: str) -> dict[str, object]:
+    """The server details a preset gives a new mailbox of ``protocol`` ("imap" or "pop3"), as
+    the setup page fills them in: empty for "custom", and no incoming server for a protocol
+    the provider does not offer (iCloud has no POP3)."""
+    preset = preset_for(key)
+    if preset.key == "custom":
+        return {}
+    servers: dict[str, object] = {}
+    host, port = ((preset.pop3_host, preset.pop3_port) if protocol == "pop3"
+                  else (preset.imap_host, preset.imap_port))
+    if host:
+        servers.update(incoming_host=host, incoming_port=port, incoming_security="ssl")
+    if preset.smtp_host:
+        servers.update(smtp_host=preset.smtp_host, smtp_port=preset.smtp_port,
+                       smtp_security=preset.smtp_security)
+    return servers

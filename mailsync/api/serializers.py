@@ -5,7 +5,7 @@ from rest_framework import serializers
 
 from .. import selectors
 from ..models import Attachment, Email, Mailbox, excluded_domain
-from ..providers import PRESETS
+from ..providers import PRESETS, preset_for, preset_servers
 
 # The limit of one message's size a mailbox may be given (max_message_bytes): below 1 MB
 # ordinary mail would be cut to headers; memory follows it (a few times it per message).
@@ -50,6 +50,11 @@ class MailboxSerializer(serializers.ModelSerializer):
                 "min_value": MIN_MESSAGE_BYTES, "max_value": MAX_MESSAGE_BYTES,
                 "help_text": "Larger messages are kept as their headers only, with a notice "
                              "(1 MB to 1 GB; default 50 MB)."},
+            # Filled in from the provider preset when left out of a create (validate()).
+            "incoming_host": {"required": False, "help_text": "Left out with a provider preset: "
+                                                              "the preset's server."},
+            "incoming_port": {"required": False, "help_text": "Left out with a provider preset: "
+                                                              "the preset's port."},
         }
 
     def validate_excluded_domains(self, value: str) -> str:
@@ -78,6 +83,8 @@ class MailboxSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         instance = self.instance
         protocol = attrs.get("protocol", instance.protocol if instance else Mailbox.Protocol.IMAP)
+        if instance is None:
+            attrs = self._servers_from_preset(attrs, protocol)
         if protocol != Mailbox.Protocol.POP3:
             errors = {}
             for name in ("pop3_delete_after_download", "pop3_keep_days"):
@@ -89,6 +96,39 @@ class MailboxSerializer(serializers.ModelSerializer):
             if errors:
                 raise serializers.ValidationError(errors)
         return attrs
+
+
+    @staticmethod
+    def _servers_from_preset(attrs: dict, protocol: str) -> dict:
+        """A new mailbox with a provider preset gets the preset's servers for what it leaves
+        out, as on the setup page ({"provider": "gmail", "email_address", "username",
+        "password"} is enough); what it gives is kept."""
+        provider = attrs.get("provider", "custom")
+        preset = preset_for(provider)
+        given = {name for name in ("incoming_host", "incoming_port", "incoming_security",
+                                   "smtp_host", "smtp_port", "smtp_security")
+                 if attrs.get(name) not in (None, "")}
+        # The preset's port and security are for the preset's server, not for one given.
+        if "incoming_host" in given:
+            given |= {"incoming_port", "incoming_security"}
+        if "smtp_host" in given:
+            given |= {"smtp_port", "smtp_security"}
+        filled = dict(attrs)
+        filled.update({k: v for k, v in preset_servers(provider, protocol).items() if k not in given})
+        if protocol == Mailbox.Protocol.POP3 and preset.key != "custom" and not preset.pop3_host \
+                and "incoming_host" not in given:
+            raise serializers.ValidationError({"protocol": [f"{preset.label} does not offer POP3; use IMAP."]})
+        errors = {}
+        if not filled.get("incoming_host"):
+            errors["incoming_host"] = ["Enter the incoming mail server (or choose a provider preset)."]
+        if not filled.get("incoming_port"):
+            errors["incoming_port"] = ["Enter the incoming server's port (993 for IMAP over SSL/TLS, "
+                                       "995 for POP3)."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        if filled.get("smtp_host") and not filled.get("smtp_port"):
+            filled["smtp_port"] = preset.smtp_port or 587
+        return filled
 
 
 class MailboxStatusSerializer(serializers.Serializer):
