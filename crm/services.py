@@ -68,6 +68,12 @@ def record_update(*, actor: User, record: R, data: dict[str, Any]) -> R:
     data = dict(data)
     owner = data.pop("owner", None)
     if owner is not None and owner.pk != record.owner_id:
+        # Reassigning is for the owner, their manager or an administrator (whoever may
+        # assign records to the current owner): a colleague the record is shared with for
+        # writing could otherwise make it theirs, and the owner lose it.
+        if record.owner_id != actor.pk and not users_assignable_by(actor).filter(pk=record.owner_id).exists():
+            raise RecordPermissionDenied(
+                "Only the record's owner, their manager or an administrator may change its owner.")
         _validate_owner(actor, owner)
         record.owner = owner
     _validate_links(actor, data)

@@ -181,3 +181,34 @@ def test_users_endpoint_hides_deactivated_users_from_non_admins(api):
     api.force_authenticate(UserFactory())
     names = [u["username"] for u in api.get("/api/v1/users/").json()["results"]]
     assert "gone" not in names
+
+
+def test_a_colleague_with_write_access_edits_the_record_but_cannot_take_it_over(api):
+    """Shared for writing, a colleague may change the lead but not make it theirs (the owner
+    would lose it, and its mail with it); the owner's manager and an administrator may
+    reassign it. Before, the colleague's PATCH {"owner": <self>} went through."""
+    from crm import services
+    from tests.factories import ManagerFactory
+
+    manager = ManagerFactory()
+    owner, colleague = UserFactory(manager=manager), UserFactory()
+    lead = LeadFactory(owner=owner)
+    services.record_share(actor=owner, record=lead, user=colleague, access="read_write")
+    api.force_authenticate(colleague)
+
+    taken = api.patch(f"/api/v1/leads/{lead.pk}/", {"owner": colleague.pk}, format="json")
+    assert taken.status_code == 403, taken.content
+    assert "change its owner" in taken.json()["detail"]
+    lead.refresh_from_db()
+    assert lead.owner == owner
+    edited = api.patch(f"/api/v1/leads/{lead.pk}/", {"last_name": "Edited"}, format="json")
+    assert edited.status_code == 200 and edited.json()["last_name"] == "Edited"
+
+    api.force_authenticate(manager)
+    moved = api.patch(f"/api/v1/leads/{lead.pk}/", {"owner": manager.pk}, format="json")
+    assert moved.status_code == 200, moved.content
+    api.force_authenticate(AdministratorFactory())
+    back = api.patch(f"/api/v1/leads/{lead.pk}/", {"owner": owner.pk}, format="json")
+    assert back.status_code == 200, back.content
+    lead.refresh_from_db()
+    assert lead.owner == owner
