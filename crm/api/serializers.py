@@ -24,12 +24,27 @@ class DealStageSerializer(serializers.ModelSerializer):
 _RECORD_META = ["id", "owner", "created_at", "modified_at"]
 
 
+def reject_unknown_fields(serializer: serializers.Serializer) -> None:
+    """A name the resource does not have ({"last_nmae": ...}) is a 400, not a 200 that
+    changed nothing. Read-only fields are known (a GET body sent back is fine); the
+    browsable API's form posts its CSRF token among the fields."""
+    given = serializer.initial_data if hasattr(serializer.initial_data, "keys") else {}
+    unknown = sorted(str(name) for name in given.keys()
+                     if name not in serializer.fields and name != "csrfmiddlewaretoken")
+    if unknown:
+        raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+
+
 class _RecordSerializer(serializers.ModelSerializer):
     """Owner is optional on create (defaults to the caller); services check who may own."""
 
     owner = serializers.PrimaryKeyRelatedField(
         queryset=User.objects.all(), required=False, allow_null=True
     )
+
+    def validate(self, attrs: dict) -> dict:
+        reject_unknown_fields(self)
+        return attrs
 
 
 class LeadSerializer(_RecordSerializer):

@@ -3,6 +3,8 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from crm.api.serializers import reject_unknown_fields
+
 from .. import selectors
 from ..models import Attachment, Email, Mailbox, excluded_domain
 from ..providers import PRESETS, preset_for, preset_servers
@@ -75,12 +77,7 @@ class MailboxSerializer(serializers.ModelSerializer):
         an IMAP mailbox a change is refused, not dropped; the value it has already (a GET
         body sent back) is accepted. A name the mailbox does not have ({"pasword": ...}) is
         refused too, as in an email PATCH: it answered 200 and changed nothing."""
-        given = self.initial_data if hasattr(self.initial_data, "keys") else {}
-        # (The browsable API's form posts its CSRF token among the fields.)
-        unknown = sorted(str(name) for name in given.keys()
-                         if name not in self.fields and name != "csrfmiddlewaretoken")
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        reject_unknown_fields(self)
         instance = self.instance
         protocol = attrs.get("protocol", instance.protocol if instance else Mailbox.Protocol.IMAP)
         if instance is None:

@@ -212,3 +212,26 @@ def test_a_colleague_with_write_access_edits_the_record_but_cannot_take_it_over(
     assert back.status_code == 200, back.content
     lead.refresh_from_db()
     assert lead.owner == owner
+
+
+def test_a_field_the_record_does_not_have_is_a_400_and_a_get_body_sent_back_is_fine(api):
+    """{"last_nmae": ...} answered 200 and changed nothing: the user thought it saved."""
+    owner = UserFactory()
+    lead = LeadFactory(owner=owner, last_name="Before")
+    deal = DealFactory(owner=owner)
+    api.force_authenticate(owner)
+
+    typo = api.patch(f"/api/v1/leads/{lead.pk}/", {"last_nmae": "After"}, format="json")
+    assert typo.status_code == 400, typo.content
+    assert typo.json()["errors"] == {"last_nmae": ["Unknown field."]}
+    lead.refresh_from_db()
+    assert lead.last_name == "Before"
+    created = api.post("/api/v1/contacts/", {"last_name": "X", "emial": "x@example.com"}, format="json")
+    assert created.status_code == 400 and "emial" in created.json()["errors"]
+
+    # What a GET returns (read-only fields included) may be sent back as it is.
+    body = api.get(f"/api/v1/deals/{deal.pk}/").json()
+    body["name"] = "Renamed"
+    sent_back = api.put(f"/api/v1/deals/{deal.pk}/", body, format="json")
+    assert sent_back.status_code == 200, sent_back.content
+    assert sent_back.json()["name"] == "Renamed"
