@@ -235,3 +235,27 @@ def test_a_field_the_record_does_not_have_is_a_400_and_a_get_body_sent_back_is_f
     sent_back = api.put(f"/api/v1/deals/{deal.pk}/", body, format="json")
     assert sent_back.status_code == 200, sent_back.content
     assert sent_back.json()["name"] == "Renamed"
+
+
+def test_the_schema_documents_the_error_answers_in_their_json_shape(client, api):
+    """A client generated from the schema knows the 400/401/403/404 answers and their body
+    ({"detail", "code", "errors"}); the schema listed the success answers only. And the
+    documented shape is the one actually sent."""
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+    error = schema["components"]["schemas"]["Error"]
+    assert set(error["required"]) == {"detail", "code", "errors"}
+    ref = {"$ref": "#/components/schemas/Error"}
+    patch = schema["paths"]["/api/v1/leads/{id}/"]["patch"]["responses"]
+    for code in ("400", "401", "403", "404"):
+        assert patch[code]["content"]["application/json"]["schema"] == ref, code
+    listing = schema["paths"]["/api/v1/leads/"]["get"]["responses"]
+    assert "401" in listing and "400" not in listing and "404" not in listing
+    send = schema["paths"]["/api/v1/mailboxes/{id}/retry/"]["post"]["responses"]
+    assert {"400", "401", "403", "404"} <= set(send)
+
+    # What is sent matches: a 401 and a 404 carry the three keys.
+    anonymous = api.get("/api/v1/leads/")
+    assert anonymous.status_code == 401 and set(anonymous.json()) == {"detail", "code", "errors"}
+    api.force_authenticate(UserFactory())
+    missing = api.get("/api/v1/leads/999999/")
+    assert missing.status_code == 404 and set(missing.json()) == {"detail", "code", "errors"}
