@@ -26,6 +26,19 @@ def _sync_in_thread(mailbox_id: int) -> None:
 
 
 
+def _explained_wait(predicate, what: str, mailbox, watcher) -> None:  # noqa: ANN001
+    """wait_for(predicate, 10), failing with what a rare CI failure needs to be read: the
+    mailbox's state and error, and whether the watcher is connected."""
+    try:
+        wait_for(predicate, 10)
+    except AssertionError as exc:
+        box = mailbox.__class__.objects.get(pk=mailbox.pk)
+        raise AssertionError(
+            f"not within 10 s: {what}; mailbox {box.state!r} {box.last_error!r} "
+            f"(last sync {box.last_sync_at}); watcher alive={watcher.is_alive()} "
+            f"connected={watcher.connected.is_set()} failed={watcher.failed!r}") from exc
+
+
 def _subjects(api: APIClient) -> set[str]:
     return {e["subject"] for e in api.get("/api/v1/emails/?page_size=500").json()["results"]}
 
@@ -38,13 +51,15 @@ def test_new_mail_reaches_the_api_within_two_seconds(dovecot, mail_user, imap_ma
     watcher.start()
     try:
         assert watcher.connected.wait(10)
-        wait_for(lambda: imap_mailbox.__class__.objects.get(pk=imap_mailbox.pk).state == "completed", 10)
+        _explained_wait(lambda: imap_mailbox.__class__.objects.get(pk=imap_mailbox.pk).state == "completed",
+                        "the first sync completed", imap_mailbox, watcher)
         latencies = []
         for i in range(3):
             subject = f"Push {i}"
             start = time.monotonic()
             dovecot.deliver(mail_user, make_message(subject=subject))
-            wait_for(lambda s=subject: s in _subjects(api), 10)
+            _explained_wait(lambda s=subject: s in _subjects(api), f"{subject!r} in the API",
+                            imap_mailbox, watcher)
             latencies.append(time.monotonic() - start)
     finally:
         watcher.stop()
