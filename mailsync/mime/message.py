@@ -522,6 +522,13 @@ def _pick(items: list[tuple[int | None, str]]) -> str:
 def parse_message(raw: bytes, *, max_parts: int = 2000, max_depth: int = 50) -> ParsedMessage:
     """Parse a whole message. Never raises: problems become `defects`."""
     data = _coerce_bytes(raw)
+    line_ends = []
+    if b"\n" not in data and b"\r" in data:
+        # Only CRs for line ends (classic Mac OS mail programs, some old gateways): read as
+        # CRLF, else the body's MIME structure was shown as text, boundaries and all. The
+        # stored source stays as it came (byte-exact); only this reading changes.
+        data = data.replace(b"\r", b"\r\n")
+        line_ends = ["bare CR line ends (read as CRLF)"]
     try:
         block = split_header_block(data)
         envelope = envelope_from_block(block)
@@ -537,7 +544,7 @@ def parse_message(raw: bytes, *, max_parts: int = 2000, max_depth: int = 50) -> 
             text=text,
             html=html,
             attachments=walk.attachments,
-            defects=envelope.defects + walk.defects,
+            defects=envelope.defects + line_ends + walk.defects,
         )
     except Exception as exc:  # last resort: keep the envelope, report the failure
         envelope = parse_envelope(data)

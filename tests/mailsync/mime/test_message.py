@@ -328,3 +328,23 @@ def test_never_raises_on_mangled_messages() -> None:
         msg = parse_message(bytes(data))
         assert isinstance(msg.text, str) and isinstance(msg.attachments, list)
         assert all(a.filename for a in msg.attachments)
+
+
+def test_a_message_with_only_cr_line_ends_is_read_with_its_parts() -> None:
+    """Classic Mac OS mail programs and some old gateways end lines with a bare CR. The
+    body's MIME structure was shown as text (boundaries, part headers and base64 and all)
+    and the attachment was lost; now it reads as the CRLF copy does, with a defect noted."""
+    crlf = (b"From: A <a@x.example>\r\nTo: b@y.example\r\nSubject: Hello CR\r\nMessage-ID: <1@x>\r\n"
+            b"Content-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\nContent-Type: text/plain\r\n\r\n"
+            b"plain body\r\nsecond line\r\n--BB\r\nContent-Type: application/pdf; name=q.pdf\r\n"
+            b"Content-Disposition: attachment; filename=q.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"JVBERi0xLjQK\r\n--BB--\r\n")
+    cr_only = crlf.replace(b"\r\n", b"\r")
+    expected, got = parse_message(crlf), parse_message(cr_only)
+    assert got.text == expected.text == "plain body\nsecond line"
+    assert [(a.filename, a.content) for a in got.attachments] == [("q.pdf", b"%PDF-1.4\n")]
+    assert got.envelope.subject == "Hello CR"
+    assert "bare CR line ends (read as CRLF)" in got.defects
+    # A bare CR inside a normal CRLF message is not a line end (RFC 5322) and changes nothing.
+    odd = crlf.replace(b"plain body", b"plain\rbody")
+    assert "bare CR" not in " ".join(parse_message(odd).defects)
