@@ -15,6 +15,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
@@ -23,6 +24,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
 from django.views.decorators.clickjacking import xframe_options_sameorigin
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -770,9 +772,40 @@ def add_record_from_email_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 # -- Compose and reply -----------------------------------------------------------------------
 
+class _AttachmentsLimit(FileUploadHandler):
+    """Stops reading the uploaded files once together they pass the attachments limit: the
+    rest of the request is read and thrown away (not written to a temporary file, nor read
+    into memory by the view: a 2 GB upload took 2 GB of the web process before it was
+    refused). The view then says the attachments are too large. (Django discards the rest
+    by lines: data without line breaks passes through memory in one piece; a proxy's body
+    limit, e.g. nginx client_max_body_size 25m, bounds that.)"""
+
+    def __init__(self, request: HttpRequest, limit: int) -> None:
+        super().__init__(request)
+        self.limit = limit
+        self.total = 0
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
+        self.total += len(raw_data)
+        if self.total > self.limit:
+            self.request.attachments_over_limit = True  # type: ignore[attr-defined]
+            raise StopUpload(connection_reset=False)
+        return raw_data
+
+    def file_complete(self, file_size: int) -> None:
+        return None  # the next handler (memory or temporary file) makes the file
+
+
+@csrf_exempt  # the limit must be in place before anything reads the body: CSRF is checked below
 @login_required
 @require_http_methods(["GET", "POST"])
 def compose_view(request: HttpRequest) -> HttpResponse:
+    request.upload_handlers.insert(0, _AttachmentsLimit(request, sending.MAX_ATTACHMENTS_BYTES))
+    return _compose(request)
+
+
+@csrf_protect
+def _compose(request: HttpRequest) -> HttpResponse:
     record = _record_from_ref(request, request.POST.get("record") or request.GET.get("record"))
     parent = None
     reply_id = request.POST.get("reply") or request.GET.get("reply")
@@ -794,7 +827,13 @@ def compose_view(request: HttpRequest) -> HttpResponse:
     elif isinstance(record, Deal) and record.contact and record.contact.email:
         initial["to"] = record.contact.email
     form = ComposeForm(request.POST or None, request.FILES or None, senders=choices, initial=initial)
-    if request.method == "POST" and form.is_valid():
+    if getattr(request, "attachments_over_limit", False):
+        # Checked before is_valid(): the form without the files cut off would send the mail
+        # without them.
+        form.add_error("attachments", f"Attachments may total at most "
+                                      f"{sending.MAX_ATTACHMENTS_BYTES // (1024 * 1024)} MB; "
+                                      "nothing was sent. Attach fewer or smaller files.")
+    elif request.method == "POST" and form.is_valid():
         d = form.cleaned_data
         try:
             email = sending.email_send(
