@@ -15,7 +15,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+from django.core.files.uploadhandler import StopUpload
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
@@ -34,6 +34,7 @@ from crm.selectors import records_visible_to
 
 from . import selectors, senders, sending, services, tasks
 from .exceptions import MailboxBusy, MailboxHoldsMail, MailError
+from .uploads import AttachmentsLimit
 from .forms import (
     PROVIDER_CHOICES,
     AliasForm,
@@ -772,35 +773,22 @@ def add_record_from_email_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 # -- Compose and reply -----------------------------------------------------------------------
 
-class _AttachmentsLimit(FileUploadHandler):
-    """Stops reading the uploaded files once together they pass the attachments limit: the
-    rest of the request is read and thrown away (not written to a temporary file, nor read
-    into memory by the view: a 2 GB upload took 2 GB of the web process before it was
-    refused). The view then says the attachments are too large. (Django discards the rest
-    by lines: data without line breaks passes through memory in one piece; a proxy's body
-    limit, e.g. nginx client_max_body_size 25m, bounds that.)"""
+class _AttachmentsLimit(AttachmentsLimit):
+    """The compose page's: the rest of the request is read and thrown away (into no file),
+    and the page says the attachments are too large, with what was typed before them.
+    (Django discards the rest by lines: data without line breaks passes through memory in
+    one piece; a proxy's body limit, e.g. nginx client_max_body_size 25m, bounds that.)"""
 
-    def __init__(self, request: HttpRequest, limit: int) -> None:
-        super().__init__(request)
-        self.limit = limit
-        self.total = 0
-
-    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
-        self.total += len(raw_data)
-        if self.total > self.limit:
-            self.request.attachments_over_limit = True  # type: ignore[attr-defined]
-            raise StopUpload(connection_reset=False)
-        return raw_data
-
-    def file_complete(self, file_size: int) -> None:
-        return None  # the next handler (memory or temporary file) makes the file
+    def over_limit(self) -> None:
+        self.request.attachments_over_limit = True  # type: ignore[attr-defined]
+        raise StopUpload(connection_reset=False)
 
 
 @csrf_exempt  # the limit must be in place before anything reads the body: CSRF is checked below
 @login_required
 @require_http_methods(["GET", "POST"])
 def compose_view(request: HttpRequest) -> HttpResponse:
-    request.upload_handlers.insert(0, _AttachmentsLimit(request, sending.MAX_ATTACHMENTS_BYTES))
+    request.upload_handlers.insert(0, _AttachmentsLimit(request, limit=sending.MAX_ATTACHMENTS_BYTES))
     return _compose(request)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.db.models import Prefetch
-from django.core.files.uploadhandler import FileUploadHandler
+
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django_filters import rest_framework as filters
@@ -26,6 +26,7 @@ from crm.api.pagination import KeysetPagination
 from .. import selectors, services, tasks
 from ..exceptions import MailServerUnreachable
 from ..models import Attachment, Email, EmailLink, EmailLocation, Mailbox
+from ..uploads import AttachmentsLimit
 from ..views import INLINE_IMAGE_TYPES, attachment_download_response
 from . import serializers as s
 
@@ -205,32 +206,12 @@ _SERVER_ACTION_ERRORS = {
 }
 
 
-class AttachmentsLimitHandler(FileUploadHandler):
-    """Counts the bytes of the request's files as they arrive, before any other upload
-    handler stores them, and refuses the request as soon as they pass the attachments'
-    limit (``sending.MAX_ATTACHMENTS_BYTES``): a 500 MB upload was first stored whole (on
-    disk), then read whole into memory by the send endpoint, to be refused by
-    ``sending.email_send`` (found in review)."""
+class AttachmentsLimitHandler(AttachmentsLimit):
+    """The send endpoint's: a 400 at once, the rest of the request never read."""
 
-    def __init__(self, request: HttpRequest, *, limit: int) -> None:
-        super().__init__(request)
-        self.limit = limit
-        self.received = 0
-
-    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
-        self.received += len(raw_data)
-        if self.received > self.limit:
-            # What was stored of the file being read goes (a temporary file); the rest of
-            # the request is never read.
-            for handler in self.request.upload_handlers:
-                if handler is not self:
-                    handler.upload_interrupted()
-            raise serializers.ValidationError({"attachments": [
-                f"Attachments may total at most {self.limit // (1024 * 1024)} MB; these are larger."]})
-        return raw_data
-
-    def file_complete(self, file_size: int) -> None:
-        return None  # the next handler makes the file
+    def over_limit(self) -> None:
+        raise serializers.ValidationError({"attachments": [
+            f"Attachments may total at most {self.limit // (1024 * 1024)} MB; these are larger."]})
 
 
 _ATTACHMENT_CONTENT = OpenApiResponse(bytes, description=(
