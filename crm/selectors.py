@@ -93,6 +93,15 @@ def deal_stages() -> QuerySet[DealStage]:
     return DealStage.objects.all()
 
 
+def may_reassign_from(user: User, owner_id: int) -> bool:
+    """Whether ``user`` may take a record away from its owner ``owner_id`` (give it to
+    someone else): the owner, their manager, an administrator. Deactivated owners included:
+    their records are kept so that they can be reassigned."""
+    if user.is_administrator or owner_id == user.pk:
+        return True
+    return user.is_manager and owner_id in _team_ids(user)
+
+
 def users_assignable_by(user: User) -> QuerySet[User]:
     """Users that ``user`` may set as a record's owner."""
     active = User.objects.filter(is_active=True)

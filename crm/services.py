@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from .exceptions import RecordPermissionDenied, RecordValidationError
 from .models import Account, Contact, Deal, OwnedRecord, RecordShare, User
-from .selectors import record_can_edit, records_visible_to, users_assignable_by
+from .selectors import may_reassign_from, record_can_edit, records_visible_to, users_assignable_by
 from .signals import record_saved
 
 R = TypeVar("R", bound=OwnedRecord)
@@ -71,7 +71,7 @@ def record_update(*, actor: User, record: R, data: dict[str, Any]) -> R:
         # Reassigning is for the owner, their manager or an administrator (whoever may
         # assign records to the current owner): a colleague the record is shared with for
         # writing could otherwise make it theirs, and the owner lose it.
-        if record.owner_id != actor.pk and not users_assignable_by(actor).filter(pk=record.owner_id).exists():
+        if not may_reassign_from(actor, record.owner_id):
             raise RecordPermissionDenied(
                 "Only the record's owner, their manager or an administrator may change its owner.")
         _validate_owner(actor, owner)

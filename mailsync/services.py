@@ -217,12 +217,23 @@ def mailbox_update(*, actor: User, mailbox: Mailbox, data: dict[str, Any],
     except MailboxBusy as exc:
         raise ValidationError({"username": [
             "A sync is running: change the account when it has finished (see the status)."]}) from exc
+    # Only what this change sets is written: the copy the request loaded may be older than
+    # a sync that committed meanwhile (its state, last sync, the day's downloaded bytes):
+    # a whole-row save wrote those back (a spent daily budget forgotten, a pause undone).
+    columns = {f.name for f in Mailbox._meta.concrete_fields}
+    fields = {name for name in data
+              if name in columns and (name not in {"password", "smtp_password"} or data[name])}
+    current = Mailbox.objects.select_for_update().filter(pk=mailbox.pk).values(
+        "state", "last_sync_at", "last_error", "last_error_code").first() or {}
+    for name, value in current.items():
+        setattr(mailbox, name, value)
     if mailbox.state == Mailbox.State.ERROR and reconnect:
         # Fixed (the login test passed): as before the error; the sync queued below shows
         # the rest. "New" only for a mailbox that never synced.
         mailbox.state = Mailbox.State.NEW if mailbox.last_sync_at is None else Mailbox.State.COMPLETED
         mailbox.last_error, mailbox.last_error_code = "", ""
-    mailbox.save()
+        fields |= {"state", "last_error", "last_error_code"}
+    mailbox.save(update_fields=sorted({*fields, "modified_at"}))
     # A sync now (one, whatever the reasons): after a connection fix (not 5 minutes later),
     # older mail wanted ("sync mail since" earlier), or a raised size limit (headers-only
     # mail downloaded whole).

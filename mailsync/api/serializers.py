@@ -124,7 +124,10 @@ class MailboxSerializer(serializers.ModelSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         if filled.get("smtp_host") and not filled.get("smtp_port"):
-            filled["smtp_port"] = preset.smtp_port or 587
+            # A server the user gave (the preset's comes with its port): the port of its
+            # security (STARTTLS by default), never the preset's (465 with STARTTLS never
+            # connects).
+            filled["smtp_port"] = 465 if filled.get("smtp_security") == "ssl" else 587
         return filled
 
 

@@ -523,11 +523,13 @@ def parse_message(raw: bytes, *, max_parts: int = 2000, max_depth: int = 50) -> 
     """Parse a whole message. Never raises: problems become `defects`."""
     data = _coerce_bytes(raw)
     line_ends = []
-    if b"\n" not in data and b"\r" in data:
-        # Only CRs for line ends (classic Mac OS mail programs, some old gateways): read as
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") - crlf > crlf and data.count(b"\n") == crlf:
+        # CRs for line ends (classic Mac OS mail programs, some old gateways), maybe below
+        # CRLF header lines the receiving server added (Received, Delivered-To): read as
         # CRLF, else the body's MIME structure was shown as text, boundaries and all. The
         # stored source stays as it came (byte-exact); only this reading changes.
-        data = data.replace(b"\r", b"\r\n")
+        data = re.sub(rb"\r(?!\n)", b"\r\n", data)
         line_ends = ["bare CR line ends (read as CRLF)"]
     try:
         block = split_header_block(data)

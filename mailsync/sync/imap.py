@@ -954,13 +954,15 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
     if not by_folder:
         return 0
     limit = preset_for(mailbox.provider).daily_download_bytes
-    targets = [e.pk for errors_ in by_folder.values() for e in errors_]
+    in_folder: list[int] = []  # the errors of the folder being fetched again
 
     def within_budget() -> None:
         until = budget_spent_until(mailbox.pk, limit)
         if until is not None:
-            done = MessageError.objects.filter(pk__in=targets, resolved_at__isnull=False).count()
-            raise RetryPaused(until, stored=done)
+            # What was stored: the folders done, and in this one the errors a stored batch
+            # resolved (those gone from the server are resolved after its fetch only).
+            here = MessageError.objects.filter(pk__in=in_folder, resolved_at__isnull=False).count()
+            raise RetryPaused(until, stored=stored + here)
 
     within_budget()  # spent already: not even a login
     with mailbox_lock(mailbox.pk), connection_slot(mailbox.pk, wait=settings.MAILROOM_CONNECTION_WAIT), \
@@ -976,6 +978,7 @@ def retry_message_errors(*, mailbox: Mailbox) -> int:
             current = [e for e in folder_errors
                        if e.uidvalidity == selected.uidvalidity and e.uid not in already]
             uids = sorted({e.uid for e in current})
+            in_folder[:] = [e.pk for e in current]
             again, fetched, still = fetch_again(session, mailbox, folder, selected.uidvalidity, uids,
                                                 session.fetch_sizes(uids), progress=False,
                                                 before_batch=within_budget)

@@ -407,8 +407,9 @@ def _store(mailbox: Mailbox, folder: MailFolder, uidvalidity: int,
     existing = dict(rows_where_in(Email, ("fingerprint", "id"), where={"mailbox": mailbox.pk},
                                   field="fingerprint", values={p.fingerprint for p in prepared}))
     new: dict[str, NewEmail] = {}
-    excluded = _excluded_domains_now(mailbox) if any(
-        p.fingerprint not in existing for p in prepared) else set()
+    # In every batch, first: the mailbox row is then always locked before any email row
+    # (a settings save locks them in that order too).
+    excluded = _excluded_domains_now(mailbox)
     for p in prepared:
         if p.fingerprint not in existing and p.fingerprint not in new:
             new[p.fingerprint] = _new_email(mailbox, folder, p, excluded)
