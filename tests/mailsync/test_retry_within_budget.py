@@ -44,6 +44,13 @@ def failed_three(dovecot, mail_user, imap_mailbox, monkeypatch):  # noqa: ANN001
     for subject in ["Fine", "Broken 0", "Broken 1", "Broken 2"]:
         body = base64.encodebytes(os.urandom(SIZE * 3 // 4)).decode()
         dovecot.deliver(mail_user, make_message(subject=subject, body=body))
+    assert sync_failing_broken(imap_mailbox, monkeypatch) == 3
+    return imap_mailbox
+
+
+def sync_failing_broken(mailbox: Mailbox, monkeypatch) -> int:  # noqa: ANN001
+    """One sync in which storing every mail whose subject starts with "Broken" fails (setup
+    only: the failures Retry then works on); how many failed."""
     real_store = ingest._store
 
     def failing(mailbox, folder, uidvalidity, prepared, *rest):  # noqa: ANN001, ANN002, ANN202
@@ -52,10 +59,11 @@ def failed_three(dovecot, mail_user, imap_mailbox, monkeypatch):  # noqa: ANN001
         return real_store(mailbox, folder, uidvalidity, prepared, *rest)
 
     monkeypatch.setattr(ingest, "_store", failing)
-    imap_mailbox.refresh_from_db()
-    assert ImapSync(imap_mailbox, timeout=10).run().failed == 3
-    monkeypatch.setattr(ingest, "_store", real_store)
-    return imap_mailbox
+    try:
+        mailbox.refresh_from_db()
+        return ImapSync(mailbox, timeout=10).run().failed
+    finally:
+        monkeypatch.setattr(ingest, "_store", real_store)
 
 
 def _spend(mailbox: Mailbox, left: int) -> None:

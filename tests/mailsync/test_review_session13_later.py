@@ -36,10 +36,10 @@ from mailsync import providers, services
 from mailsync.api.serializers import MailboxSerializer
 from mailsync.mime.message import parse_message
 from mailsync.models import Email, Mailbox, MessageError
-from mailsync.sync import ingest
 from mailsync.sync.imap import ImapSync
 from tests.factories import AdministratorFactory, LeadFactory, ManagerFactory, UserFactory
 from tests.mailsync.conftest import make_message
+from tests.mailsync.test_retry_within_budget import sync_failing_broken
 
 pytestmark = pytest.mark.django_db
 
@@ -68,18 +68,7 @@ def test_paused_retry_reports_only_what_it_fetched(dovecot, mail_user, imap_mail
     dovecot.deliver(mail_user, make_message(subject="Broken gone", body=_body()))
     for subject in ["Broken 1", "Broken 2"]:
         dovecot.append(mail_user, "Sent", make_message(subject=subject, body=_body()))
-    real_store = ingest._store
-
-    def failing(mailbox, folder, uidvalidity, prepared, *rest):  # noqa: ANN001, ANN002, ANN202
-        # (setup only: makes the first sync record the failures Retry works on)
-        if any(p.envelope.subject.startswith("Broken") for p in prepared):
-            raise ValueError("simulated storage failure")
-        return real_store(mailbox, folder, uidvalidity, prepared, *rest)
-
-    monkeypatch.setattr(ingest, "_store", failing)
-    imap_mailbox.refresh_from_db()
-    assert ImapSync(imap_mailbox, timeout=10).run().failed == 3
-    monkeypatch.setattr(ingest, "_store", real_store)
+    assert sync_failing_broken(imap_mailbox, monkeypatch) == 3
     errors = list(MessageError.objects.filter(mailbox=imap_mailbox, resolved_at__isnull=True)
                   .select_related("folder").order_by("pk"))
     assert [e.folder.name for e in errors] == ["INBOX", "Sent", "Sent"]
