@@ -1,6 +1,7 @@
 """Data migrations. 0007: emails stored with the old hashes (taken of a CRLF -> LF copy) get the hashes
-the sync computes now (of the CRLF form), so a mail fetched again is still recognized and not
-stored twice; and back again."""
+of the CRLF form, so a mail fetched again is still recognized and not stored twice; and back
+again. 0010: the fingerprint leaves Bcc out. 0017: both hashes are BLAKE3 instead of SHA-256;
+what 0007 and 0010 computed is what 0017 starts from, and 0017 computes what the sync does now."""
 from __future__ import annotations
 
 import importlib
@@ -16,6 +17,7 @@ from tests.corpus import corpus_files
 from tests.factories import MailboxFactory
 
 migration = importlib.import_module("mailsync.migrations.0007_wire_form_hashes")
+blake3_migration = importlib.import_module("mailsync.migrations.0017_blake3_hashes")
 
 RAW = (b"Received: from mx.example.net by mx.example.com; Mon, 6 May 2024 10:00:00 +0000\r\n"
        b"Message-ID: <offer-1@client.example>\r\n"
@@ -31,14 +33,18 @@ def _old(raw: bytes, fingerprint: str) -> tuple[str, str]:
     return migration.hashes(raw, parse_envelope(raw).message_id, fingerprint, crlf=False)
 
 
-def test_the_migration_computes_what_the_sync_computes():
-    """Its frozen copy of the hashing agrees with prepare() today, on the shared corpus too."""
+def test_the_migration_computes_what_0017_starts_from():
+    """Its frozen copy of the hashing agrees with the SHA-256 hashes 0017 replaces (the
+    sync's before 0017; Bcc aside, which 0010 left out later), on the shared corpus too."""
     from mailsync.mime import parse_envelope
 
     for raw in [RAW, NO_ID, RAW.replace(b"\r\n", b"\n")] + [p.read_bytes() for p in corpus_files()]:
+        if b"\nbcc:" in raw.lower() or b"\nresent-bcc:" in raw.lower():
+            continue
         p = prepare(FetchedMessage(uid=1, flags=(), size=len(raw), internal_date=None, raw=raw))
-        assert migration.hashes(raw, parse_envelope(raw).message_id, p.fingerprint, crlf=True) \
-            == (p.content_hash, p.fingerprint)
+        mid = parse_envelope(raw).message_id
+        assert migration.hashes(raw, mid, p.fingerprint, crlf=True) \
+            == blake3_migration.hashes(raw, mid, p.fingerprint, new=False)
 
 
 def test_old_and_new_hashes_differ_and_lf_copies_match_in_both():
@@ -51,6 +57,13 @@ def test_old_and_new_hashes_differ_and_lf_copies_match_in_both():
     # A trace header does not change who the mail is
     moved = b"Delivered-To: other@example.com\r\n" + RAW
     assert migration.hashes(moved, "offer-1@client.example", "", crlf=True)[1] == fp
+
+
+def _sha256(raw: bytes, fingerprint: str) -> tuple[str, str]:
+    """The hashes before 0017 (SHA-256)."""
+    from mailsync.mime import parse_envelope
+
+    return blake3_migration.hashes(raw, parse_envelope(raw).message_id, fingerprint, new=False)
 
 
 def _prepared(raw: bytes):
@@ -91,7 +104,8 @@ def test_stored_emails_are_rehashed_forwards_and_back():
     migration.forwards(apps, None)
     for pk, (p, _, _) in stored.items():
         email = Email.objects.get(pk=pk)
-        assert (email.content_hash, email.fingerprint) == (p.content_hash, p.fingerprint)
+        raw = [RAW, NO_ID][list(stored).index(pk)]
+        assert (email.content_hash, email.fingerprint) == _sha256(raw, p.fingerprint)
     # Without a Message-ID the fingerprint is a derived key, the same before and after
     no_id = Email.objects.get(pk=list(stored)[1])
     assert no_id.fingerprint == stored[no_id.pk][2]
@@ -123,16 +137,17 @@ def test_compressed_columns_are_not_compressed_again_by_postgresql():
 bcc_migration = importlib.import_module("mailsync.migrations.0010_fingerprint_without_bcc")
 
 
-def test_0010_computes_the_fingerprint_the_sync_computes_now():
-    """Its frozen hashing agrees with prepare() today, Bcc or not, on the shared corpus too;
-    and a copy without its Bcc header is the same mail."""
+def test_0010_computes_the_fingerprint_0017_starts_from():
+    """Its frozen hashing agrees with the SHA-256 fingerprint 0017 replaces, Bcc or not, on the
+    shared corpus too; and a copy without its Bcc header is the same mail."""
     from mailsync.mime import parse_envelope
 
     with_bcc = RAW.replace(b"To: sales@example.com\r\n", b"To: sales@example.com\r\nBcc: me@example.com\r\n")
     for raw in [RAW, with_bcc, with_bcc.replace(b"\r\n", b"\n")] + [p.read_bytes() for p in corpus_files()]:
         mid = parse_envelope(raw).message_id
         if mid:
-            assert bcc_migration.fingerprint(raw, mid, bcc_migration.WITHOUT_BCC) == _prepared(raw).fingerprint
+            assert bcc_migration.fingerprint(raw, mid, bcc_migration.WITHOUT_BCC) \
+                == blake3_migration.hashes(raw, mid, "", new=False)[1]
     assert _prepared(with_bcc).fingerprint == _prepared(RAW).fingerprint
     assert _prepared(with_bcc).content_hash != _prepared(RAW).content_hash  # the bytes differ
 
@@ -153,9 +168,83 @@ def test_0010_rehashes_stored_mail_with_bcc_forwards_and_back():
 
     bcc_migration.forwards(apps, None)
     email.refresh_from_db()
-    assert email.fingerprint == _prepared(RAW).fingerprint  # = its copy without Bcc
+    assert email.fingerprint == _sha256(RAW, "")[1]  # = its copy without Bcc
     untouched.refresh_from_db()
     assert untouched.fingerprint == "no-bcc"
     bcc_migration.backwards(apps, None)
     email.refresh_from_db()
     assert email.fingerprint == old
+
+
+# -- 0017: BLAKE3 -----------------------------------------------------------------------------
+def test_0017_computes_what_the_sync_computes():
+    """Its frozen BLAKE3 hashing agrees with prepare() and mime.content_hash today, on the
+    shared corpus too; SHA-256 (before) gives other values, and an LF copy is the same mail."""
+    from mailsync.mime import content_hash, parse_envelope
+
+    for raw in [RAW, NO_ID, RAW.replace(b"\r\n", b"\n")] + [p.read_bytes() for p in corpus_files()]:
+        p = _prepared(raw)
+        mid = parse_envelope(raw).message_id
+        assert blake3_migration.hashes(raw, mid, p.fingerprint, new=True) == (p.content_hash, p.fingerprint)
+        assert content_hash(raw) == p.content_hash
+        before = blake3_migration.hashes(raw, mid, p.fingerprint, new=False)
+        assert before[0] != p.content_hash
+        assert (before[1] != p.fingerprint) == bool(mid)  # a derived key stays as it is
+    assert _prepared(RAW.replace(b"\r\n", b"\n")).fingerprint == _prepared(RAW).fingerprint
+    # A trace header or a Bcc does not change who the mail is; another body does
+    assert _prepared(b"Delivered-To: other@example.com\r\n" + RAW).fingerprint == _prepared(RAW).fingerprint
+    assert _prepared(RAW.replace(b"see the offer", b"see the offer!")).fingerprint != _prepared(RAW).fingerprint
+
+
+@pytest.mark.django_db
+def test_0017_rehashes_stored_mail_in_the_database_and_in_packs_forwards_and_back(settings, tmp_path, caplog):
+    """Emails stored with SHA-256 hashes get the sync's BLAKE3 hashes, whether the source is
+    in the database or in a pack file, so a mail fetched again is recognized (not stored
+    twice); a pack that is gone leaves its email's hashes alone (with a warning) and the
+    migration goes on; backwards restores the SHA-256 hashes."""
+    from mailsync import sourcestore
+    from mailsync.sync.ingest import ingest_batch  # noqa: F401  (the sync's own module loads)
+
+    settings.MAILROOM_SOURCE_DIR = tmp_path / "sources"
+    mailbox = MailboxFactory()
+    raws = [RAW, NO_ID, RAW.replace(b"offer-1@", b"offer-2@")]
+    name, offsets = sourcestore.write_pack([compress(raws[1]), compress(raws[2])])
+    lost, lost_offsets = sourcestore.write_pack([compress(raws[0])])
+    stored = {}
+    for n, raw in enumerate(raws):
+        p = _prepared(raw)
+        old = _sha256(raw, p.fingerprint)
+        email = Email.objects.create(mailbox=mailbox, fingerprint=old[1], content_hash=old[0],
+                                     direction="received", message_id=p.envelope.message_id or "")
+        if n == 0:
+            EmailSource.objects.create(email=email, data=compress(raw), size=len(raw))
+        else:
+            EmailSource.objects.create(email=email, pack=name, offset=offsets[n - 1],
+                                       length=len(compress(raw)), size=len(raw))
+        stored[email.pk] = (p, old)
+    missing_raw = RAW.replace(b"offer-1@", b"offer-3@")
+    missing_old = _sha256(missing_raw, "")
+    missing = Email.objects.create(mailbox=mailbox, fingerprint=missing_old[1], content_hash=missing_old[0],
+                                   direction="received", message_id="offer-3@client.example")
+    EmailSource.objects.create(email=missing, pack=lost, offset=lost_offsets[0],
+                               length=len(compress(raws[0])), size=len(missing_raw))
+    sourcestore.path_of(lost).unlink()
+
+    with caplog.at_level("WARNING"):
+        blake3_migration.forwards(apps, None)
+    for pk, (p, _) in stored.items():
+        email = Email.objects.get(pk=pk)
+        assert (email.content_hash, email.fingerprint) == (p.content_hash, p.fingerprint)
+    missing.refresh_from_db()
+    assert (missing.content_hash, missing.fingerprint) == missing_old
+    assert f"email {missing.pk} keeps its hashes" in caplog.text
+
+    # Run twice (an interrupted run resumed): the same
+    blake3_migration.forwards(apps, None)
+    assert {e.pk: (e.content_hash, e.fingerprint) for e in Email.objects.filter(pk__in=stored)} \
+        == {pk: (p.content_hash, p.fingerprint) for pk, (p, _) in stored.items()}
+
+    blake3_migration.backwards(apps, None)
+    for pk, (_, old) in stored.items():
+        email = Email.objects.get(pk=pk)
+        assert (email.content_hash, email.fingerprint) == old
