@@ -49,15 +49,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..exceptions import MailError, MailProtocolError, MailServerUnreachable, MailTransientError
 from ..malloc import large_buffers_back_to_the_system
 from ..protocols.base import FetchedMessage, ServerSettings, tls_context
 from ..protocols.imap import ImapSession
-from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
 from .pipeline import run_ahead
 from .prepare import Prepared, prepare_batch
+
+if TYPE_CHECKING:  # imported where used: an IMAP fetch process needs none of it (~5 ms)
+    from ..protocols.pop3 import Pop3Listing, Pop3Request, Pop3Retrieved, Pop3Session
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +531,8 @@ class Pop3ChildSession:
 
 def run_pop3(job: Pop3Job, send, commands: BinaryIO) -> None:  # noqa: ANN001
     """Serve the parent's commands over one POP3 session until QUIT or the end of stdin."""
+    from ..protocols.pop3 import Pop3Session  # noqa: PLC0415  (see the imports above)
+
     session = Pop3Session(job.settings)
     try:
         session.connect()
