@@ -1,15 +1,18 @@
 """The Django admin for every CRM model. Deactivation goes through ``crm.services``."""
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.contenttypes.admin import GenericTabularInline
+from django.contrib.contenttypes.forms import BaseGenericInlineFormSet
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from . import services
-from .models import Account, Contact, Deal, DealStage, Lead, RecordShare, User
+from .exceptions import RecordValidationError
+from .models import Account, Contact, Deal, DealStage, Lead, OwnedRecord, RecordShare, User
 from .signals import record_saved
 
 
@@ -44,8 +47,34 @@ class UserAdmin(BaseUserAdmin):
         self.message_user(request, f"{queryset.count()} user(s) reactivated.")
 
 
+def _share_errors(form: forms.BaseForm, record: object) -> None:
+    """The sharing rules of ``services.record_share`` on one share form, as form errors."""
+    user, access = form.cleaned_data.get("user"), form.cleaned_data.get("access")
+    if user is None or access is None or record is None:
+        return
+    try:
+        services.check_share(record=record, user=user, access=access)  # type: ignore[arg-type]
+    except RecordValidationError as exc:
+        for field, errors in exc.message_dict.items():
+            form.add_error(field if field in form.fields else None, errors)
+
+
+class ShareInlineFormSet(BaseGenericInlineFormSet):
+    """A record's shares in its admin page: the same rules as sharing from the pages or the
+    API (not with the owner, not with a deactivated user)."""
+
+    def clean(self) -> None:
+        super().clean()
+        for form in self.forms:
+            if (not hasattr(form, "cleaned_data") or not form.has_changed()
+                    or self._should_delete_form(form)):
+                continue
+            _share_errors(form, self.instance)
+
+
 class ShareInline(GenericTabularInline):
     model = RecordShare
+    formset = ShareInlineFormSet
     ct_field = "content_type"
     ct_fk_field = "object_id"
     extra = 0
@@ -58,6 +87,17 @@ class RecordAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     readonly_fields = ["created_at", "modified_at"]
     list_filter = ["owner"]
+
+    def save_formset(self, request, form, formset, change) -> None:  # noqa: ANN001
+        if formset.model is not RecordShare:
+            super().save_formset(request, form, formset, change)
+            return
+        # As record_share does: whoever adds or changes a share is its "shared by".
+        for share in formset.save(commit=False):
+            share.shared_by = request.user
+            share.save()
+        for share in formset.deleted_objects:
+            share.delete()
 
     def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
         super().save_model(request, obj, form, change)
@@ -106,7 +146,35 @@ class DealStageAdmin(admin.ModelAdmin):
     list_editable = ["probability", "order", "is_closed"]
 
 
+class RecordShareForm(forms.ModelForm):
+    class Meta:
+        model = RecordShare
+        fields = ["content_type", "object_id", "user", "access"]
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        content_type, object_id = cleaned.get("content_type"), cleaned.get("object_id")
+        if content_type is None or object_id is None:
+            return cleaned
+        model = content_type.model_class()
+        if model is None or not issubclass(model, OwnedRecord):
+            self.add_error("content_type", "Only leads, contacts, accounts and deals are shared.")
+            return cleaned
+        record = model._default_manager.filter(pk=object_id).first()
+        if record is None:
+            self.add_error("object_id", f"There is no {content_type.name} with this id.")
+            return cleaned
+        _share_errors(self, record)
+        return cleaned
+
+
 @admin.register(RecordShare)
 class RecordShareAdmin(admin.ModelAdmin):
+    form = RecordShareForm
     list_display = ["__str__", "access", "shared_by", "created_at"]
     list_filter = ["access", "content_type"]
+    readonly_fields = ["shared_by", "created_at"]
+
+    def save_model(self, request, obj, form, change) -> None:  # noqa: ANN001
+        obj.shared_by = request.user  # as record_share does
+        super().save_model(request, obj, form, change)

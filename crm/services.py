@@ -107,12 +107,7 @@ def record_share(
     """Share ``record`` with ``user`` (or change the access of an existing share)."""
     if not record_can_edit(user=actor, record=record):
         raise RecordPermissionDenied("Only those who may change a record may share it.")
-    if user.pk == record.owner_id:
-        raise RecordValidationError({"user": ["The owner already has full access."]})
-    if not user.is_active:
-        raise RecordValidationError({"user": ["This user is deactivated."]})
-    if access not in RecordShare.Access.values:
-        raise RecordValidationError({"access": [f"Access must be one of {RecordShare.Access.values}."]})
+    check_share(record=record, user=user, access=access)
     share, _ = RecordShare.objects.update_or_create(
         content_type=ContentType.objects.get_for_model(record),
         object_id=record.pk,
@@ -120,6 +115,17 @@ def record_share(
         defaults={"access": access, "shared_by": actor},
     )
     return share
+
+
+def check_share(*, record: OwnedRecord, user: User, access: str) -> None:
+    """Raise RecordValidationError unless ``record`` may be shared with ``user`` at ``access``
+    (the rules of ``record_share``, also applied by the admin console's share forms)."""
+    if user.pk == record.owner_id:
+        raise RecordValidationError({"user": ["The owner already has full access."]})
+    if not user.is_active:
+        raise RecordValidationError({"user": ["This user is deactivated."]})
+    if access not in RecordShare.Access.values:
+        raise RecordValidationError({"access": [f"Access must be one of {RecordShare.Access.values}."]})
 
 
 @transaction.atomic
