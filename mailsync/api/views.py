@@ -100,7 +100,9 @@ class MailboxViewSet(viewsets.ModelViewSet):
             return Response({"detail": "Activate this mailbox first: only the active mailbox syncs.",
                              "code": "inactive", "errors": {}}, status=status.HTTP_409_CONFLICT)
         tasks.sync_mailbox.delay(mailbox.pk)
-        return Response(selectors.mailbox_status(mailbox=mailbox), status=status.HTTP_202_ACCEPTED)
+        # The same shape as status/ (its serializer: the same date format, no extra key).
+        return Response(s.MailboxStatusSerializer(selectors.mailbox_status(mailbox=mailbox)).data,
+                        status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses=inline_serializer(
         "MailboxRetry", {"refetched": serializers.IntegerField(), "reparsed": serializers.IntegerField(),

@@ -347,3 +347,17 @@ def test_deleting_a_mailbox_that_holds_mail_asks_for_confirmation(api, dovecot, 
     assert not Mailbox.objects.filter(pk=imap_mailbox.pk).exists()
     assert not Email.objects.filter(mailbox_id=imap_mailbox.pk).exists()
     assert dovecot.folder_state(mail_user).count == 2  # nothing deleted on the server
+
+
+def test_sync_now_answers_in_the_shape_of_status(api, dovecot, mail_user, imap_mailbox):
+    """sync/ answers what status/ answers (found in review: sync/ sent the selector's dict
+    as it was, its times in another format than status/'s serializer)."""
+    api.force_authenticate(imap_mailbox.owner)
+    dovecot.deliver(mail_user, make_message(subject="Quote"))
+
+    queued = api.post(f"/api/v1/mailboxes/{imap_mailbox.pk}/sync/")  # run at once (eager tasks)
+    status = api.get(f"/api/v1/mailboxes/{imap_mailbox.pk}/status/")
+
+    assert queued.status_code == 202
+    assert queued.json()["last_sync_at"] is not None
+    assert queued.json() == status.json()
