@@ -14,12 +14,13 @@ COPY templates templates
 COPY static static
 COPY manage.py Procfile ./
 RUN pip install --no-cache-dir . \
-    # Bytecode for our packages, whatever pip did under PYTHONDONTWRITEBYTECODE: each large
-    # sync starts a fresh interpreter (mailsync/sync/fetcher.py), which would otherwise compile
-    # ~18 modules from source (~30 ms) before its first batch (bench/README.md, "Bytecode").
-    && python -m compileall -q /usr/local/lib/python3.11/site-packages/crm \
-       /usr/local/lib/python3.11/site-packages/mailsync /usr/local/lib/python3.11/site-packages/dropbox \
-       /usr/local/lib/python3.11/site-packages/reports \
+    # Bytecode for the trees the processes import (WORKDIR /app comes first on their path:
+    # manage.py, gunicorn's and celery's working directory; pip compiled its site-packages
+    # copy): each large sync starts a fresh interpreter (mailsync/sync/fetcher.py) from /app,
+    # which cannot write bytecode there (PYTHONDONTWRITEBYTECODE, and /app is root's) and
+    # would compile ~18 modules from source (~30 ms) before its first batch
+    # (bench/README.md, "Bytecode").
+    && python -m compileall -q /app/crm /app/mailsync /app/dropbox /app/reports \
     && useradd --system --home-dir /var/lib/mailroom --create-home mailroom \
     # collectstatic needs settings that load; these build-time values are never used at runtime.
     && DJANGO_SECRET_KEY=build-only DJANGO_ALLOWED_HOSTS=build \

@@ -11,8 +11,9 @@
 # prepare.py do not change what this migration computes; the Message-ID comes from the live
 # parse_envelope, the source from the live sourcestore and decompress. Mail without a
 # Message-ID keeps its fingerprint (a derived key, SHA-256 of a short text, unchanged); only its
-# content hash changes. A source that cannot be read (a pack missing from MAILROOM_SOURCE_DIR)
-# leaves that email's hashes as they were, with a warning: the migration does not stop.
+# content hash changes. A source that cannot be read (one pack missing from MAILROOM_SOURCE_DIR)
+# leaves that email's hashes as they were, with a warning; a source directory that is not set
+# or not there at all stops the migration (it would pass over every pack).
 #
 # Not atomic: each chunk commits on its own, so rows are not locked until the end and memory
 # stays bounded. Rerunning after an interruption is safe: rows already done are equal.
@@ -71,14 +72,25 @@ def hashes(raw: bytes, message_id: str | None, old_fingerprint: str, *, new: boo
 
 
 def _source(row) -> bytes | None:
-    """The raw source of an EmailSource row, or None when it cannot be read."""
+    """The raw source of an EmailSource row, or None when this one source cannot be read (its
+    pack gone, its bytes damaged). A directory that is not configured or not there at all
+    (MAILROOM_SOURCE_DIR unset, a volume not mounted where ``migrate`` runs) stops the
+    migration instead: passing over every pack would leave all that mail with the old
+    hashes, and the sync would store each of it again when it is fetched again."""
     from mailsync import sourcestore
     from mailsync.storage import decompress
 
+    if row.pack:
+        folder = sourcestore.directory()
+        if folder is None or not folder.is_dir():
+            raise RuntimeError(
+                f"Mail is stored in pack files, but MAILROOM_SOURCE_DIR ({folder or 'not set'}) "
+                "is not a directory here: run migrate where the workers' source directory is "
+                "mounted, with the same settings.")
     try:
         data = sourcestore.read(row.pack, row.offset, row.length) if row.pack else row.data
         return decompress(data) if data is not None else None
-    except Exception as exc:  # noqa: BLE001  (a missing pack, a damaged frame: keep going)
+    except Exception as exc:  # noqa: BLE001  (one missing pack, a damaged frame: keep going)
         log.warning("email %s keeps its hashes: its source could not be read (%s)", row.email_id, exc)
         return None
 
