@@ -73,7 +73,7 @@ def _write_mailbox(archive: zipfile.ZipFile, writer, summary: BackupSummary,  # 
             summary.missing.append(email.pk)
             name = ""
         else:
-            with archive.open(f"{directory}/{email.pk}.eml", "w", force_zip64=True) as target:
+            with archive.open(name, "w", force_zip64=True) as target:
                 for piece in decompressed_chunks(compressed):
                     target.write(piece)
             del compressed
@@ -81,7 +81,7 @@ def _write_mailbox(archive: zipfile.ZipFile, writer, summary: BackupSummary,  # 
         writer.writerow([
             name, user.username, mailbox.email_address, email.pk, email.message_id,
             email.date.isoformat() if email.date else "", email.from_address,
-            "; ".join(str(a.get("email", a)) if isinstance(a, dict) else str(a) for a in (email.to or [])),
+            "; ".join(a.get("email", "") for a in email.to or []),
             email.subject, email.direction, "; ".join(sorted(folders.get(email.pk, []))),
             "yes" if email.deleted_at else "", note,
         ])

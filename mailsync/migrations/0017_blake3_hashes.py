@@ -113,7 +113,8 @@ def _rehash(apps, *, new: bool) -> None:
             ids.append(email_id)
             total += size
         last = ids[-1]
-        emails = Email.objects.in_bulk(ids)
+        # Only the hashes: an email's bodies and headers stay in the database.
+        emails = Email.objects.only("pk", "fingerprint", "content_hash").in_bulk(ids)
         changed = []
         for row in EmailSource.objects.filter(email_id__in=ids).order_by("email_id"):
             email = emails.get(row.email_id)
